@@ -1,0 +1,181 @@
+"""The learning-history HDF5 file: layout, crash-safe appends, validation and merging.
+
+Layout (DESIGN.md): file attrs `format_version`, `config` (resolved config, JSON),
+`collection_config` (the keys that define the data, JSON), `tasks` and `split` (JSON lists);
+one group per task named by its index, attrs `task` (JSON), `split`, `backend`; time-major
+datasets of shape (T, n_stream, ...).
+
+Crash safety: a task group is only ever written into a copy of the file, which then
+atomically replaces the original (`os.replace`). A collection killed at any moment
+leaves the previous complete file (plus a stale `.tmp` that the next run removes), so a
+group that exists is a finished task.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from utils import UserError, collection_config
+
+FORMAT_VERSION = 1
+FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_markers")
+DTYPES = {"states": np.float32, "actions": np.int16, "rewards": np.float32,
+          "next_states": np.float32, "dones": np.bool_, "compress_markers": np.int8}
+MARK_START, MARK_END = 1, 2
+
+
+def n_rollouts(cfg: dict) -> int:
+    """PPO rollouts per task: total_source_timesteps rounded up to whole rollouts."""
+    per_rollout = cfg["n_steps"] * cfg["n_stream"]
+    return -(-cfg["total_source_timesteps"] // per_rollout)
+
+
+def steps_per_stream(cfg: dict) -> int:
+    return n_rollouts(cfg) * cfg["n_steps"]
+
+
+def compress_markers(n_steps_total: int, n_steps: int, n_stream: int) -> np.ndarray:
+    """(T, S) int8: 1 on the first step of every rollout region, 2 on its last step."""
+    t = np.arange(n_steps_total)
+    marks = np.zeros(n_steps_total, dtype=np.int8)
+    marks[t % n_steps == n_steps - 1] = MARK_END
+    marks[t % n_steps == 0] = MARK_START  # a 1-step region is a start (its end is implied)
+    return np.repeat(marks[:, None], n_stream, axis=1)
+
+
+def check_history(h: dict, cfg: dict, state_dim: int):
+    """Shapes and dtypes of one task's arrays, before they go to disk."""
+    T, S = steps_per_stream(cfg), cfg["n_stream"]
+    want = {"states": (T, S, state_dim), "next_states": (T, S, state_dim)}
+    for f in FIELDS:
+        shape = want.get(f, (T, S))
+        if h[f].shape != shape:
+            raise ValueError(f"{f}: shape {h[f].shape}, expected {shape}")
+
+
+def _write_group(f: h5py.File, index: int, h: dict, task: dict, split: str, backend: str):
+    g = f.create_group(str(index))
+    g.attrs["task"] = json.dumps(task)
+    g.attrs["split"] = split
+    g.attrs["backend"] = backend
+    for name in FIELDS:
+        data = np.asarray(h[name], dtype=DTYPES[name])
+        chunks = (min(len(data), 1024), *data.shape[1:])
+        g.create_dataset(name, data=data, chunks=chunks, compression="gzip", compression_opts=4,
+                         shuffle=True)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def create_if_missing(path: Path, cfg: dict, tasks: list, split: list):
+    path = Path(path)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["config"] = json.dumps(cfg, sort_keys=True)
+        f.attrs["collection_config"] = json.dumps(collection_config(cfg), sort_keys=True)
+        f.attrs["tasks"] = json.dumps(tasks)
+        f.attrs["split"] = json.dumps(split)
+    os.replace(tmp, path)
+
+
+def append_tasks(path: Path, results: dict, tasks: list, split: list, backend: str):
+    """Add finished tasks {index: arrays} to the file, atomically (see module doc)."""
+    path, tmp = Path(path), _tmp(Path(path))
+    shutil.copyfile(path, tmp)
+    with h5py.File(tmp, "a") as f:
+        for index, h in sorted(results.items()):
+            if str(index) in f:  # already there (e.g. a merge input): keep the first
+                continue
+            _write_group(f, index, h, tasks[index], split[index], backend)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def remove_stale_tmp(path: Path):
+    tmp = _tmp(Path(path))
+    if tmp.exists():
+        tmp.unlink()
+
+
+def read_header(path: Path) -> dict:
+    """File attrs and the finished task indices; a user error for anything unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"dataset not found: {path}; collect it first with python collect.py "
+                        "<algorithm.yaml> <env.yaml> (same configs and --set as here)")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            done = sorted(int(k) for k in f.keys())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0]}): "
+                        "move it away (or delete it) and rerun collect.py to recollect") from None
+    missing = [k for k in ("format_version", "config", "collection_config", "tasks", "split") if k not in attrs]
+    if missing:
+        raise UserError(f"{path} is not a learning-history file of this toolkit (attrs {missing} are "
+                        "missing): move it away and rerun collect.py")
+    if int(attrs["format_version"]) != FORMAT_VERSION:
+        raise UserError(f"{path} has format_version {attrs['format_version']}, this toolkit reads "
+                        f"{FORMAT_VERSION}: recollect it with this version of collect.py")
+    return {"config": json.loads(attrs["config"]),
+            "collection_config": json.loads(attrs["collection_config"]),
+            "tasks": json.loads(attrs["tasks"]), "split": json.loads(attrs["split"]), "done": done}
+
+
+def config_differences(stored: dict, wanted: dict) -> list[str]:
+    keys = sorted(set(stored) | set(wanted))
+    return [f"{k}={stored.get(k)!r} (asked {wanted.get(k)!r})" for k in keys if stored.get(k) != wanted.get(k)]
+
+
+def check_matches(path: Path, header: dict, cfg: dict):
+    diff = config_differences(header["collection_config"], collection_config(cfg))
+    if diff:
+        raise UserError(f"{path} was collected with other settings: {', '.join(diff)}; use those "
+                        "settings, another dataset_dir, or move the file away to recollect")
+
+
+def read_task(f: h5py.File, index: int, fields=FIELDS) -> dict:
+    g = f[str(index)]
+    return {name: g[name][()] for name in fields}
+
+
+def merge(out: Path, inputs: list[Path]):
+    """Combine slice files with identical collection configs into `out` (kept if it exists)."""
+    out = Path(out)
+    headers = [(p, read_header(p)) for p in inputs]
+    first_path, first = headers[0]
+    for p, h in headers[1:]:
+        diff = config_differences(first["collection_config"], h["collection_config"])
+        if diff:
+            raise UserError(f"cannot merge {p} into {first_path}: collected with other settings "
+                            f"({', '.join(diff)})")
+    if out.exists():
+        h = read_header(out)
+        diff = config_differences(h["collection_config"], first["collection_config"])
+        if diff:
+            raise UserError(f"cannot merge into {out}: it was collected with other settings ({', '.join(diff)})")
+    else:
+        create_if_missing(out, first["config"], first["tasks"], first["split"])
+    have = set(read_header(out)["done"])
+    added = 0
+    for p, h in headers:
+        new = [i for i in h["done"] if i not in have]
+        if not new:
+            continue
+        with h5py.File(p, "r") as f:
+            backend = f[str(new[0])].attrs.get("backend", "unknown")
+            results = {i: read_task(f, i) for i in new}
+        append_tasks(out, results, first["tasks"], first["split"], backend)
+        have.update(new)
+        added += len(new)
+    return added, len(have), len(first["tasks"])

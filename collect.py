@@ -1,0 +1,109 @@
+"""Collect PPO learning histories for every task of an environment into one HDF5 file.
+
+    python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml
+    python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml --set n_stream=4
+    python collect.py ... --tasks 0:40          # a slice, e.g. on another machine
+    python collect.py ... --merge a.hdf5 b.hdf5 # combine slices into the full file
+
+The file is datasets/history_{env}_{alg}_alg-seed{alg_seed}.hdf5 (a slice adds
+`.tasksA-B`). Each finished task is on disk at once; rerunning the same command after a
+crash or Ctrl-C collects only what is missing. Both splits are collected: the held-out
+tasks' PPO curves are the baseline that evaluate.py compares against.
+"""
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+import env as envs
+from algorithm import history
+from utils import UserError, config_arg_parser, dataset_path, load_config, parse_set, run_cli
+
+
+def parse_slice(text: str, n_tasks: int) -> list[int]:
+    try:
+        a, b = (int(x) if x else None for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"--tasks {text!r}: expected START:STOP, e.g. --tasks 0:40") from None
+    indices = list(range(n_tasks))[slice(a, b)]
+    if not indices:
+        raise UserError(f"--tasks {text!r} selects no task (the environment has {n_tasks})")
+    return indices
+
+
+def slice_path(path: Path, indices: list[int]) -> Path:
+    return path.with_name(f"{path.stem}.tasks{indices[0]}-{indices[-1] + 1}{path.suffix}")
+
+
+def run_backend(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress):
+    if cfg["backend"] == "sb3":
+        from algorithm import sb3_ppo
+        sb3_ppo.collect(cfg, indices, tasks, on_done, progress)
+    else:
+        from algorithm import batched_ppo
+        batched_ppo.collect(cfg, indices, tasks, on_done, progress)
+
+
+def collect(cfg: dict, path: Path, indices: list[int]):
+    tasks, split = envs.task_list(cfg), envs.task_split(cfg)
+    history.remove_stale_tmp(path)  # left by a run killed while writing; the file itself is intact
+    if path.exists():
+        header = history.read_header(path)
+        history.check_matches(path, header, cfg)
+        done = set(header["done"])
+    else:
+        history.create_if_missing(path, cfg, tasks, split)
+        done = set()
+    todo = [i for i in indices if i not in done]
+    print(f"{path}: {len(indices) - len(todo)} of {len(indices)} tasks already collected, "
+          f"{len(todo)} to go (backend={cfg['backend']})")
+    if not todo:
+        return
+    state_dim = envs.state_dim(cfg)
+    bar = tqdm(total=len(todo), unit="task", desc="collect", dynamic_ncols=True)
+    start, steps = time.perf_counter(), 0
+
+    def on_done(results: dict):
+        for h in results.values():
+            history.check_history(h, cfg, state_dim)
+        history.append_tasks(path, results, tasks, split, cfg["backend"])
+
+    def progress(n_tasks: int, n_env_steps: int):
+        nonlocal steps
+        steps += n_env_steps
+        bar.update(n_tasks)
+        bar.set_postfix(env_steps_per_s=f"{steps / (time.perf_counter() - start):,.0f}")
+
+    try:
+        run_backend(cfg, todo, tasks, on_done, progress)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    print(f"collected {len(todo)} tasks, {steps:,} env steps in {elapsed:.1f}s "
+          f"({steps / elapsed:,.0f} env-steps/s) -> {path}")
+
+
+def main():
+    parser = config_arg_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", metavar="START:STOP", help="collect only this slice of the task list "
+                        "(written to a .tasksSTART-STOP file for --merge)")
+    parser.add_argument("--merge", nargs="+", metavar="FILE", help="merge these slice files into the "
+                        "full dataset file instead of collecting; refuses files collected with other settings")
+    args = parser.parse_args()
+    cfg = load_config(args.configs, parse_set(args.set))
+    path = dataset_path(cfg)
+    if args.merge:
+        for p in args.merge:
+            history.check_matches(Path(p), history.read_header(Path(p)), cfg)
+        added, have, total = history.merge(path, [Path(p) for p in args.merge])
+        print(f"merged {added} tasks into {path}: {have} of {total} tasks present")
+        return
+    n_tasks = len(envs.task_list(cfg))
+    indices = parse_slice(args.tasks, n_tasks) if args.tasks else list(range(n_tasks))
+    if args.tasks:
+        path = slice_path(path, indices)
+    collect(cfg, path, indices)
+
+
+if __name__ == "__main__":
+    run_cli(main)

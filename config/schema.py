@@ -1,0 +1,118 @@
+"""Every config key the toolkit knows: its type, default, allowed range and help text.
+
+One flat namespace: the env, algorithm and model files are merged into one dict, so a key
+means the same thing wherever it is set. `utils.load_config` validates against this table;
+`python train.py --help` prints it. Add a key here before using it anywhere else.
+"""
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type
+    default: Any
+    help: str
+    section: str
+    choices: tuple = ()
+    min: float | None = None  # inclusive
+    max: float | None = None  # inclusive
+
+
+def _keys(section, **entries):
+    return {name: Key(*spec[:3], section=section, **(spec[3] if len(spec) > 3 else {}))
+            for name, spec in entries.items()}
+
+
+SCHEMA: dict[str, Key] = {
+    **_keys(
+        "env",
+        env=(str, "darkroom", "environment family", {"choices": ("darkroom", "dark_key_to_door")}),
+        grid_size=(int, 9, "side of the square grid", {"min": 2, "max": 64}),
+        horizon=(int, 20, "steps per episode (episodes always run to the horizon)", {"min": 1}),
+        env_split_seed=(int, 0, "seed of the train/test task split (a pure function of it and the ratio)"),
+        train_env_ratio=(float, 0.9, "fraction of tasks used for training", {"min": 0.0, "max": 1.0}),
+    ),
+    **_keys(
+        "algorithm",
+        alg=(str, "PPO", "source RL algorithm whose learning histories are distilled", {"choices": ("PPO",)}),
+        backend=(str, "batched", "PPO implementation: 'batched' trains all tasks at once in one "
+                 "process (fast); 'sb3' runs one Stable-Baselines3 learner per task (reference)",
+                 {"choices": ("batched", "sb3")}),
+        n_steps=(int, 80, "PPO rollout length per stream (= one compression region)", {"min": 1}),
+        batch_size=(int, 40, "PPO minibatch size", {"min": 1}),
+        n_epochs=(int, 20, "PPO epochs per rollout", {"min": 1}),
+        source_lr=(float, 3e-4, "PPO learning rate (Adam)", {"min": 0.0}),
+        gamma=(float, 0.99, "PPO discount factor", {"min": 0.0, "max": 1.0}),
+        gae_lambda=(float, 0.95, "PPO GAE lambda", {"min": 0.0, "max": 1.0}),
+        clip_range=(float, 0.2, "PPO policy clip range", {"min": 0.0}),
+        ent_coef=(float, 0.0, "PPO entropy bonus coefficient", {"min": 0.0}),
+        vf_coef=(float, 0.5, "PPO value loss coefficient", {"min": 0.0}),
+        max_grad_norm=(float, 0.5, "PPO gradient-norm clip", {"min": 0.0}),
+        total_source_timesteps=(int, 100_000, "env steps per task, summed over streams "
+                                "(rounded up to whole rollouts)", {"min": 1}),
+        n_stream=(int, 100, "parallel copies of each task (independent histories)", {"min": 1}),
+        n_process=(int, 2, "worker processes for the sb3 backend", {"min": 1}),
+        task_chunk=(int, 0, "batched backend: tasks trained together per chunk (0 = all); "
+                    "smaller chunks bound memory and write results sooner", {"min": 0}),
+        alg_seed=(int, 42, "seed of the source learners (names the dataset file)"),
+    ),
+    **_keys(
+        "model",
+        model=(str, "AD", "model variant", {"choices": ("AD", "CompressedAD")}),
+        n_transit=(int, 240, "context length in steps (AD sliding window / two-region budget)", {"min": 2}),
+        use_compressed_context=(bool, False, "two-region context with <compress> markers (model: AD only)"),
+        compress_interval=(int, 80, "steps per compression region; must equal the n_steps the data "
+                           "was collected with", {"min": 1}),
+        token_type_loss_weight=(float, 0.1, "weight of the token-type loss in compressed mode", {"min": 0.0}),
+        tf_n_embd=(int, 64, "transformer width", {"min": 8}),
+        tf_n_layer=(int, 4, "transformer layers", {"min": 1}),
+        tf_n_head=(int, 4, "attention heads", {"min": 1}),
+        tf_dropout=(float, 0.0, "dropout in the transformer", {"min": 0.0, "max": 1.0}),
+        n_latent=(int, 8, "CompressedAD: latent tokens per compression", {"min": 1}),
+        enc_n_layer=(int, 2, "CompressedAD: encoder layers", {"min": 1}),
+        max_compression_depth=(int, 3, "CompressedAD: deepest compression trained on", {"min": 0}),
+        grad_compression_rounds=(int, 1, "CompressedAD: compression rounds gradients flow through "
+                                 "(older rounds are computed without grad)", {"min": 1}),
+        lr=(float, 1e-3, "peak learning rate (AdamW)", {"min": 0.0}),
+        weight_decay=(float, 0.01, "AdamW weight decay", {"min": 0.0}),
+        warmup_steps=(int, 200, "linear warmup steps before the cosine decay", {"min": 0}),
+        grad_clip=(float, 1.0, "gradient-norm clip (0 = off)", {"min": 0.0}),
+        train_batch_size=(int, 64, "windows per optimiser step (per process under torchrun)", {"min": 1}),
+        train_timesteps=(int, 5000, "optimiser steps", {"min": 1}),
+        seed=(int, 0, "training seed (names the run directory)"),
+        num_workers=(int, 0, "DataLoader worker processes", {"min": 0}),
+        log_interval=(int, 50, "steps between TensorBoard train/ scalars", {"min": 1}),
+        test_interval=(int, 250, "steps between held-out-stream test/ losses", {"min": 1}),
+        eval_interval=(int, 1000, "steps between short in-context rollouts on test tasks (0 = off)", {"min": 0}),
+        ckpt_interval=(int, 500, "steps between checkpoints", {"min": 1}),
+        test_stream_ratio=(float, 0.1, "fraction of each train task's streams held out for test/ losses",
+                           {"min": 0.0, "max": 0.5}),
+    ),
+    **_keys(
+        "evaluation",
+        eval_episodes=(int, 100, "episodes per in-context rollout", {"min": 1}),
+        eval_rollouts=(int, 10, "independent rollouts per task", {"min": 1}),
+        eval_split=(str, "test", "tasks to evaluate on", {"choices": ("test", "train", "all")}),
+        eval_tasks=(str, "", "comma-separated task indices (overrides eval_split)"),
+        eval_greedy=(bool, False, "take the most likely action instead of sampling"),
+        eval_markers=(str, "model", "two-region mode: where regions end: 'model' (token-type head) "
+                      "or 'interval' (every compress_interval steps)", {"choices": ("model", "interval")}),
+        eval_seed=(int, 0, "seed of the evaluation rollouts"),
+    ),
+    **_keys(
+        "run",
+        device=(str, "auto", "'auto' picks cuda when available, else cpu", {"choices": ("auto", "cpu", "cuda")}),
+        dataset_dir=(str, "datasets", "where datasets are written and read"),
+        run_dir=(str, "runs", "where training runs are written"),
+    ),
+}
+
+# Keys that change what a collection produces; a dataset collected with other values is
+# a different dataset (backend is not here: both backends write the same schema).
+COLLECTION_KEYS = (
+    "env", "grid_size", "horizon", "env_split_seed", "train_env_ratio",
+    "alg", "n_steps", "batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda",
+    "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "total_source_timesteps",
+    "n_stream", "alg_seed",
+)

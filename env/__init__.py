@@ -1,0 +1,62 @@
+"""Environment families, their task lists, the train/test split and optimal returns.
+
+Everything here is a pure function of the config, so collection, training and evaluation
+agree on which task index is which goal and which tasks are held out.
+"""
+import gymnasium as gym
+import numpy as np
+
+from env import dark_key_to_door, darkroom
+from env.dark_key_to_door import BatchedDarkKeyToDoor, DarkKeyToDoorEnv
+from env.darkroom import BatchedDarkroom, DarkroomEnv
+
+GYM_IDS = {"darkroom": "Darkroom-v0", "dark_key_to_door": "DarkKeyToDoor-v0"}
+_FAMILIES = {"darkroom": darkroom, "dark_key_to_door": dark_key_to_door}
+
+for _name, _cls in (("Darkroom-v0", DarkroomEnv), ("DarkKeyToDoor-v0", DarkKeyToDoorEnv)):
+    if _name not in gym.registry:
+        gym.register(_name, entry_point=_cls)
+
+
+def task_list(cfg: dict) -> list[dict]:
+    return _FAMILIES[cfg["env"]].tasks(cfg["grid_size"])
+
+
+def task_split(cfg: dict) -> list[str]:
+    """'train' or 'test' for each task index; depends only on env_split_seed and the ratio."""
+    n = len(task_list(cfg))
+    order = np.random.default_rng(cfg["env_split_seed"]).permutation(n)
+    n_train = int(round(cfg["train_env_ratio"] * n))
+    split = np.full(n, "test", dtype=object)
+    split[order[:n_train]] = "train"
+    return split.tolist()
+
+
+def tasks_of_split(cfg: dict, which: str) -> list[int]:
+    split = task_split(cfg)
+    return [i for i, s in enumerate(split) if which == "all" or s == which]
+
+
+def optimal_return(cfg: dict, task: dict) -> float:
+    return _FAMILIES[cfg["env"]].optimal_return(task, cfg["grid_size"], cfg["horizon"])
+
+
+def state_dim(cfg: dict) -> int:
+    return {"darkroom": 2, "dark_key_to_door": 3}[cfg["env"]]
+
+
+def n_actions(cfg: dict) -> int:
+    return darkroom.N_ACTIONS
+
+
+def make_gym_env(cfg: dict, task: dict) -> gym.Env:
+    return gym.make(GYM_IDS[cfg["env"]], grid_size=cfg["grid_size"], horizon=cfg["horizon"], **task,
+                    disable_env_checker=True)
+
+
+def make_batched_env(cfg: dict, tasks: list[dict]):
+    """One numpy env stepping one copy of each given task (repeat tasks for more copies)."""
+    if cfg["env"] == "darkroom":
+        return BatchedDarkroom([t["goal"] for t in tasks], cfg["grid_size"], cfg["horizon"])
+    return BatchedDarkKeyToDoor([t["key"] for t in tasks], [t["door"] for t in tasks],
+                                cfg["grid_size"], cfg["horizon"])
