@@ -233,5 +233,11 @@ def dataset_path(cfg: dict) -> Path:
     return Path(cfg["dataset_dir"]) / f"history_{cfg['env']}_{cfg['alg']}_alg-seed{cfg['alg_seed']}.hdf5"
 
 
+def run_name(cfg: dict) -> str:
+    """{model}-{env}-seed{seed}; two-region AD is 'AD-tworegion' so it never resumes a plain AD run."""
+    model = "AD-tworegion" if cfg["use_compressed_context"] else cfg["model"]
+    return f"{model}-{cfg['env']}-seed{cfg['seed']}"
+
+
 def run_path(cfg: dict) -> Path:
-    return Path(cfg["run_dir"]) / f"{cfg['model']}-{cfg['env']}-seed{cfg['seed']}"
+    return Path(cfg["run_dir"]) / run_name(cfg)

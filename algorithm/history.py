@@ -63,7 +63,8 @@ def _write_group(f: h5py.File, index: int, h: dict, task: dict, split: str, back
     g.attrs["backend"] = backend
     for name in FIELDS:
         data = np.asarray(h[name], dtype=DTYPES[name])
-        chunks = (min(len(data), 1024), *data.shape[1:])
+        # one stream per chunk: a training window reads one stream, not all of them
+        chunks = (min(len(data), 1024), 1, *data.shape[2:])
         g.create_dataset(name, data=data, chunks=chunks, compression="gzip", compression_opts=4,
                          shuffle=True)
 

@@ -60,3 +60,22 @@ def make_batched_env(cfg: dict, tasks: list[dict]):
         return BatchedDarkroom([t["goal"] for t in tasks], cfg["grid_size"], cfg["horizon"])
     return BatchedDarkKeyToDoor([t["key"] for t in tasks], [t["door"] for t in tasks],
                                 cfg["grid_size"], cfg["horizon"])
+
+
+def state_cardinalities(cfg: dict) -> list[int]:
+    g = cfg["grid_size"]
+    return {"darkroom": [g, g], "dark_key_to_door": [g, g, 2]}[cfg["env"]]
+
+
+def n_state_tokens(cfg: dict) -> int:
+    return int(np.prod(state_cardinalities(cfg)))
+
+
+def state_index(cfg: dict, states: np.ndarray) -> np.ndarray:
+    """(..., state_dim) grid states -> (...) int64 index in [0, n_state_tokens): the model
+    embeds each cell (and key flag) with its own vector, which makes "the cell where the
+    reward was" directly comparable by attention."""
+    index = np.zeros(states.shape[:-1], dtype=np.int64)
+    for d, card in enumerate(state_cardinalities(cfg)):
+        index = index * card + states[..., d].astype(np.int64)
+    return index

@@ -1,0 +1,182 @@
+"""Training samples from a learning-history file.
+
+`ADDataset` serves windows of one stream of one training task as token dicts (see
+model/ad.py for the token fields):
+- standard mode: `n_transit` consecutive steps;
+- compressed mode (`use_compressed_context`): [<compress>, region k-1, </compress>,
+  <compress>, region k, </compress>], i.e. the previous full PPO rollout region and the
+  current one. With causal attention each step token of region k sees exactly what the
+  two-region evaluation shows the model at that step, so one sample supervises every
+  query position of the region (and region k-1's tokens play the "no previous region yet"
+  case of the first rollout).
+
+The file is opened lazily in the process that reads it, so DataLoader workers each get
+their own handle. With `num_workers=0` the training tasks are read into memory once
+(fast); with workers, windows are read from the file on demand, so memory does not grow
+with the number of workers.
+"""
+import os
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+import env as envs
+from algorithm import history
+from model.ad import IGNORE, KIND_END, KIND_START, KIND_STEP
+from utils import ConfigError, UserError
+
+ENV_KEYS = ("env", "grid_size", "horizon", "env_split_seed", "train_env_ratio")
+FIELDS = ("states", "actions", "rewards", "dones")
+
+
+def step_tokens(cfg: dict, stream: dict, a: int, b: int) -> dict:
+    """Tokens of steps [a, b) of one stream ({field: (T, ...) array-like})."""
+    lo = max(a - 1, 0)  # one step earlier for the previous action/reward/done
+    states = np.asarray(stream["states"][a:b])
+    actions = np.asarray(stream["actions"][lo:b]).astype(np.int64)
+    rewards = np.asarray(stream["rewards"][lo:b]).astype(np.float32)
+    dones = np.asarray(stream["dones"][lo:b])
+    n_actions = envs.n_actions(cfg)
+    if a == 0:  # the very first step of a history has no previous step
+        prev_action = np.concatenate([[n_actions], actions[:-1]])
+        prev_reward = np.concatenate([[0.0], rewards[:-1]]).astype(np.float32)
+        new_episode = np.concatenate([[1], dones[:-1]])
+    else:
+        prev_action, prev_reward, new_episode = actions[:-1], rewards[:-1], dones[:-1]
+    n = b - a
+    return {"kind": np.full(n, KIND_STEP, dtype=np.int64),
+            "state": envs.state_index(cfg, states),
+            "prev_action": prev_action.astype(np.int64),
+            "prev_reward": prev_reward.astype(np.float32),
+            "new_episode": new_episode.astype(np.int64),
+            "action": actions[-n:].astype(np.int64),
+            "next_kind": np.full(n, KIND_STEP, dtype=np.int64)}
+
+
+def marker_token(kind: int, next_kind: int = IGNORE) -> dict:
+    return {"kind": np.array([kind]), "state": np.array([0]), "prev_action": np.array([0]),
+            "prev_reward": np.array([0.0], dtype=np.float32), "new_episode": np.array([0]),
+            "action": np.array([IGNORE]), "next_kind": np.array([next_kind])}
+
+
+def concat_tokens(parts: list[dict]) -> dict:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def region_tokens(cfg: dict, stream: dict, a: int, b: int) -> list[dict]:
+    """[<compress>, steps a..b-1, </compress>] with token-type targets (next token's kind)."""
+    steps = step_tokens(cfg, stream, a, b)
+    steps["next_kind"][-1] = KIND_END
+    return [marker_token(KIND_START, KIND_STEP), steps, marker_token(KIND_END, KIND_START)]
+
+
+def check_dataset_matches(path: Path, header: dict, cfg: dict):
+    stored = header["collection_config"]
+    diff = [f"{k}={stored[k]!r} (asked {cfg[k]!r})" for k in ENV_KEYS if stored[k] != cfg[k]]
+    if diff:
+        raise ConfigError(f"{path} holds another environment setting: {', '.join(diff)}; "
+                          "use the env config the data was collected with")
+    if cfg["use_compressed_context"] and cfg["compress_interval"] != stored["n_steps"]:
+        raise ConfigError(f"compress_interval={cfg['compress_interval']} but {path} was collected with "
+                          f"n_steps={stored['n_steps']}: a region is one PPO rollout, set "
+                          f"compress_interval={stored['n_steps']}")
+
+
+class ADDataset:
+    """Windows of learning histories of training tasks; `part` picks train or held-out streams."""
+
+    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=None):
+        self.path, self.cfg, self.part = Path(path), cfg, part
+        header = history.read_header(self.path)
+        check_dataset_matches(self.path, header, cfg)
+        split = header["split"]
+        train = [i for i, s in enumerate(split) if s == "train"]
+        self.tasks = list(train if task_indices is None else task_indices)
+        held_out = [i for i in self.tasks if split[i] != "train"]
+        if held_out:
+            raise UserError(f"tasks {held_out} are held-out test tasks; training must never see them")
+        missing = sorted(set(self.tasks) - set(header["done"]))
+        if missing:
+            raise UserError(f"{self.path} lacks {len(missing)} training tasks (e.g. {missing[:5]}): "
+                            "rerun the same collect.py command to finish it")
+        S = header["collection_config"]["n_stream"]
+        n_test = int(round(cfg["test_stream_ratio"] * S))
+        self.streams = list(range(n_test)) if part == "test" else list(range(n_test, S))
+        if not self.streams:
+            raise ConfigError(f"no {part} streams: n_stream={S}, test_stream_ratio={cfg['test_stream_ratio']}")
+        with h5py.File(self.path, "r") as f:
+            first = f[str(self.tasks[0])]
+            self.T = first["actions"].shape[0]
+            has_markers = "compress_markers" in first
+            markers = first["compress_markers"][:, 0] if has_markers else None
+        self.compressed = cfg["use_compressed_context"]
+        if self.compressed and not has_markers:
+            warnings.warn(f"{self.path} has no compress_markers: FALLING BACK TO STANDARD AD WINDOWS "
+                          "(use_compressed_context is ignored for this data)", stacklevel=2)
+            self.compressed = False
+        if self.compressed:
+            self.region_starts = np.flatnonzero(markers == history.MARK_START)
+            self.region_ends = np.flatnonzero(markers == history.MARK_END) + 1
+            self.per_stream = len(self.region_starts) - 1  # sample = region k-1 and k, k >= 1
+        else:
+            if cfg["n_transit"] > self.T:
+                raise ConfigError(f"n_transit={cfg['n_transit']} is longer than a stream ({self.T} steps)")
+            self.per_stream = self.T - cfg["n_transit"] + 1
+        if self.per_stream < 1:
+            raise UserError(f"{self.path}: streams of {self.T} steps are too short for a sample")
+        self.in_memory = cfg["num_workers"] == 0 if in_memory is None else in_memory
+        self._data, self._pid = None, None
+
+    def __len__(self):
+        return len(self.tasks) * len(self.streams) * self.per_stream
+
+    def _load(self):
+        """Per-task arrays (in memory) or h5py datasets (lazy); opened once per process."""
+        if self._pid == os.getpid():
+            return self._data
+        f = h5py.File(self.path, "r")
+        if self.in_memory:
+            self._data = {i: {k: f[str(i)][k][()] for k in FIELDS} for i in self.tasks}
+            f.close()
+        else:
+            self._data = {i: {k: f[str(i)][k] for k in FIELDS} for i in self.tasks}
+        self._pid = os.getpid()
+        return self._data
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """index -> (task, stream, position): window start, or region k in compressed mode."""
+        per_task = len(self.streams) * self.per_stream
+        task, rest = divmod(index, per_task)
+        stream, pos = divmod(rest, self.per_stream)
+        return self.tasks[task], self.streams[stream], pos
+
+    def __getitem__(self, index: int) -> dict:
+        task, stream, pos = self.locate(int(index))
+        arrays = self._load()[task]
+        one = _StreamView(arrays, stream)
+        if not self.compressed:
+            return step_tokens(self.cfg, one, pos, pos + self.cfg["n_transit"])
+        k = pos + 1
+        parts = (region_tokens(self.cfg, one, self.region_starts[k - 1], self.region_ends[k - 1])
+                 + region_tokens(self.cfg, one, self.region_starts[k], self.region_ends[k]))
+        return concat_tokens(parts)
+
+
+class _StreamView:
+    """field[a:b] of one stream, without reading the other streams."""
+
+    def __init__(self, arrays: dict, stream: int):
+        self.arrays, self.stream = arrays, stream
+
+    def __getitem__(self, field):
+        return _Column(self.arrays[field], self.stream)
+
+
+class _Column:
+    def __init__(self, array, stream):
+        self.array, self.stream = array, stream
+
+    def __getitem__(self, sl: slice):
+        return self.array[sl, self.stream]

@@ -1,0 +1,201 @@
+"""The Algorithm Distillation transformer, for plain and two-region compressed context.
+
+Tokens. One token per environment step t embeds what the agent knows when it must act:
+the state s_t, the previous action a_{t-1}, the previous reward r_{t-1} and whether s_t
+starts a new episode. The token's output predicts a_t, so every step of a window is an
+action target (dense supervision) and no action is ever visible to its own prediction.
+In compressed-context mode learned `<compress>` / `</compress>` marker tokens open and
+close each PPO rollout region, a token-type embedding tells the three kinds apart, and a
+token-type head predicts the kind of the *next* token (so it learns when a region ends).
+
+Positions. Rotary embeddings (RoPE) on queries and keys: attention depends only on the
+offset between two tokens, so a context never needs absolute time. When the oldest
+tokens are dropped (the window slides or the oldest region goes) the kept tokens are
+re-encoded once from position 0 (`Rollout` does this every `slide` steps or once per
+region), which keeps cached decoding exactly equal to a full forward pass over the same
+context: slicing the cache alone would keep upper-layer states that were computed while
+the dropped tokens were still visible.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KIND_STEP, KIND_START, KIND_END = 0, 1, 2  # token kinds; markers are <compress>, </compress>
+IGNORE = -100  # target value that the losses skip
+
+
+@dataclass
+class ModelConfig:
+    n_state_tokens: int       # distinct (discrete) states: the state is embedded by index
+    n_actions: int
+    n_embd: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    dropout: float = 0.0
+    compressed: bool = False  # two-region context with marker tokens and a token-type head
+
+    @classmethod
+    def from_config(cls, cfg: dict, n_state_tokens: int, n_actions: int) -> "ModelConfig":
+        return cls(n_state_tokens, n_actions, cfg["tf_n_embd"], cfg["tf_n_layer"], cfg["tf_n_head"],
+                   cfg["tf_dropout"], cfg["use_compressed_context"])
+
+
+def rotate(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of x (B, H, L, D) at positions pos (L,) or (B, L)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    angles = pos.to(torch.float32)[..., None] * inv_freq  # (..., L, D/2)
+    if angles.dim() == 3:  # per-row positions -> broadcast over heads
+        angles = angles[:, None]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.n_head, self.dropout = c.n_head, c.dropout
+        self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd)
+        self.proj = nn.Linear(c.n_embd, c.n_embd)
+
+    def forward(self, x, pos, past=None, mask=None):
+        B, L, E = x.shape
+        q, k, v = (t.view(B, L, self.n_head, E // self.n_head).transpose(1, 2)
+                   for t in self.qkv(x).split(E, dim=2))
+        q, k = rotate(q, pos), rotate(k, pos)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        dropout = self.dropout if self.training else 0.0
+        if mask is None and past is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            if mask is None:  # new tokens see the whole cache and the new tokens before them
+                P = k.shape[2] - L
+                mask = torch.ones(L, P + L, dtype=torch.bool, device=x.device).tril(P)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.proj(y.transpose(1, 2).reshape(B, L, E)), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(c.n_embd), nn.LayerNorm(c.n_embd)
+        self.attn = SelfAttention(c)
+        self.mlp = nn.Sequential(nn.Linear(c.n_embd, 4 * c.n_embd), nn.GELU(),
+                                 nn.Linear(4 * c.n_embd, c.n_embd), nn.Dropout(c.dropout))
+
+    def forward(self, x, pos, past=None, mask=None):
+        a, kv = self.attn(self.ln1(x), pos, past, mask)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), kv
+
+
+class Transformer(nn.Module):
+    """Pre-norm causal transformer over embeddings; returns final states and the KV cache."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd)
+
+    def forward(self, x, cache=None, mask=None, pos=None):
+        """x (B, L, E). cache: list of per-layer (k, v) from earlier calls, or None."""
+        past_len = 0 if cache is None else cache[0][0].shape[2]
+        if pos is None:
+            pos = torch.arange(past_len, past_len + x.shape[1], device=x.device)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, pos, None if cache is None else cache[i], mask)
+            new_cache.append(kv)
+        return self.ln_f(x), new_cache
+
+
+class AD(nn.Module):
+    """Causal transformer over a learning history; predicts the action of every step token.
+
+    A token batch is a dict of (B, L) tensors: `kind` (KIND_*), `state` (state index),
+    `prev_action` (n_actions = none), `prev_reward`, `new_episode` (0/1), and for training
+    the targets `action` and `next_kind` (IGNORE where there is none).
+    """
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        E = c.n_embd
+        self.state_emb = nn.Embedding(c.n_state_tokens, E)
+        self.prev_action_emb = nn.Embedding(c.n_actions + 1, E)  # + "no previous action"
+        self.reward_emb = nn.Linear(1, E)
+        self.new_episode_emb = nn.Embedding(2, E)
+        self.drop = nn.Dropout(c.dropout)
+        self.backbone = Transformer(c)
+        self.action_head = nn.Linear(E, c.n_actions)
+        if c.compressed:
+            self.marker_emb = nn.Embedding(3, E)      # rows 1, 2: learned <compress>, </compress>
+            self.token_type_emb = nn.Embedding(3, E)  # step / start marker / end marker
+            self.type_head = nn.Linear(E, 3)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def embed(self, t: dict) -> torch.Tensor:
+        x = (self.state_emb(t["state"]) + self.prev_action_emb(t["prev_action"])
+             + self.reward_emb(t["prev_reward"].unsqueeze(-1).to(self.reward_emb.weight.dtype))
+             + self.new_episode_emb(t["new_episode"]))
+        if self.config.compressed:
+            kind = t["kind"]
+            x = torch.where((kind == KIND_STEP).unsqueeze(-1), x, self.marker_emb(kind))
+            x = x + self.token_type_emb(kind)
+        return self.drop(x)
+
+    def forward(self, tokens: dict, cache=None, mask=None, pos=None, compute_loss: bool = False):
+        """Returns (action logits, token-type logits or None, new cache); with
+        compute_loss, (loss, metrics) instead (so DDP's forward hooks see the loss pass)."""
+        if compute_loss:
+            return self._loss(tokens)
+        h, new_cache = self.backbone(self.embed(tokens), cache, mask, pos)
+        type_logits = self.type_head(h) if self.config.compressed else None
+        return self.action_head(h), type_logits, new_cache
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self(batch, compute_loss=True)
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Total loss and float metrics (loss_action, acc_action, and the token-type ones)."""
+        action_logits, type_logits, _ = self(batch)
+        loss_action, acc_action = _ce_and_acc(action_logits, batch["action"])
+        metrics = {"loss_action": loss_action.item(), "acc_action": acc_action}
+        total = loss_action
+        if self.config.compressed:
+            loss_type, acc_type = _ce_and_acc(type_logits, batch["next_kind"])
+            total = total + self.token_type_loss_weight * loss_type
+            metrics |= {"loss_token_type": loss_type.item(), "acc_token_type": acc_type}
+        return total, metrics
+
+    token_type_loss_weight = 0.1  # set from the config by build_model
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _ce_and_acc(logits, targets):
+    flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+    loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE)
+    valid = flat_targets != IGNORE
+    acc = (flat_logits.argmax(-1)[valid] == flat_targets[valid]).float().mean().item() if valid.any() else math.nan
+    return loss, acc
+
+
+def build_model(cfg: dict, n_state_tokens: int, n_actions: int) -> AD:
+    model = AD(ModelConfig.from_config(cfg, n_state_tokens, n_actions))
+    model.token_type_loss_weight = cfg["token_type_loss_weight"]
+    return model

@@ -1,0 +1,170 @@
+"""In-context rollouts: the model acts in many environments at once, learning from its context.
+
+All tasks x rollouts share one numpy batched env and one batched KV cache. How the
+context is kept depends on the variant:
+- AD: a sliding window of at most `n_transit` step tokens. When it is full the oldest
+  `slide` tokens go at once and the kept ones are re-encoded (one forward pass per
+  `slide` steps), so the context holds between n_transit - slide + 1 and n_transit tokens,
+  all lengths that training windows cover.
+- two-region (`use_compressed_context`): [<compress> previous region </compress>
+  <compress> current region]. A region ends when the token-type head predicts
+  `</compress>` for the majority of rollouts (`eval_markers: model`) or after
+  `compress_interval` steps (`eval_markers: interval`); it is also forced to end when the
+  context would exceed n_transit steps. Then the previous region is dropped.
+With `use_cache=False` every step re-encodes the whole context instead (the slow
+reference): outputs, and so sampled actions, are the same.
+"""
+import numpy as np
+import torch
+
+import env as envs
+from model.ad import KIND_END, KIND_START, KIND_STEP
+
+TOKEN_FIELDS = ("kind", "state", "prev_action", "prev_reward", "new_episode")
+
+
+class Context:
+    """The token history of a batch of rollouts and the KV cache that encodes it."""
+
+    def __init__(self, model, batch: int, device, use_cache: bool = True):
+        self.model, self.device, self.use_cache = model, device, use_cache
+        self.tokens = {k: torch.zeros(batch, 0, dtype=torch.float32 if k == "prev_reward" else torch.long,
+                                      device=device) for k in TOKEN_FIELDS}
+        self.cache = None
+        self.max_tokens = 0
+
+    def __len__(self):
+        return self.tokens["kind"].shape[1]
+
+    @torch.no_grad()
+    def append(self, new: dict):
+        """Add tokens (B, L) and return the model's outputs at them."""
+        self.tokens = {k: torch.cat([self.tokens[k], new[k]], dim=1) for k in TOKEN_FIELDS}
+        self.max_tokens = max(self.max_tokens, len(self))
+        if self.use_cache:
+            action_logits, type_logits, self.cache = self.model(new, cache=self.cache)
+        else:
+            action_logits, type_logits, _ = self.model(self.tokens)
+            n = new["kind"].shape[1]
+            action_logits = action_logits[:, -n:]
+            type_logits = None if type_logits is None else type_logits[:, -n:]
+        return action_logits, type_logits
+
+    @torch.no_grad()
+    def drop_oldest(self, n: int):
+        self.tokens = {k: v[:, n:] for k, v in self.tokens.items()}
+        if self.use_cache:  # re-encode what is kept (see model/ad.py on why not just slice)
+            self.cache = self.model(self.tokens)[2] if len(self) else None
+
+
+def _marker(kind: int, batch: int, device) -> dict:
+    t = {k: torch.zeros(batch, 1, dtype=torch.long, device=device) for k in TOKEN_FIELDS}
+    t["prev_reward"] = t["prev_reward"].float()
+    t["kind"].fill_(kind)
+    return t
+
+
+class SlidingWindow:
+    """AD: at most n_transit step tokens; slides by `slide` tokens at a time."""
+
+    def __init__(self, ctx: Context, n_transit: int, slide: int):
+        self.ctx, self.n_transit, self.slide = ctx, n_transit, slide
+
+    def step(self, token: dict):
+        if len(self.ctx) + 1 > self.n_transit:
+            self.ctx.drop_oldest(self.slide)
+        return self.ctx.append(token)[0][:, -1]
+
+
+class TwoRegions:
+    """Two-region context; counts region lengths and how many region ends were forced."""
+
+    def __init__(self, ctx: Context, n_transit: int, interval: int, markers: str):
+        self.ctx, self.n_transit, self.interval, self.markers = ctx, n_transit, interval, markers
+        self.batch = ctx.tokens["kind"].shape[0]
+        self.ctx.append(_marker(KIND_START, self.batch, ctx.device))
+        self.prev_len = 0        # tokens of the previous region incl. its markers
+        self.cur_steps = 0
+        self.region_lengths, self.forced_ends = [], 0
+
+    def step(self, token: dict):
+        action_logits, type_logits = self.ctx.append(token)
+        self.cur_steps += 1
+        if self._region_ends(type_logits[:, -1]):
+            self._close_region()
+        return action_logits[:, -1]
+
+    def _region_ends(self, type_logits) -> bool:
+        if self.markers == "interval":
+            return self.cur_steps >= self.interval
+        prev_steps = max(self.prev_len - 2, 0)
+        if prev_steps + self.cur_steps >= self.n_transit:  # the budget is spent: end it anyway
+            self.forced_ends += 1
+            return True
+        return bool((type_logits.argmax(-1) == KIND_END).float().mean() > 0.5)
+
+    def _close_region(self):
+        device = self.ctx.device
+        self.ctx.append(_marker(KIND_END, self.batch, device))
+        if self.prev_len:
+            self.ctx.drop_oldest(self.prev_len)
+        self.prev_len = len(self.ctx)
+        self.region_lengths.append(self.cur_steps)
+        self.cur_steps = 0
+        self.ctx.append(_marker(KIND_START, self.batch, device))
+
+
+def make_policy_context(model, cfg: dict, batch: int, device, use_cache: bool = True):
+    ctx = Context(model, batch, device, use_cache)
+    if cfg["use_compressed_context"]:
+        return ctx, TwoRegions(ctx, cfg["n_transit"], cfg["compress_interval"], cfg["eval_markers"])
+    return ctx, SlidingWindow(ctx, cfg["n_transit"], max(1, cfg["n_transit"] // 4))
+
+
+def sample_actions(logits: torch.Tensor, uniforms: np.ndarray, greedy: bool) -> np.ndarray:
+    """Inverse-CDF sampling from pre-drawn uniforms: the same seed gives the same actions
+    on any device, and logits that differ only by rounding give the same actions."""
+    if greedy:
+        return logits.argmax(-1).cpu().numpy()
+    cdf = torch.softmax(logits.float(), -1).cumsum(-1).cpu().numpy()
+    actions = (cdf < uniforms[:, None] * cdf[:, -1:]).sum(-1)
+    return np.minimum(actions, logits.shape[-1] - 1)
+
+
+@torch.no_grad()
+def rollout(model, cfg: dict, task_indices: list[int], n_episodes: int, n_rollouts: int, seed: int,
+            greedy: bool = False, use_cache: bool = True, device=None, progress=None) -> tuple[np.ndarray, dict]:
+    """Returns returns of shape (len(task_indices) * n_rollouts, n_episodes), rows task-major
+    (row = task_position * n_rollouts + rollout), and stats about the context."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    all_tasks = envs.task_list(cfg)
+    tasks = [all_tasks[i] for i in task_indices for _ in range(n_rollouts)]
+    env = envs.make_batched_env(cfg, tasks)
+    B, n_actions = len(tasks), envs.n_actions(cfg)
+    rng = np.random.default_rng(seed)
+    ctx, policy = make_policy_context(model, cfg, B, device, use_cache)
+    returns = np.zeros((B, n_episodes), dtype=np.float32)
+    prev_action = np.full(B, n_actions)
+    prev_reward = np.zeros(B, dtype=np.float32)
+    for ep in range(n_episodes):
+        states, new_episode = env.reset(), np.ones(B, dtype=np.int64)
+        for _ in range(cfg["horizon"]):
+            token = {"kind": np.full(B, KIND_STEP), "state": envs.state_index(cfg, states),
+                     "prev_action": prev_action, "prev_reward": prev_reward, "new_episode": new_episode}
+            token = {k: torch.as_tensor(np.asarray(v), device=device)[:, None] for k, v in token.items()}
+            token["prev_reward"] = token["prev_reward"].float()
+            logits = policy.step(token)
+            actions = sample_actions(logits, rng.random(B), greedy)
+            states, rewards, dones = env.step(actions)
+            returns[:, ep] += rewards
+            prev_action, prev_reward, new_episode = actions, rewards, dones.astype(np.int64)
+        if progress is not None:
+            progress(1)
+    model.train(was_training)
+    stats = {"max_context_tokens": ctx.max_tokens}
+    if isinstance(policy, TwoRegions):
+        stats |= {"region_lengths_mean": float(np.mean(policy.region_lengths)) if policy.region_lengths else None,
+                  "forced_region_ends": policy.forced_ends}
+    return returns, stats

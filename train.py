@@ -1,0 +1,206 @@
+"""Train an Algorithm Distillation transformer on collected learning histories.
+
+Single process (CPU or one GPU, picked automatically):
+    python train.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml config/model/ad_dr.yaml
+Several GPUs or nodes (DDP; each process draws its own batches):
+    torchrun --nproc_per_node=4 train.py <same configs>
+
+The run goes to runs/{model}-{env}-seed{seed}/: resolved config.yaml, ckpt-last.pt and
+TensorBoard events (train/, test/ and eval/ tags). Rerunning the same command resumes
+from the checkpoint (model, optimiser, schedule, step, RNG) and ends with the same
+parameters as a run that was never interrupted (on CPU).
+"""
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import env as envs
+from dataset import ADDataset
+from model import build
+from model.rollout import rollout
+from utils import (UserError, config_arg_parser, dataset_path, load_config, parse_set, pick_device,
+                   run_cli, run_path, save_config, seed_everything)
+
+# Keys that may differ when resuming: they change where and how fast, not what is learned.
+RESUME_FREE_KEYS = ("device", "num_workers", "log_interval", "test_interval", "eval_interval",
+                    "ckpt_interval", "dataset_dir", "run_dir", "eval_episodes", "eval_rollouts",
+                    "eval_split", "eval_tasks", "eval_greedy", "eval_markers", "eval_seed", "n_process",
+                    "backend", "task_chunk")
+
+
+def lr_at(step: int, cfg: dict) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    warmup, total = cfg["warmup_steps"], cfg["train_timesteps"]
+    if step < warmup:
+        return cfg["lr"] * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class StepBatches:
+    """Batch of dataset indices for each step: a pure function of (seed, rank, step), so a
+    resumed run draws exactly the batches the uninterrupted run would have drawn."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, start: int, stop: int):
+        self.n, self.batch_size, self.seed, self.rank, self.start, self.stop = n, batch_size, seed, rank, start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield np.random.default_rng([self.seed, self.rank, step]).integers(0, self.n, self.batch_size).tolist()
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def check_resumable(run_dir: Path, cfg: dict):
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    diff = [f"{k}={saved.get(k)!r} (now {cfg[k]!r})" for k in cfg
+            if k not in RESUME_FREE_KEYS and saved.get(k) != cfg[k]]
+    if diff:
+        raise UserError(f"{run_dir} holds a run with other settings: {', '.join(diff)}; use those "
+                        "settings to resume, another seed or run_dir, or move the run away")
+
+
+def save_checkpoint(path: Path, model, opt, step: int):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)  # a run killed while saving keeps the previous checkpoint
+
+
+@torch.no_grad()
+def test_losses(model, loader, device, autocast) -> dict:
+    model.eval()
+    sums, n = {}, 0
+    for batch in loader:
+        with autocast():
+            _, metrics = model.loss(to_device(batch, device))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+    model.train()
+    return {k: v / n for k, v in sums.items()}
+
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def train(cfg: dict):
+    rank, world = setup_distributed()
+    device = pick_device(cfg["device"])
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    seed_everything(cfg["seed"])
+    data_path = dataset_path(cfg)
+    train_set = ADDataset(data_path, cfg, part="train")
+    test_set = ADDataset(data_path, cfg, part="test")
+    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                            betas=(0.9, 0.95))
+    run_dir = run_path(cfg)
+    ckpt = run_dir / "ckpt-last.pt"
+    start = 0
+    if ckpt.exists():
+        check_resumable(run_dir, cfg)
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if start >= cfg["train_timesteps"]:
+        print(f"{run_dir} already finished {start} steps; nothing to do (evaluate with python evaluate.py {run_dir})")
+        return run_dir
+    # DDP all-reduces gradients through hooks on forward(), so the loss goes through it
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    loader = DataLoader(train_set, batch_sampler=StepBatches(len(train_set), cfg["train_batch_size"], cfg["seed"],
+                                                             rank, start, cfg["train_timesteps"]),
+                        num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+                        persistent_workers=cfg["num_workers"] > 0)
+    test_loader = DataLoader(test_set, batch_sampler=StepBatches(len(test_set), cfg["train_batch_size"],
+                                                                 cfg["seed"] + 1, 0, 0, 4))
+    use_bf16 = device.type == "cuda"
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir))
+        print(f"{run_dir}: {model.num_params():,} parameters, {len(train_set):,} training windows, "
+              f"device {device}, world size {world}, steps {start}..{cfg['train_timesteps']}")
+    test_tasks = envs.tasks_of_split(cfg, "test")
+    bar = tqdm(total=cfg["train_timesteps"], initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
+    tic, targets = time.perf_counter(), 0
+    step = start
+    for batch in loader:
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = to_device(batch, device)
+        with autocast():
+            loss, metrics = ddp_model(batch, compute_loss=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        step += 1
+        targets += int((batch["action"] >= 0).sum())
+        if rank == 0:
+            bar.update(1)
+            if step % cfg["log_interval"] == 0 or step == cfg["train_timesteps"]:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/targets_per_second", targets * world / (time.perf_counter() - tic), step)
+                bar.set_postfix(loss=f"{metrics['loss_action']:.3f}", acc=f"{metrics['acc_action']:.2f}")
+            if step % cfg["test_interval"] == 0 or step == cfg["train_timesteps"]:
+                for k, v in test_losses(model, test_loader, device, autocast).items():
+                    writer.add_scalar(f"test/{k}", v, step)
+            if cfg["eval_interval"] and (step % cfg["eval_interval"] == 0 or step == cfg["train_timesteps"]):
+                returns, _ = rollout(model, cfg, test_tasks, n_episodes=min(cfg["eval_episodes"], 20),
+                                     n_rollouts=1, seed=cfg["eval_seed"])
+                writer.add_scalar("eval/return_first", float(returns[:, 0].mean()), step)
+                writer.add_scalar("eval/return_final", float(returns[:, -1].mean()), step)
+            if step % cfg["ckpt_interval"] == 0 or step == cfg["train_timesteps"]:
+                save_checkpoint(ckpt, model, opt, step)
+    bar.close()
+    if rank == 0:
+        writer.close()
+        print(f"done: {step} steps in {time.perf_counter() - tic:.0f}s -> {ckpt}")
+    if world > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+
+def main():
+    parser = config_arg_parser(__doc__.split("\n\n")[0])
+    args = parser.parse_args()
+    if not args.configs:
+        parser.error("give the algorithm, env and model config files (see the examples in --help)")
+    cfg = load_config(args.configs, parse_set(args.set))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
