@@ -55,6 +55,28 @@ def rotate(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class KVCache:
+    """Preallocated keys and values of every layer for a batch of growing contexts.
+
+    Appending writes in place (no per-step copy of the whole cache); `length` is the
+    number of tokens encoded so far."""
+
+    def __init__(self, c: "ModelConfig", batch: int, capacity: int, device, dtype=torch.float32):
+        shape = (c.n_layer, batch, c.n_head, capacity, c.n_embd // c.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.capacity, self.length = capacity, 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new tokens' k, v (B, H, L, D) and return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} tokens > capacity {self.capacity}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -62,22 +84,22 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd)
         self.proj = nn.Linear(c.n_embd, c.n_embd)
 
-    def forward(self, x, pos, past=None, mask=None):
+    def forward(self, x, pos, cache=None, layer=0, mask=None):
         B, L, E = x.shape
         q, k, v = (t.view(B, L, self.n_head, E // self.n_head).transpose(1, 2)
                    for t in self.qkv(x).split(E, dim=2))
         q, k = rotate(q, pos), rotate(k, pos)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        if mask is None and past is None:
+        if mask is None and cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             if mask is None:  # new tokens see the whole cache and the new tokens before them
                 P = k.shape[2] - L
                 mask = torch.ones(L, P + L, dtype=torch.bool, device=x.device).tril(P)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.proj(y.transpose(1, 2).reshape(B, L, E)), (k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, L, E))
 
 
 class Block(nn.Module):
@@ -88,30 +110,29 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(c.n_embd, 4 * c.n_embd), nn.GELU(),
                                  nn.Linear(4 * c.n_embd, c.n_embd), nn.Dropout(c.dropout))
 
-    def forward(self, x, pos, past=None, mask=None):
-        a, kv = self.attn(self.ln1(x), pos, past, mask)
-        x = x + a
-        return x + self.mlp(self.ln2(x)), kv
+    def forward(self, x, pos, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln1(x), pos, cache, layer, mask)
+        return x + self.mlp(self.ln2(x))
 
 
 class Transformer(nn.Module):
-    """Pre-norm causal transformer over embeddings; returns final states and the KV cache."""
+    """Pre-norm causal transformer over embeddings."""
 
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd)
 
-    def forward(self, x, cache=None, mask=None, pos=None):
-        """x (B, L, E). cache: list of per-layer (k, v) from earlier calls, or None."""
-        past_len = 0 if cache is None else cache[0][0].shape[2]
+    def forward(self, x, cache: KVCache | None = None, mask=None, pos=None):
+        """x (B, L, E). With a cache the new tokens follow the cached ones, which they see."""
+        past_len = 0 if cache is None else cache.length
         if pos is None:
             pos = torch.arange(past_len, past_len + x.shape[1], device=x.device)
-        new_cache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, pos, None if cache is None else cache[i], mask)
-            new_cache.append(kv)
-        return self.ln_f(x), new_cache
+            x = block(x, pos, cache, i, mask)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.ln_f(x)
 
 
 class AD(nn.Module):
@@ -158,20 +179,21 @@ class AD(nn.Module):
         return self.drop(x)
 
     def forward(self, tokens: dict, cache=None, mask=None, pos=None, compute_loss: bool = False):
-        """Returns (action logits, token-type logits or None, new cache); with
-        compute_loss, (loss, metrics) instead (so DDP's forward hooks see the loss pass)."""
+        """Returns (action logits, token-type logits or None); a given KVCache is extended
+        in place. With compute_loss, (loss, metrics) instead (so DDP's forward hooks see
+        the training pass)."""
         if compute_loss:
             return self._loss(tokens)
-        h, new_cache = self.backbone(self.embed(tokens), cache, mask, pos)
+        h = self.backbone(self.embed(tokens), cache, mask, pos)
         type_logits = self.type_head(h) if self.config.compressed else None
-        return self.action_head(h), type_logits, new_cache
+        return self.action_head(h), type_logits
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         return self(batch, compute_loss=True)
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Total loss and float metrics (loss_action, acc_action, and the token-type ones)."""
-        action_logits, type_logits, _ = self(batch)
+        action_logits, type_logits = self(batch)
         loss_action, acc_action = _ce_and_acc(action_logits, batch["action"])
         metrics = {"loss_action": loss_action.item(), "acc_action": acc_action}
         total = loss_action
@@ -182,6 +204,9 @@ class AD(nn.Module):
         return total, metrics
 
     token_type_loss_weight = 0.1  # set from the config by build_model
+
+    def new_cache(self, batch: int, capacity: int, device) -> KVCache:
+        return KVCache(self.config, batch, capacity, device, next(self.parameters()).dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

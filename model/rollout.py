@@ -9,8 +9,9 @@ context is kept depends on the variant:
 - two-region (`use_compressed_context`): [<compress> previous region </compress>
   <compress> current region]. A region ends when the token-type head predicts
   `</compress>` for the majority of rollouts (`eval_markers: model`) or after
-  `compress_interval` steps (`eval_markers: interval`); it is also forced to end when the
-  context would exceed n_transit steps. Then the previous region is dropped.
+  `compress_interval` steps (`eval_markers: interval`); it is also forced to end after
+  n_transit // 2 steps, so the context never exceeds n_transit steps plus 4 markers. Then
+  the previous region is dropped.
 With `use_cache=False` every step re-encodes the whole context instead (the slow
 reference): outputs, and so sampled actions, are the same.
 """
@@ -24,37 +25,46 @@ TOKEN_FIELDS = ("kind", "state", "prev_action", "prev_reward", "new_episode")
 
 
 class Context:
-    """The token history of a batch of rollouts and the KV cache that encodes it."""
+    """The token history of a batch of rollouts (preallocated) and the KV cache encoding it."""
 
-    def __init__(self, model, batch: int, device, use_cache: bool = True):
+    def __init__(self, model, batch: int, capacity: int, device, use_cache: bool = True):
         self.model, self.device, self.use_cache = model, device, use_cache
-        self.tokens = {k: torch.zeros(batch, 0, dtype=torch.float32 if k == "prev_reward" else torch.long,
-                                      device=device) for k in TOKEN_FIELDS}
-        self.cache = None
+        self.buf = {k: torch.zeros(batch, capacity, dtype=torch.float32 if k == "prev_reward" else torch.long,
+                                   device=device) for k in TOKEN_FIELDS}
+        self.length, self.capacity = 0, capacity
+        self.cache = model.new_cache(batch, capacity, device) if use_cache else None
         self.max_tokens = 0
 
     def __len__(self):
-        return self.tokens["kind"].shape[1]
+        return self.length
+
+    @property
+    def tokens(self) -> dict:
+        return {k: v[:, :self.length] for k, v in self.buf.items()}
 
     @torch.no_grad()
     def append(self, new: dict):
         """Add tokens (B, L) and return the model's outputs at them."""
-        self.tokens = {k: torch.cat([self.tokens[k], new[k]], dim=1) for k in TOKEN_FIELDS}
-        self.max_tokens = max(self.max_tokens, len(self))
+        n = new["kind"].shape[1]
+        for k in TOKEN_FIELDS:
+            self.buf[k][:, self.length:self.length + n] = new[k]
+        self.length += n
+        self.max_tokens = max(self.max_tokens, self.length)
         if self.use_cache:
-            action_logits, type_logits, self.cache = self.model(new, cache=self.cache)
-        else:
-            action_logits, type_logits, _ = self.model(self.tokens)
-            n = new["kind"].shape[1]
-            action_logits = action_logits[:, -n:]
-            type_logits = None if type_logits is None else type_logits[:, -n:]
-        return action_logits, type_logits
+            return self.model(new, cache=self.cache)
+        action_logits, type_logits = self.model(self.tokens)
+        return action_logits[:, -n:], None if type_logits is None else type_logits[:, -n:]
 
     @torch.no_grad()
     def drop_oldest(self, n: int):
-        self.tokens = {k: v[:, n:] for k, v in self.tokens.items()}
+        kept = {k: v[:, n:self.length].clone() for k, v in self.buf.items()}
+        self.length -= n
+        for k in TOKEN_FIELDS:
+            self.buf[k][:, :self.length] = kept[k]
         if self.use_cache:  # re-encode what is kept (see model/ad.py on why not just slice)
-            self.cache = self.model(self.tokens)[2] if len(self) else None
+            self.cache.length = 0
+            if self.length:
+                self.model(kept, cache=self.cache)
 
 
 def _marker(kind: int, batch: int, device) -> dict:
@@ -81,9 +91,9 @@ class TwoRegions:
 
     def __init__(self, ctx: Context, n_transit: int, interval: int, markers: str):
         self.ctx, self.n_transit, self.interval, self.markers = ctx, n_transit, interval, markers
-        self.batch = ctx.tokens["kind"].shape[0]
+        self.batch = ctx.buf["kind"].shape[0]
         self.ctx.append(_marker(KIND_START, self.batch, ctx.device))
-        self.prev_len = 0        # tokens of the previous region incl. its markers
+        self.prev_len = 0  # tokens of the previous region incl. its markers
         self.cur_steps = 0
         self.region_lengths, self.forced_ends = [], 0
 
@@ -97,8 +107,7 @@ class TwoRegions:
     def _region_ends(self, type_logits) -> bool:
         if self.markers == "interval":
             return self.cur_steps >= self.interval
-        prev_steps = max(self.prev_len - 2, 0)
-        if prev_steps + self.cur_steps >= self.n_transit:  # the budget is spent: end it anyway
+        if self.cur_steps >= self.n_transit // 2:  # the region's share of the budget is spent
             self.forced_ends += 1
             return True
         return bool((type_logits.argmax(-1) == KIND_END).float().mean() > 0.5)
@@ -115,9 +124,10 @@ class TwoRegions:
 
 
 def make_policy_context(model, cfg: dict, batch: int, device, use_cache: bool = True):
-    ctx = Context(model, batch, device, use_cache)
     if cfg["use_compressed_context"]:
+        ctx = Context(model, batch, cfg["n_transit"] + 4, device, use_cache)  # + 4 markers
         return ctx, TwoRegions(ctx, cfg["n_transit"], cfg["compress_interval"], cfg["eval_markers"])
+    ctx = Context(model, batch, cfg["n_transit"], device, use_cache)
     return ctx, SlidingWindow(ctx, cfg["n_transit"], max(1, cfg["n_transit"] // 4))
 
 

@@ -1,0 +1,190 @@
+"""Evaluate trained runs in context on held-out tasks: no weight updates, only context.
+
+    python evaluate.py runs/AD-darkroom-seed0
+    python evaluate.py runs/AD-darkroom-seed0 --set eval_episodes=50 eval_rollouts=4 eval_greedy=true
+    python evaluate.py runs/AD-darkroom-seed0 runs/AD-tworegion-darkroom-seed0   # + comparison plot
+
+Writes into each run directory: eval_result.npy (returns, rows = task x rollout,
+columns = episodes), eval_summary.json, eval_curve.png (with the source PPO curve of the
+same tasks and the optimal return) and TensorBoard scalars under eval_curve/.
+"""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+import env as envs
+from algorithm import history
+from model import build
+from model.rollout import rollout
+from utils import UserError, config_arg_parser, dataset_path, load_config, parse_set, pick_device, run_cli
+
+
+def load_run(run_dir: Path, overrides: dict):
+    """The run's config (with overrides) and its trained model, or a clear error."""
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a training run (no config.yaml); give a directory under runs/ "
+                        "that train.py wrote")
+    ckpt = run_dir / "ckpt-last.pt"
+    if not ckpt.is_file():
+        raise UserError(f"{run_dir} has no checkpoint (ckpt-last.pt): train it first with train.py")
+    cfg = load_config([run_dir / "config.yaml"], overrides)
+    device = pick_device(cfg["device"])
+    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(device)
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, EOFError) as e:
+        raise UserError(f"{ckpt} does not fit the run's config ({str(e).splitlines()[0][:200]}); was the "
+                        "model changed with --set, or the file damaged? retrain or drop the --set") from None
+    return cfg, model, state.get("step", 0)
+
+
+def eval_task_indices(cfg: dict) -> list[int]:
+    if cfg["eval_tasks"]:
+        n = len(envs.task_list(cfg))
+        try:
+            indices = [int(x) for x in cfg["eval_tasks"].split(",")]
+        except ValueError:
+            raise UserError(f"eval_tasks={cfg['eval_tasks']!r}: expected comma-separated task indices") from None
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise UserError(f"eval_tasks: {bad} out of range (the environment has {n} tasks)")
+        return indices
+    return envs.tasks_of_split(cfg, cfg["eval_split"])
+
+
+def source_curve(cfg: dict, task_indices: list[int]) -> np.ndarray | None:
+    """Mean over the tasks' streams of the PPO return per episode, from the dataset."""
+    path = dataset_path(cfg)
+    try:
+        header = history.read_header(path)
+    except UserError:
+        return None
+    import h5py
+    curves = []
+    with h5py.File(path, "r") as f:
+        for i in task_indices:
+            if i not in header["done"]:
+                return None
+            rewards = f[str(i)]["rewards"][()]
+            T, S = rewards.shape
+            n_ep = T // cfg["horizon"]
+            curves.append(rewards[: n_ep * cfg["horizon"]].reshape(n_ep, cfg["horizon"], S).sum(1).mean(1))
+    return np.mean(curves, axis=0)
+
+
+def episodes_to_fraction(curve: np.ndarray, optimal: float, fraction: float = 0.8):
+    hit = np.flatnonzero(curve >= fraction * optimal)
+    return int(hit[0]) + 1 if len(hit) else None
+
+
+def summarize(cfg, task_indices, returns, stats, elapsed, ppo_curve) -> dict:
+    n_rollouts = cfg["eval_rollouts"]
+    all_tasks, split = envs.task_list(cfg), envs.task_split(cfg)
+    rows = [i for i in task_indices for _ in range(n_rollouts)]
+    optimal = np.array([envs.optimal_return(cfg, all_tasks[i]) for i in rows])
+    curve = returns.mean(0)
+    per_task = []
+    for k, i in enumerate(task_indices):
+        r = returns[k * n_rollouts:(k + 1) * n_rollouts]
+        per_task.append({"task_index": i, "task": all_tasks[i], "first": float(r[:, 0].mean()),
+                         "final": float(r[:, -1].mean()), "optimal": float(optimal[k * n_rollouts])})
+    steps = returns.size * cfg["horizon"]
+    summary = {
+        "tasks": [all_tasks[i] for i in rows], "task_indices": rows, "split": [split[i] for i in rows],
+        "optimal_return": optimal.tolist(), "n_episodes": int(returns.shape[1]), "n_rollouts": n_rollouts,
+        "first_return": float(returns[:, 0].mean()), "final_return": float(returns[:, -1].mean()),
+        "final_fraction_of_optimal": float(returns[:, -1].mean() / optimal.mean()),
+        "first_fraction_of_optimal": float(returns[:, 0].mean() / optimal.mean()),
+        "episodes_to_80pct": episodes_to_fraction(curve, optimal.mean()),
+        "ppo_episodes_to_80pct": None if ppo_curve is None else episodes_to_fraction(ppo_curve, optimal.mean()),
+        "max_context_tokens": int(stats["max_context_tokens"]), "steps_per_second": steps / elapsed,
+        "greedy": cfg["eval_greedy"], "seed": cfg["eval_seed"], "per_task": per_task,
+        **{k: v for k, v in stats.items() if k != "max_context_tokens"},
+    }
+    return summary
+
+
+def plot_curves(path: Path, curves: dict, optimal: float, ppo_curve, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, returns in curves.items():
+        mean, std = returns.mean(0), returns.std(0)
+        x = np.arange(1, len(mean) + 1)
+        ax.plot(x, mean, label=label)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    if ppo_curve is not None:
+        ax.plot(np.arange(1, len(ppo_curve) + 1), ppo_curve, "k--", label="source PPO (same tasks)")
+    ax.axhline(optimal, color="gray", linestyle=":", label="optimal")
+    ax.set_xlabel("episode")
+    ax.set_ylabel("return")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(name: str, s: dict):
+    print(f"\n{name}: first {s['first_return']:.2f}, final {s['final_return']:.2f} "
+          f"({100 * s['final_fraction_of_optimal']:.0f}% of optimal), episodes to 80%: {s['episodes_to_80pct']}, "
+          f"max context tokens {s['max_context_tokens']}, {s['steps_per_second']:,.0f} env-steps/s")
+    print(f"  {'task':>5} {'goal':>16} {'first':>6} {'final':>6} {'optimal':>7} {'%opt':>5}")
+    for t in s["per_task"]:
+        print(f"  {t['task_index']:>5} {json.dumps(t['task'])[:16]:>16} {t['first']:>6.2f} {t['final']:>6.2f} "
+              f"{t['optimal']:>7.1f} {100 * t['final'] / max(t['optimal'], 1e-9):>5.0f}")
+
+
+def evaluate_run(run_dir: Path, overrides: dict) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    cfg, model, step = load_run(run_dir, overrides)
+    task_indices = eval_task_indices(cfg)
+    bar = tqdm(total=cfg["eval_episodes"], unit="episode", desc=run_dir.name, dynamic_ncols=True)
+    tic = time.perf_counter()
+    returns, stats = rollout(model, cfg, task_indices, cfg["eval_episodes"], cfg["eval_rollouts"],
+                             seed=cfg["eval_seed"], greedy=cfg["eval_greedy"], progress=bar.update)
+    elapsed = time.perf_counter() - tic
+    bar.close()
+    ppo_curve = source_curve(cfg, task_indices)
+    summary = summarize(cfg, task_indices, returns, stats, elapsed, ppo_curve)
+    summary["train_step"] = step
+    np.save(run_dir / "eval_result.npy", returns)
+    (run_dir / "eval_summary.json").write_text(json.dumps(summary, indent=1))
+    plot_curves(run_dir / "eval_curve.png", {run_dir.name: returns}, float(np.mean(summary["optimal_return"])),
+                ppo_curve, f"{run_dir.name}: in-context return on {cfg['eval_split'] if not cfg['eval_tasks'] else 'chosen'} tasks")
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(run_dir)) as w:
+        for ep, value in enumerate(returns.mean(0)):
+            w.add_scalar("eval_curve/return", float(value), ep)
+    print_table(run_dir.name, summary)
+    return summary, returns, ppo_curve
+
+
+def main():
+    parser = config_arg_parser(__doc__.split("\n\n")[0], "run directories written by train.py")
+    parser.add_argument("--plot", type=Path, help="comparison plot path when several runs are given "
+                        "(default: eval_comparison.png beside the first run)")
+    args = parser.parse_args()
+    if not args.configs:
+        parser.error("give at least one run directory, e.g. runs/AD-darkroom-seed0")
+    overrides = parse_set(args.set)
+    results = {}
+    for run in args.configs:
+        summary, returns, ppo_curve = evaluate_run(Path(run), overrides)
+        results[Path(run).name] = (summary, returns, ppo_curve)
+    if len(results) > 1:
+        first = next(iter(results.values()))
+        plot = args.plot or Path(args.configs[0]).parent / "eval_comparison.png"
+        plot_curves(plot, {k: v[1] for k, v in results.items()}, float(np.mean(first[0]["optimal_return"])),
+                    first[2], "in-context return, held-out tasks")
+        print(f"\ncomparison plot: {plot}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
