@@ -8,6 +8,7 @@ saves next to its output is the whole resolved config.
 import argparse
 import difflib
 import json
+import math
 import os
 import random
 import sys
@@ -43,9 +44,15 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of key: value, got {type(data).__name__}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{path}: config keys must be names, got {bad_keys!r}")
     merged = {}
     include = data.pop("include", None)
-    for inc in [include] if isinstance(include, str) else (include or []):
+    includes = [include] if isinstance(include, str) else (include or [])
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: include must be a file path or a list of file paths, got {include!r}")
+    for inc in includes:
         merged.update(_read_yaml(path.parent / inc, seen + (path.resolve(),)))
     merged.update(data)
     return merged
@@ -58,7 +65,11 @@ def parse_set(items: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set n_stream=4")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                              "quote it or fix it") from None
     return out
 
 
@@ -93,7 +104,7 @@ def _coerce(key: str, value, origin: str):
                 value = float(value)
             except ValueError:
                 raise bad from None
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad
         value = float(value)
     elif spec.type is str:

@@ -117,7 +117,7 @@ def read_header(path: Path) -> dict:
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
-            done = sorted(int(k) for k in f.keys())
+            groups = list(f.keys())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0]}): "
                         "move it away (or delete it) and rerun collect.py to recollect") from None
@@ -125,6 +125,10 @@ def read_header(path: Path) -> dict:
     if missing:
         raise UserError(f"{path} is not a learning-history file of this toolkit (attrs {missing} are "
                         "missing): move it away and rerun collect.py")
+    if not all(g.isdigit() for g in groups):
+        raise UserError(f"{path} is not a learning-history file of this toolkit (groups "
+                        f"{[g for g in groups if not g.isdigit()][:3]} are not task indices): move it away")
+    done = sorted(int(g) for g in groups)
     if int(attrs["format_version"]) != FORMAT_VERSION:
         raise UserError(f"{path} has format_version {attrs['format_version']}, this toolkit reads "
                         f"{FORMAT_VERSION}: recollect it with this version of collect.py")

@@ -304,10 +304,6 @@ def test_read_header_foreign_hdf5_is_a_user_error(tmp_path):
         read_header(p)
 
 
-@pytest.mark.xfail(strict=True, reason="algorithm/history.py read_header parses group names as int "
-                   "before checking the attrs: a foreign HDF5 file with a non-numeric group is "
-                   "reported as 'not a readable HDF5 file (invalid literal for int() ...)' instead "
-                   "of naming the missing attrs")
 def test_read_header_foreign_hdf5_names_missing_attrs(tmp_path):
     p = tmp_path / "other.hdf5"
     with h5py.File(p, "w") as f:
