@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import h5py
+import torch
 import numpy as np
 
 import env as envs
@@ -180,3 +181,151 @@ class _Column:
 
     def __getitem__(self, sl: slice):
         return self.array[sl, self.stream]
+
+
+# ----------------------------------------------------------------------------- CompressedAD
+
+class CompressedADDataset(ADDataset):
+    """CompressedAD samples: `compression_depth` d stages, then n_transit recent steps.
+
+    Index space: for each depth d in 0..max_compression_depth, every (task, stream, start)
+    whose span d * stage_len + n_transit fits in the stream. Stage lengths are drawn in
+    [stage_len // 2, stage_len] from a generator seeded by the index (so a sample is the
+    same every time it is read); eval compresses stages of exactly stage_len. Depth d's
+    share of the index space is its number of start positions, so every depth up to the
+    deepest that fits a stream is trained on; evaluation goes deeper by applying the same
+    encoder recursively (its latents are its own input), which training exercises up to d.
+    """
+
+    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=None):
+        from model.compressed import stage_len
+        super().__init__(path, {**cfg, "use_compressed_context": False}, part, task_indices, in_memory)
+        self.cfg = cfg
+        self.stage_max = stage_len(cfg["n_transit"])
+        self.stage_min = max(1, self.stage_max // 2)
+        starts = [self.T - (d * self.stage_max + cfg["n_transit"]) + 1 for d in range(cfg["max_compression_depth"] + 1)]
+        if starts[-1] < 1:
+            deepest = max(d for d, s in enumerate(starts) if s >= 1) if starts[0] >= 1 else None
+            raise ConfigError(f"max_compression_depth={cfg['max_compression_depth']} does not fit streams of "
+                              f"{self.T} steps with n_transit={cfg['n_transit']} (stages of up to "
+                              f"{self.stage_max} steps); the deepest that fits is {deepest}")
+        per_start = len(self.tasks) * len(self.streams)
+        self.depth_sizes = [s * per_start for s in starts]
+        self.depth_offsets = np.concatenate([[0], np.cumsum(self.depth_sizes)])
+
+    def __len__(self):
+        return int(self.depth_offsets[-1])
+
+    def depth_ranges(self) -> dict[int, range]:
+        return {d: range(int(self.depth_offsets[d]), int(self.depth_offsets[d + 1])) for d in range(len(self.depth_sizes))}
+
+    def depth_of(self, index: int) -> int:
+        return int(np.searchsorted(self.depth_offsets, index, side="right") - 1)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        d = self.depth_of(index)
+        rest = index - int(self.depth_offsets[d])
+        n_starts = self.depth_sizes[d] // (len(self.tasks) * len(self.streams))
+        task_stream, start = divmod(rest, n_starts)
+        task, stream = divmod(task_stream, len(self.streams))
+        one = _StreamView(self._load()[self.tasks[task]], self.streams[stream])
+        lengths = np.random.default_rng([index, 17]).integers(self.stage_min, self.stage_max + 1, d)
+        stages, a = [], start
+        for length in lengths:
+            stages.append(step_tokens(self.cfg, one, a, a + int(length)))
+            a += int(length)
+        return {"compression_depth": d, "stages": stages,
+                "recent": step_tokens(self.cfg, one, a, a + self.cfg["n_transit"])}
+
+
+class BucketSampler:
+    """Batches of one compression depth each, shuffled within and across depth buckets.
+
+    Deterministic under `seed`; `set_epoch` reshuffles; under DDP each rank takes every
+    world_size-th batch of the epoch, so the shards are disjoint and together cover every
+    index once per epoch (ranks may get one batch more or less; training counts steps,
+    not epochs, so nothing waits on that). Works with DataLoader workers: the sampler runs
+    in the main process and only hands index lists to the workers.
+    """
+
+    def __init__(self, dataset: CompressedADDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
+        self.buckets = dataset.depth_ranges()
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _epoch_batches(self) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = []
+        for d, indices in self.buckets.items():
+            idx = np.arange(indices.start, indices.stop)
+            if self.shuffle:
+                idx = rng.permutation(idx)
+            for i in range(0, len(idx), self.batch_size):
+                if len(idx) - i >= self.batch_size or not self.drop_last:
+                    batches.append(idx[i:i + self.batch_size])
+        order = rng.permutation(len(batches)) if self.shuffle else np.arange(len(batches))
+        return [batches[i] for i in order[self.rank::self.world_size]]
+
+    def __iter__(self):
+        for batch in self._epoch_batches():
+            yield batch.tolist()
+
+    def __len__(self):
+        return len(self._epoch_batches())
+
+
+class BucketBatches:
+    """Steps start..stop of an endless run over BucketSampler epochs (for resumable training)."""
+
+    def __init__(self, sampler: BucketSampler, start: int, stop: int):
+        self.sampler, self.start, self.stop = sampler, start, stop
+
+    def __iter__(self):
+        step, epoch = 0, 0
+        while step < self.stop:
+            self.sampler.set_epoch(epoch)
+            batches = self.sampler._epoch_batches()
+            if step + len(batches) <= self.start:  # this epoch was done before the resume
+                step += len(batches)
+            else:
+                for batch in batches:
+                    if step >= self.stop:
+                        return
+                    if step >= self.start:
+                        yield batch.tolist()
+                    step += 1
+            epoch += 1
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def _stack(items: list[dict], length: int | None = None) -> dict:
+    """Stack token dicts, right-padding each to `length` (0 values; the mask says what is real)."""
+    length = length or max(len(t["state"]) for t in items)
+    out = {}
+    for k in items[0]:
+        arr = np.zeros((len(items), length), dtype=items[0][k].dtype)
+        for i, t in enumerate(items):
+            arr[i, :len(t[k])] = t[k]
+        out[k] = torch.from_numpy(arr)
+    lengths = np.array([len(t["state"]) for t in items])
+    out["mask"] = torch.from_numpy(np.arange(length)[None, :] < lengths[:, None])
+    return out
+
+
+def collate_compressed_batch(batch: list[dict]) -> dict:
+    """One depth per batch (BucketSampler's promise, checked); pads only within each stage."""
+    depth = batch[0]["compression_depth"]
+    assert all(item["compression_depth"] == depth for item in batch), \
+        f"mixed compression depths in one batch: {sorted({item['compression_depth'] for item in batch})}"
+    stages = [_stack([item["stages"][i] for item in batch]) for i in range(depth)]
+    recent = _stack([item["recent"] for item in batch])
+    recent.pop("mask")
+    return {"num_compression_stages": depth, "compression_stages": stages, "recent": recent}

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import env as envs
-from dataset import ADDataset
+from dataset import ADDataset, BucketBatches, BucketSampler, CompressedADDataset, collate_compressed_batch
 from model import build
 from model.rollout import rollout
 from utils import (UserError, config_arg_parser, dataset_path, load_config, parse_set, pick_device,
@@ -60,8 +60,38 @@ class StepBatches:
         return self.stop - self.start
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [to_device(v, device) for v in batch]
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+def count_targets(batch: dict) -> int:
+    actions = batch["recent"]["action"] if "recent" in batch else batch["action"]
+    return int((actions >= 0).sum())
+
+
+def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
+    """Training and held-out-stream loaders; batches depend only on (seed, rank, step)."""
+    path, bs, workers = dataset_path(cfg), cfg["train_batch_size"], cfg["num_workers"]
+    common = {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0}
+    if cfg["model"] == "CompressedAD":
+        train_set = CompressedADDataset(path, cfg, part="train")
+        test_set = CompressedADDataset(path, cfg, part="test", in_memory=True)
+        train_batches = BucketBatches(BucketSampler(train_set, bs, seed=cfg["seed"], rank=rank, world_size=world),
+                                      start, cfg["train_timesteps"])
+        test_batches = BucketBatches(BucketSampler(test_set, bs, seed=cfg["seed"] + 1), 0, 4)
+        return (train_set,
+                DataLoader(train_set, batch_sampler=train_batches, collate_fn=collate_compressed_batch, **common),
+                DataLoader(test_set, batch_sampler=test_batches, collate_fn=collate_compressed_batch))
+    train_set = ADDataset(path, cfg, part="train")
+    test_set = ADDataset(path, cfg, part="test", in_memory=True)
+    return (train_set,
+            DataLoader(train_set, batch_sampler=StepBatches(len(train_set), bs, cfg["seed"], rank, start,
+                                                            cfg["train_timesteps"]), **common),
+            DataLoader(test_set, batch_sampler=StepBatches(len(test_set), bs, cfg["seed"] + 1, 0, 0, 4)))
 
 
 def check_resumable(run_dir: Path, cfg: dict):
@@ -110,9 +140,6 @@ def train(cfg: dict):
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     seed_everything(cfg["seed"])
-    data_path = dataset_path(cfg)
-    train_set = ADDataset(data_path, cfg, part="train")
-    test_set = ADDataset(data_path, cfg, part="test")
     model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                             betas=(0.9, 0.95))
@@ -134,12 +161,7 @@ def train(cfg: dict):
         return run_dir
     # DDP all-reduces gradients through hooks on forward(), so the loss goes through it
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    loader = DataLoader(train_set, batch_sampler=StepBatches(len(train_set), cfg["train_batch_size"], cfg["seed"],
-                                                             rank, start, cfg["train_timesteps"]),
-                        num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
-                        persistent_workers=cfg["num_workers"] > 0)
-    test_loader = DataLoader(test_set, batch_sampler=StepBatches(len(test_set), cfg["train_batch_size"],
-                                                                 cfg["seed"] + 1, 0, 0, 4))
+    train_set, loader, test_loader = make_loaders(cfg, rank, world, start, pin=device.type == "cuda")
     use_bf16 = device.type == "cuda"
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     writer = None
@@ -165,7 +187,7 @@ def train(cfg: dict):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         step += 1
-        targets += int((batch["action"] >= 0).sum())
+        targets += count_targets(batch)
         if rank == 0:
             bar.update(1)
             if step % cfg["log_interval"] == 0 or step == cfg["train_timesteps"]:

@@ -124,6 +124,11 @@ class TwoRegions:
 
 
 def make_policy_context(model, cfg: dict, batch: int, device, use_cache: bool = True):
+    """(object with .max_tokens, policy with .step(token) -> action logits)."""
+    if cfg["model"] == "CompressedAD":
+        from model.compressed import LatentMemory
+        memory = LatentMemory(model, batch, cfg["n_transit"], device, use_cache)
+        return memory, memory
     if cfg["use_compressed_context"]:
         ctx = Context(model, batch, cfg["n_transit"] + 4, device, use_cache)  # + 4 markers
         return ctx, TwoRegions(ctx, cfg["n_transit"], cfg["compress_interval"], cfg["eval_markers"])
@@ -141,12 +146,33 @@ def sample_actions(logits: torch.Tensor, uniforms: np.ndarray, greedy: bool) -> 
     return np.minimum(actions, logits.shape[-1] - 1)
 
 
-@torch.no_grad()
+class _one_cpu_thread:
+    """Rollouts run many tiny ops: on CPU, extra intra-op threads only add synchronisation
+    (measured 20x slower with 2 threads when the other core is busy)."""
+
+    def __init__(self, device):
+        self.active = torch.device(device).type == "cpu"
+
+    def __enter__(self):
+        if self.active:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.saved)
+
+
 def rollout(model, cfg: dict, task_indices: list[int], n_episodes: int, n_rollouts: int, seed: int,
             greedy: bool = False, use_cache: bool = True, device=None, progress=None) -> tuple[np.ndarray, dict]:
     """Returns returns of shape (len(task_indices) * n_rollouts, n_episodes), rows task-major
     (row = task_position * n_rollouts + rollout), and stats about the context."""
     device = device or next(model.parameters()).device
+    with _one_cpu_thread(device), torch.no_grad():
+        return _rollout(model, cfg, task_indices, n_episodes, n_rollouts, seed, greedy, use_cache, device, progress)
+
+
+def _rollout(model, cfg, task_indices, n_episodes, n_rollouts, seed, greedy, use_cache, device, progress):
     was_training = model.training
     model.eval()
     all_tasks = envs.task_list(cfg)
@@ -174,6 +200,8 @@ def rollout(model, cfg: dict, task_indices: list[int], n_episodes: int, n_rollou
             progress(1)
     model.train(was_training)
     stats = {"max_context_tokens": ctx.max_tokens}
+    if hasattr(policy, "depth"):
+        stats["compression_depth_reached"] = policy.depth
     if isinstance(policy, TwoRegions):
         stats |= {"region_lengths_mean": float(np.mean(policy.region_lengths)) if policy.region_lengths else None,
                   "forced_region_ends": policy.forced_ends}

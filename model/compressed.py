@@ -1,0 +1,137 @@
+"""CompressedAD: old history folded into K latent tokens by an encoder; memory stays constant.
+
+The decoder is the AD transformer (model/ad.py) over [latents, recent step tokens]. When
+the recent context holds `n_transit` steps, its oldest `stage_len = n_transit // 2` steps
+form a *stage*: the encoder reads [previous latents, stage tokens, K learned queries]
+(bidirectional attention, padding masked out) and its outputs at the query positions are
+the new latents. The latents therefore summarise the whole history before the recent
+steps, recursively, in a fixed budget of K tokens.
+
+Training samples hold `compression_depth` d stages (consecutive steps of one stream, each
+of a random length in [stage_len // 2, stage_len]) followed by n_transit recent steps with
+dense action targets; gradients flow through the last `grad_compression_rounds`
+compressions (older ones run without grad to bound memory).
+
+Positions (rotary): in the encoder, previous latents sit at 0..K-1, stage tokens at
+K..K+L-1 and all queries at 0, so a row's outputs do not depend on how much padding its
+stage got. In the decoder, latents sit at 0..K-1 and recent steps follow.
+"""
+import torch
+import torch.nn as nn
+
+from model.ad import AD, Block, KVCache, ModelConfig, _ce_and_acc
+
+
+class CompressionEncoder(nn.Module):
+    def __init__(self, c: ModelConfig, n_latent: int, n_layer: int):
+        super().__init__()
+        self.n_latent = n_latent
+        self.queries = nn.Parameter(torch.randn(n_latent, c.n_embd) * 0.02)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd)
+
+    def forward(self, latents, stage_emb, stage_mask):
+        """latents (B, K, E) or None, stage_emb (B, L, E), stage_mask (B, L) bool (True = real)."""
+        B, L, _ = stage_emb.shape
+        K, device = self.n_latent, stage_emb.device
+        queries = self.queries.expand(B, K, -1).to(stage_emb.dtype)
+        parts, pos, valid = [], [], []
+        if latents is not None:
+            parts.append(latents)
+            pos.append(torch.arange(K, device=device))
+            valid.append(torch.ones(B, K, dtype=torch.bool, device=device))
+        parts += [stage_emb, queries]
+        pos += [torch.arange(K, K + L, device=device), torch.zeros(K, dtype=torch.long, device=device)]
+        valid += [stage_mask, torch.ones(B, K, dtype=torch.bool, device=device)]
+        x, pos, valid = torch.cat(parts, 1), torch.cat(pos), torch.cat(valid, 1)
+        mask = valid[:, None, None, :]  # every token sees every real token, no token sees padding
+        for block in self.blocks:
+            x = block(x, pos, None, 0, mask)
+        return self.ln_f(x[:, -K:])
+
+
+class CompressedAD(AD):
+    def __init__(self, c: ModelConfig, n_latent: int, enc_n_layer: int, grad_rounds: int):
+        super().__init__(c)
+        self.encoder = CompressionEncoder(c, n_latent, enc_n_layer)
+        self.encoder.apply(self._init_weights)
+        self.n_latent, self.grad_rounds = n_latent, grad_rounds
+
+    def compress(self, latents, stage: dict, stage_mask):
+        return self.encoder(latents, self.embed(stage), stage_mask)
+
+    def latents_of(self, stages: list[dict]):
+        """Fold the stages (oldest first) into latents; None at depth 0."""
+        latents = None
+        for i, stage in enumerate(stages):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= len(stages) - self.grad_rounds):
+                latents = self.compress(latents, stage, stage["mask"])
+        return latents
+
+    def decode(self, latents, recent: dict, cache: KVCache | None = None):
+        """Action logits at the recent step tokens, decoded after the latents."""
+        x = self.embed(recent)
+        K = 0 if latents is None else latents.shape[1]
+        if latents is not None:
+            x = torch.cat([latents.to(x.dtype), x], 1)
+        h = self.backbone(x, cache)
+        return self.action_head(h[:, K:])
+
+    def forward(self, batch: dict, compute_loss: bool = False, **_):
+        if not compute_loss:
+            raise TypeError("CompressedAD.forward takes a collated batch with compute_loss=True; "
+                            "rollouts use LatentMemory")
+        logits = self.decode(self.latents_of(batch["compression_stages"]), batch["recent"])
+        loss, acc = _ce_and_acc(logits, batch["recent"]["action"])
+        return loss, {"loss_action": loss.item(), "acc_action": acc,
+                      "compression_depth": float(batch["num_compression_stages"])}
+
+
+def build_compressed_model(cfg: dict, n_state_tokens: int, n_actions: int) -> CompressedAD:
+    c = ModelConfig.from_config(cfg, n_state_tokens, n_actions)
+    return CompressedAD(c, cfg["n_latent"], cfg["enc_n_layer"], cfg["grad_compression_rounds"])
+
+
+def stage_len(n_transit: int) -> int:
+    return n_transit // 2
+
+
+class LatentMemory:
+    """Rollout context of CompressedAD: latents + at most n_transit recent step tokens.
+
+    Same interface as the AD policies in model/rollout.py (`step(token) -> action logits`,
+    `max_tokens`). Its memory is K + n_transit tokens however long the rollout runs."""
+
+    def __init__(self, model: CompressedAD, batch: int, n_transit: int, device, use_cache: bool = True):
+        self.model, self.n_transit, self.use_cache, self.device = model, n_transit, use_cache, device
+        self.stage_len = stage_len(n_transit)
+        self.recent: list[dict] = []  # one (B, 1) token dict per step
+        self.latents = None
+        self.cache = model.new_cache(batch, model.n_latent + n_transit, device) if use_cache else None
+        self.depth, self.max_tokens, self.batch = 0, 0, batch
+
+    def _cat(self, tokens: list[dict]) -> dict:
+        return {k: torch.cat([t[k] for t in tokens], 1) for k in tokens[0]}
+
+    @torch.no_grad()
+    def _compress(self):
+        stage, self.recent = self.recent[: self.stage_len], self.recent[self.stage_len:]
+        mask = torch.ones(self.batch, len(stage), dtype=torch.bool, device=self.device)
+        self.latents = self.model.compress(self.latents, self._cat(stage), mask)
+        self.depth += 1
+        if self.use_cache:  # re-encode latents + kept steps
+            self.cache.length = 0
+            self.model.decode(self.latents, self._cat(self.recent), self.cache)
+
+    @torch.no_grad()
+    def step(self, token: dict) -> torch.Tensor:
+        if len(self.recent) + 1 > self.n_transit:
+            self._compress()
+        self.recent.append(token)
+        K = 0 if self.latents is None else self.latents.shape[1]
+        self.max_tokens = max(self.max_tokens, K + len(self.recent))
+        if self.use_cache:
+            if self.cache.length == 0 and self.latents is not None:  # cache was never built
+                return self.model.decode(self.latents, self._cat(self.recent), self.cache)[:, -1]
+            return self.model.decode(None, token, self.cache)[:, -1]
+        return self.model.decode(self.latents, self._cat(self.recent))[:, -1]
