@@ -1,0 +1,203 @@
+"""ADDataset (dataset.py) against the raw arrays of a tiny random-policy history file:
+standard windows, two-region samples, token-type targets, train/test streams, refusals,
+the fallback for files without markers, and DataLoader workers reading from the file."""
+import shutil
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import env as envs
+from algorithm import history
+from dataset import ADDataset
+from fixtures_history import HORIZON, N_STEPS, N_STREAM, T, build_history_file, make_cfg, read_stream
+from model.ad import IGNORE, KIND_END, KIND_START, KIND_STEP
+from utils import ConfigError, UserError
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dataset_data")
+    cfg = make_cfg(d, d / "runs")
+    return d, cfg, make_cfg(d, d / "runs", compressed=True), build_history_file(cfg)
+
+
+def expected_window(cfg, raw, a, n):
+    """The documented token fields of steps a..a+n-1 of one stream, computed from scratch."""
+    n_actions = envs.n_actions(cfg)
+    rows = []
+    for t in range(a, a + n):
+        first = t == 0
+        rows.append({"state": envs.state_index(cfg, raw["states"][t]),
+                     "prev_action": n_actions if first else raw["actions"][t - 1],
+                     "prev_reward": 0.0 if first else raw["rewards"][t - 1],
+                     "new_episode": 1 if first else int(raw["dones"][t - 1]),
+                     "action": raw["actions"][t]})
+    return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_fixture_file_is_a_valid_history(data):
+    _, cfg, _, path = data
+    header = history.read_header(path)
+    assert header["done"] == list(range(25)) and header["split"] == envs.task_split(cfg)
+    raw = read_stream(path, 0, 2)
+    assert raw["actions"].shape == (T,)
+    np.testing.assert_array_equal(raw["compress_markers"], history.compress_markers(T, N_STEPS, 1)[:, 0])
+    ends = np.flatnonzero(raw["dones"])
+    assert (ends % HORIZON == HORIZON - 1).all() and len(ends) == T // HORIZON
+    cont = ~raw["dones"][:-1]
+    np.testing.assert_array_equal(raw["states"][1:][cont], raw["next_states"][:-1][cont])
+    assert (raw["states"][1:][~cont] == 2).all()  # the reset state (centre of the 5x5 grid)
+
+
+@pytest.mark.parametrize("index", [0, 1, 160, 161, 500, -1])
+def test_standard_window_matches_the_raw_stream(data, index):
+    _, cfg, _, path = data
+    ds = ADDataset(path, cfg)
+    n = cfg["n_transit"]
+    assert ds.per_stream == T - n + 1
+    assert len(ds) == len(ds.tasks) * 3 * (T - n + 1)  # 3 train streams of 4
+    index = index % len(ds)
+    task, stream, a = ds.locate(index)
+    sample = ds[index]
+    raw = read_stream(path, task, stream)
+    want = expected_window(cfg, raw, a, n)
+    assert set(sample) == {"kind", "state", "prev_action", "prev_reward", "new_episode", "action", "next_kind"}
+    for k, v in want.items():
+        np.testing.assert_array_equal(sample[k], v, err_msg=k)
+        assert sample[k].shape == (n,)
+    assert (sample["kind"] == KIND_STEP).all() and (sample["next_kind"] == KIND_STEP).all()
+
+
+def test_first_step_of_a_stream_and_new_episode_after_dones(data):
+    _, cfg, _, path = data
+    ds = ADDataset(path, cfg)
+    n = cfg["n_transit"]
+    first = ds[0]
+    task, stream, a = ds.locate(0)
+    assert a == 0
+    assert first["prev_action"][0] == envs.n_actions(cfg)  # "no previous action"
+    assert first["new_episode"][0] == 1 and first["prev_reward"][0] == 0.0
+    raw = read_stream(path, task, stream)
+    # new_episode is 1 exactly on the step after a done (episodes of HORIZON steps)
+    for a in (0, 3, 9, 10, 57):
+        s = ds[a]  # same task and stream, window start a
+        assert ds.locate(a) == (task, stream, a)
+        want = np.array([t == 0 or bool(raw["dones"][t - 1]) for t in range(a, a + n)])
+        np.testing.assert_array_equal(s["new_episode"].astype(bool), want)
+        np.testing.assert_array_equal(s["new_episode"].astype(bool), np.arange(a, a + n) % HORIZON == 0)
+        # the prev_action of step t is the action target of step t-1
+        np.testing.assert_array_equal(s["prev_action"][1:], s["action"][:-1])
+
+
+def test_two_region_sample_layout(data):
+    _, _, ccfg, path = data
+    ds = ADDataset(path, ccfg)
+    assert ds.compressed and ds.per_stream == T // N_STEPS - 1
+    assert len(ds) == len(ds.tasks) * 3 * (T // N_STEPS - 1)
+    I = N_STEPS
+    kinds = np.array([KIND_START] + [KIND_STEP] * I + [KIND_END] + [KIND_START] + [KIND_STEP] * I + [KIND_END])
+    for index in (0, 1, 8, 9, 100, len(ds) - 1):
+        s = ds[index]
+        task, stream, pos = ds.locate(index)
+        k = pos + 1
+        np.testing.assert_array_equal(s["kind"], kinds)
+        raw = read_stream(path, task, stream)
+        steps = s["kind"] == KIND_STEP
+        prev_region, cur_region = expected_window(ccfg, raw, (k - 1) * I, I), expected_window(ccfg, raw, k * I, I)
+        for f in ("state", "prev_action", "prev_reward", "new_episode", "action"):
+            np.testing.assert_array_equal(s[f][1:1 + I], prev_region[f], err_msg=f)
+            np.testing.assert_array_equal(s[f][I + 3:2 * I + 3], cur_region[f], err_msg=f)
+        # regions are the file's rollout regions: start/end markers in compress_markers
+        assert raw["compress_markers"][(k - 1) * I] == history.MARK_START
+        assert raw["compress_markers"][(k + 1) * I - 1] == history.MARK_END
+        # action targets only on steps
+        assert (s["action"][~steps] == IGNORE).all() and (s["action"][steps] >= 0).all()
+        # token-type targets: the kind of the next token
+        next_kind = np.full(len(kinds), KIND_STEP)
+        next_kind[[I, 2 * I + 2]] = KIND_END           # last step of each region -> </compress>
+        next_kind[[0, I + 2]] = KIND_STEP              # <compress> -> a step
+        next_kind[I + 1] = KIND_START                  # </compress> -> <compress>
+        np.testing.assert_array_equal(s["next_kind"][:-1], next_kind[:-1])
+        assert s["next_kind"][-1] in (KIND_START, IGNORE)  # after the last </compress> comes a <compress>
+        np.testing.assert_array_equal(s["next_kind"][:-1], s["kind"][1:])
+
+
+def test_test_split_streams_are_disjoint_from_train_streams(data):
+    _, cfg, ccfg, path = data
+    for c in (cfg, ccfg):
+        train, test = ADDataset(path, c, part="train"), ADDataset(path, c, part="test")
+        assert test.tasks == train.tasks  # held-out streams of the same training tasks
+        train_streams = {train.locate(i)[1] for i in range(len(train))}
+        test_streams = {test.locate(i)[1] for i in range(len(test))}
+        assert train_streams == {1, 2, 3} and test_streams == {0}
+        # and the content is that stream's: the action targets of a test sample come from stream 0
+        task, stream, pos = test.locate(5)
+        raw = read_stream(path, task, 0)
+        s = test[5]
+        steps = s["kind"] == KIND_STEP
+        a = pos * N_STEPS if c["use_compressed_context"] else pos
+        np.testing.assert_array_equal(s["action"][steps], raw["actions"][a:a + steps.sum()])
+
+
+def test_training_tasks_only(data):
+    _, cfg, _, path = data
+    split = envs.task_split(cfg)
+    test_task = split.index("test")
+    train_task = split.index("train")
+    ds = ADDataset(path, cfg, task_indices=[train_task])
+    assert {ds.locate(i)[0] for i in range(len(ds))} == {train_task}
+    assert test_task not in ADDataset(path, cfg).tasks
+    with pytest.raises(UserError, match="held-out"):
+        ADDataset(path, cfg, task_indices=[train_task, test_task])
+
+
+def test_compress_interval_must_be_the_files_n_steps(data):
+    d, _, _, path = data
+    # a consistent config (compress_interval = n_steps = 10) for a file collected with n_steps = 20
+    other = make_cfg(d, d / "runs", compressed=True, extra=["n_steps=10", "compress_interval=10"])
+    with pytest.raises(ConfigError, match="compress_interval=10"):
+        ADDataset(path, other)
+
+
+def test_file_without_markers_falls_back_with_a_warning(data, tmp_path):
+    _, cfg, ccfg, path = data
+    copy = tmp_path / path.name
+    shutil.copyfile(path, copy)
+    with h5py.File(copy, "a") as f:
+        for g in f:
+            del f[g]["compress_markers"]
+    with pytest.warns(UserWarning, match=copy.name):
+        ds = ADDataset(copy, ccfg)
+    assert not ds.compressed
+    s = ds[3]
+    assert len(s["kind"]) == ccfg["n_transit"] and (s["kind"] == KIND_STEP).all()
+    task, stream, a = ds.locate(3)
+    np.testing.assert_array_equal(s["action"], read_stream(path, task, stream)["actions"][a:a + ccfg["n_transit"]])
+    # standard mode does not care about markers: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ADDataset(copy, cfg)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_workers_reading_from_the_file_give_the_same_batches(data, compressed):
+    _, cfg, ccfg, path = data
+    c = ccfg if compressed else cfg
+    lazy = ADDataset(path, c, in_memory=False)
+    assert not lazy.in_memory
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, len(lazy), 4).tolist() for _ in range(6)]
+    ref = list(DataLoader(ADDataset(path, c, in_memory=True), batch_sampler=batches, num_workers=0))
+    single = list(DataLoader(lazy, batch_sampler=batches, num_workers=0))
+    multi = list(DataLoader(ADDataset(path, c, in_memory=False), batch_sampler=batches, num_workers=2))
+    assert len(ref) == len(single) == len(multi) == 6
+    for r, s, m in zip(ref, single, multi):
+        assert r.keys() == s.keys() == m.keys()
+        for k in r:
+            assert torch.equal(r[k], s[k]) and torch.equal(r[k], m[k]), k
+    assert ref[0]["kind"].shape == (4, 2 * N_STEPS + 4 if compressed else c["n_transit"])
+    assert N_STREAM == 4

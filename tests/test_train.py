@@ -1,0 +1,267 @@
+"""train.py on a tiny random-policy history: TensorBoard tags, checkpoints, exact resume,
+refused resume and config errors (exit 2, one line), and a 2-process DDP (gloo) smoke run."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from fixtures_history import build_history_file, cli_sets, config_files, make_cfg
+from utils import run_cli, run_path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12  # train_timesteps of the tiny run (fixtures_history.MODEL_SETS)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_data")
+    build_history_file(make_cfg(d))
+    return d
+
+
+def scalars(run_dir: Path) -> dict:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def script(name, sets, *configs):
+    return [sys.executable, str(ROOT / name), *[str(c) for c in configs], "--set", *sets]
+
+
+def run_script(args, timeout=240, env=None):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=env or dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def assert_one_line_error(code, stderr, *words):
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def run_main_in_process(monkeypatch, capsys, argv) -> tuple[int, str]:
+    """train.py's command line in this process: (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *[str(a) for a in argv]])
+    capsys.readouterr()
+    code = 0
+    try:
+        run_cli(train.main)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- a tiny run
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["AD", "two_region"])
+def test_tiny_run_writes_config_checkpoint_and_tensorboard_tags(data_dir, tmp_path, compressed):
+    cfg = make_cfg(data_dir, tmp_path / "runs", compressed=compressed)
+    run_dir = train.train(cfg)
+    assert run_dir == run_path(cfg)
+    assert run_dir.name == ("AD-tworegion-darkroom-seed0" if compressed else "AD-darkroom-seed0")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == cfg
+    state = torch.load(run_dir / "ckpt-last.pt", weights_only=True)
+    assert state["step"] == STEPS and {"model", "optimizer", "torch_rng"} <= set(state)
+
+    tags = scalars(run_dir)
+    want = {"train/loss_action", "train/acc_action", "train/lr", "test/loss_action", "test/acc_action",
+            "eval/return_first", "eval/return_final"}
+    if compressed:
+        want |= {"train/loss_token_type", "train/acc_token_type", "test/loss_token_type"}
+    assert want <= set(tags), sorted(set(want) - set(tags))
+    if not compressed:
+        assert not any("token_type" in t for t in tags)
+    assert [s for s, _ in tags["train/loss_action"]] == list(range(2, STEPS + 1, 2))  # log_interval=2
+    assert [s for s, _ in tags["test/loss_action"]] == [6, 12]                      # test_interval=6
+    assert [s for s, _ in tags["eval/return_final"]] == [6, 12]                      # eval_interval=6
+    # the logged lr is the one the logged step used: warmup then cosine decay
+    for s, v in tags["train/lr"]:
+        assert v == pytest.approx(train.lr_at(s - 1, cfg), rel=1e-6)
+    assert tags["train/lr"][0][1] == pytest.approx(cfg["lr"])  # step 2 ends the 2-step warmup
+    for s, v in tags["train/loss_action"] + tags["test/loss_action"]:
+        assert 0.5 < v < 3.0  # about ln 5 for an untrained model over 5 actions
+    for s, v in tags["train/acc_action"]:
+        assert 0.0 <= v <= 1.0
+    for s, v in tags["eval/return_first"] + tags["eval/return_final"]:
+        assert 0.0 <= v <= cfg["horizon"]
+
+
+def test_learning_rate_schedule():
+    cfg = {"lr": 1e-3, "warmup_steps": 10, "train_timesteps": 110}
+    assert train.lr_at(0, cfg) == pytest.approx(1e-4)
+    assert train.lr_at(9, cfg) == pytest.approx(1e-3)
+    assert train.lr_at(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.45))
+    assert train.lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+def test_step_batches_are_a_pure_function_of_seed_rank_and_step():
+    whole = list(train.StepBatches(1000, 4, seed=3, rank=0, start=0, stop=10))
+    assert list(train.StepBatches(1000, 4, seed=3, rank=0, start=6, stop=10)) == whole[6:]
+    assert list(train.StepBatches(1000, 4, seed=3, rank=1, start=0, stop=10)) != whole
+    assert all(len(b) == 4 and all(0 <= i < 1000 for i in b) for b in whole)
+
+
+# ----------------------------------------------------------------------------- resume
+
+class Killed(Exception):
+    pass
+
+
+def interrupted_then_resumed(monkeypatch, cfg, kill_at_step):
+    """Run until `kill_at_step` steps are done (the last checkpoint is older), die, rerun."""
+    real_lr_at = train.lr_at
+
+    def dying_lr_at(step, c):
+        if step == kill_at_step:
+            raise Killed
+        return real_lr_at(step, c)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "lr_at", dying_lr_at)
+        with pytest.raises(Killed):
+            train.train(cfg)
+    ckpt = torch.load(run_path(cfg) / "ckpt-last.pt", weights_only=True)
+    assert 0 < ckpt["step"] < kill_at_step  # the rerun must redo some steps
+    train.train(cfg)
+    return torch.load(run_path(cfg) / "ckpt-last.pt", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a["step"] == b["step"] == STEPS
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, sa in a["optimizer"]["state"].items():
+        sb = b["optimizer"]["state"][pid]
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (pid, k)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["AD", "two_region"])
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(data_dir, tmp_path, monkeypatch, compressed):
+    cfg_a = make_cfg(data_dir, tmp_path / "A", compressed=compressed)
+    cfg_b = make_cfg(data_dir, tmp_path / "B", compressed=compressed)
+    train.train(cfg_a)
+    a = torch.load(run_path(cfg_a) / "ckpt-last.pt", weights_only=True)
+    b = interrupted_then_resumed(monkeypatch, cfg_b, kill_at_step=STEPS // 2)  # last checkpoint: step 4
+    assert_same_state(a, b)
+    # the check is not vacuous: the run moved the parameters away from their initialisation
+    torch.manual_seed(cfg_a["seed"])
+    init = train.build(cfg_a, 25, 5).state_dict()
+    assert any(not torch.equal(init[k], a["model"][k]) for k in init)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG train.py: iter(DataLoader) draws its base seed from the global "
+                   "torch RNG; a resumed run does that right after torch.set_rng_state (the uninterrupted run did "
+                   "it at step 0), so with dropout > 0 the dropout masks after the resume differ. Fix: give the "
+                   "DataLoaders their own generator=torch.Generator() (or restore the RNG after iter(loader))")
+def test_resume_is_exact_with_dropout(data_dir, tmp_path, monkeypatch):
+    extra = ["tf_dropout=0.2"]
+    cfg_a = make_cfg(data_dir, tmp_path / "A", extra=extra)
+    cfg_b = make_cfg(data_dir, tmp_path / "B", extra=extra)
+    train.train(cfg_a)
+    a = torch.load(run_path(cfg_a) / "ckpt-last.pt", weights_only=True)
+    b = interrupted_then_resumed(monkeypatch, cfg_b, kill_at_step=STEPS // 2)
+    assert_same_state(a, b)
+
+
+def test_finished_run_is_not_retrained_and_free_keys_may_change(data_dir, tmp_path, capsys):
+    cfg = make_cfg(data_dir, tmp_path / "runs")
+    train.train(cfg)
+    ckpt = run_path(cfg) / "ckpt-last.pt"
+    before = ckpt.stat().st_mtime_ns
+    capsys.readouterr()
+    # where/how-often keys (RESUME_FREE_KEYS) may differ on a rerun
+    train.train(make_cfg(data_dir, tmp_path / "runs", extra=["log_interval=3", "eval_interval=0"]))
+    assert "already finished" in capsys.readouterr().out
+    assert ckpt.stat().st_mtime_ns == before
+
+
+def test_resume_with_another_config_is_refused(data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    cfg = make_cfg(data_dir, runs, extra=["train_timesteps=4", "eval_interval=0"])
+    train.train(cfg)
+    ckpt = run_path(cfg) / "ckpt-last.pt"
+    before = ckpt.read_bytes()
+    proc = run_script(script("train.py", cli_sets(data_dir, runs, extra=["train_timesteps=4", "eval_interval=0",
+                                                                          "lr=0.002"]), *config_files()))
+    assert_one_line_error(proc.returncode, proc.stderr, "lr=0.001", "0.002", str(run_path(cfg)))
+    assert ckpt.read_bytes() == before
+
+
+@pytest.mark.xfail(strict=True, raises=OSError, reason="BUG train.py:151: torch.load of a damaged (truncated) "
+                   "ckpt-last.pt on resume raises OSError/RuntimeError uncaught: a raw traceback instead of exit 2")
+def test_damaged_checkpoint_on_resume_exits_2(data_dir, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    sets = cli_sets(data_dir, runs, extra=["train_timesteps=4", "eval_interval=0"])
+    code, err = run_main_in_process(monkeypatch, capsys, [*config_files(), "--set", *sets])
+    assert code == 0, err
+    ckpt = runs / "AD-darkroom-seed0" / "ckpt-last.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    code, err = run_main_in_process(monkeypatch, capsys, [*config_files(), "--set", *sets])
+    assert_one_line_error(code, err, "ckpt-last.pt")
+
+
+# ----------------------------------------------------------------------------- config errors
+
+def test_two_region_context_shorter_than_two_regions_exits_2(data_dir, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    code, err = run_main_in_process(monkeypatch, capsys, [*config_files(True), "--set",
+                                                          *cli_sets(data_dir, runs, True, extra=["n_transit=39"])])
+    assert_one_line_error(code, err, "n_transit=39", "40")
+    assert not runs.exists()  # stopped before any work
+
+
+def test_unknown_key_exits_2(data_dir, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    code, err = run_main_in_process(monkeypatch, capsys, [*config_files(), "--set",
+                                                          *cli_sets(data_dir, runs, extra=["n_trnsit=40"])])
+    assert_one_line_error(code, err, "n_trnsit", "n_transit")
+    assert not runs.exists()
+
+
+def test_compress_interval_other_than_the_files_n_steps_exits_2(data_dir, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    code, err = run_main_in_process(monkeypatch, capsys, [*config_files(True), "--set", *cli_sets(
+        data_dir, runs, True, extra=["n_steps=10", "compress_interval=10", "n_transit=20"])])
+    assert code == 2 and "compress_interval=10" in err and "n_steps=20" in err, err
+    assert not (runs / "AD-tworegion-darkroom-seed0" / "ckpt-last.pt").exists()
+
+
+def test_missing_dataset_exits_2(tmp_path, monkeypatch, capsys):
+    code, err = run_main_in_process(monkeypatch, capsys, [*config_files(), "--set",
+                                                          *cli_sets(tmp_path / "nodata", tmp_path / "runs")])
+    assert_one_line_error(code, err, "dataset not found", "collect.py")
+
+
+# ----------------------------------------------------------------------------- DDP
+
+def test_ddp_two_processes_gloo_on_cpu(data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    sets = cli_sets(data_dir, runs, extra=["train_timesteps=4", "ckpt_interval=2", "eval_interval=2",
+                                           "test_interval=2"])
+    proc = run_script([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+                       *[str(c) for c in config_files()], "--set", *sets], timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    run_dir = runs / "AD-darkroom-seed0"
+    state = torch.load(run_dir / "ckpt-last.pt", weights_only=True)
+    assert state["step"] == 4
+    assert "world size 2" in proc.stdout + proc.stderr
+    tags = scalars(run_dir)
+    assert [s for s, _ in tags["train/loss_action"]] == [2, 4]
+    assert all(math.isfinite(v) for _, v in tags["train/loss_action"])
+    assert np.isfinite(np.concatenate([v.flatten().numpy() for v in state["model"].values()])).all()
