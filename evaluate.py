@@ -9,6 +9,7 @@ columns = episodes), eval_summary.json, eval_curve.png (with the source PPO curv
 same tasks and the optimal return) and TensorBoard scalars under eval_curve/.
 """
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def load_run(run_dir: Path, overrides: dict):
     try:
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError, EOFError) as e:
+    except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
         raise UserError(f"{ckpt} does not fit the run's config ({str(e).splitlines()[0][:200]}); was the "
                         "model changed with --set, or the file damaged? retrain or drop the --set") from None
     return cfg, model, state.get("step", 0)

@@ -12,6 +12,7 @@ parameters as a run that was never interrupted (on CPU).
 """
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -76,7 +77,10 @@ def count_targets(batch: dict) -> int:
 def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
     """Training and held-out-stream loaders; batches depend only on (seed, rank, step)."""
     path, bs, workers = dataset_path(cfg), cfg["train_batch_size"], cfg["num_workers"]
-    common = {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0}
+    # own generator: iterating a DataLoader draws a seed, which must not shift the global
+    # RNG (dropout) differently in a resumed run than in an uninterrupted one
+    common = {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0,
+              "generator": torch.Generator()}
     if cfg["model"] == "CompressedAD":
         train_set = CompressedADDataset(path, cfg, part="train")
         test_set = CompressedADDataset(path, cfg, part="test", in_memory=True)
@@ -85,13 +89,15 @@ def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
         test_batches = BucketBatches(BucketSampler(test_set, bs, seed=cfg["seed"] + 1), 0, 4)
         return (train_set,
                 DataLoader(train_set, batch_sampler=train_batches, collate_fn=collate_compressed_batch, **common),
-                DataLoader(test_set, batch_sampler=test_batches, collate_fn=collate_compressed_batch))
+                DataLoader(test_set, batch_sampler=test_batches, collate_fn=collate_compressed_batch,
+                           generator=torch.Generator()))
     train_set = ADDataset(path, cfg, part="train")
     test_set = ADDataset(path, cfg, part="test", in_memory=True)
     return (train_set,
             DataLoader(train_set, batch_sampler=StepBatches(len(train_set), bs, cfg["seed"], rank, start,
                                                             cfg["train_timesteps"]), **common),
-            DataLoader(test_set, batch_sampler=StepBatches(len(test_set), bs, cfg["seed"] + 1, 0, 0, 4)))
+            DataLoader(test_set, batch_sampler=StepBatches(len(test_set), bs, cfg["seed"] + 1, 0, 0, 4),
+                       generator=torch.Generator()))
 
 
 def check_resumable(run_dir: Path, cfg: dict):
@@ -148,9 +154,13 @@ def train(cfg: dict):
     start = 0
     if ckpt.exists():
         check_resumable(run_dir, cfg)
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            state = torch.load(ckpt, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+            raise UserError(f"cannot resume from {ckpt} ({str(e).splitlines()[0][:160]}): the file is "
+                            "damaged or from another model; move it away to start over") from None
         start = state["step"]
         torch.set_rng_state(state["torch_rng"])
     if rank == 0:

@@ -292,9 +292,6 @@ def test_checkpoint_that_does_not_fit_exits_2(trained):
     assert_one_line_error(proc.returncode, proc.stderr, "ckpt-last.pt", "does not fit")
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason="BUG evaluate.py load_run: torch.load of a truncated "
-                   "checkpoint raises OSError (Errno 22), which is not caught (only RuntimeError, KeyError, "
-                   "EOFError), so a damaged ckpt-last.pt ends in a raw traceback instead of exit 2")
 def test_damaged_checkpoint_exits_2(trained, tmp_path, monkeypatch, capsys):
     run = tmp_path / "AD-darkroom-seed0"
     run.mkdir()

@@ -163,10 +163,6 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(data_dir, tmp_
     assert any(not torch.equal(init[k], a["model"][k]) for k in init)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG train.py: iter(DataLoader) draws its base seed from the global "
-                   "torch RNG; a resumed run does that right after torch.set_rng_state (the uninterrupted run did "
-                   "it at step 0), so with dropout > 0 the dropout masks after the resume differ. Fix: give the "
-                   "DataLoaders their own generator=torch.Generator() (or restore the RNG after iter(loader))")
 def test_resume_is_exact_with_dropout(data_dir, tmp_path, monkeypatch):
     extra = ["tf_dropout=0.2"]
     cfg_a = make_cfg(data_dir, tmp_path / "A", extra=extra)
@@ -201,8 +197,6 @@ def test_resume_with_another_config_is_refused(data_dir, tmp_path):
     assert ckpt.read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason="BUG train.py:151: torch.load of a damaged (truncated) "
-                   "ckpt-last.pt on resume raises OSError/RuntimeError uncaught: a raw traceback instead of exit 2")
 def test_damaged_checkpoint_on_resume_exits_2(data_dir, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     sets = cli_sets(data_dir, runs, extra=["train_timesteps=4", "eval_interval=0"])
