@@ -291,6 +291,10 @@ class BucketBatches:
         while step < self.stop:
             self.sampler.set_epoch(epoch)
             batches = self.sampler._epoch_batches()
+            if not batches:
+                raise UserError(f"rank {self.sampler.rank} gets no batch: an epoch has fewer batches than "
+                                f"world_size={self.sampler.world_size}; use a smaller train_batch_size or "
+                                "fewer processes")
             if step + len(batches) <= self.start:  # this epoch was done before the resume
                 step += len(batches)
             else:

@@ -358,8 +358,6 @@ class LoopGuard(Exception):
     pass
 
 
-@pytest.mark.xfail(strict=True, reason="BucketBatches.__iter__ (dataset.py) loops forever without yielding "
-                   "when the sampler gives this rank no batch in an epoch (world_size > batches per epoch)")
 def test_bucket_batches_with_no_batch_for_this_rank_stop_with_an_error(data, monkeypatch):
     _, cfg, path, train_tasks = data
     ds = CompressedADDataset(path, cfg, task_indices=train_tasks[:1])
