@@ -65,6 +65,9 @@ SCHEMA: dict[str, Key] = {
         compress_interval=(int, 80, "steps per compression region; must equal the n_steps the data "
                            "was collected with", {"min": 1}),
         token_type_loss_weight=(float, 0.1, "weight of the token-type loss in compressed mode", {"min": 0.0}),
+        state_embedding=(str, "factored", "'factored': sum of per-coordinate embeddings (generalises to "
+                         "held-out goal cells); 'cell': one learned vector per grid cell",
+                         {"choices": ("factored", "cell")}),
         tf_n_embd=(int, 64, "transformer width", {"min": 8}),
         tf_n_layer=(int, 4, "transformer layers", {"min": 1}),
         tf_n_head=(int, 4, "attention heads", {"min": 1}),

@@ -72,9 +72,8 @@ def n_state_tokens(cfg: dict) -> int:
 
 
 def state_index(cfg: dict, states: np.ndarray) -> np.ndarray:
-    """(..., state_dim) grid states -> (...) int64 index in [0, n_state_tokens): the model
-    embeds each cell (and key flag) with its own vector, which makes "the cell where the
-    reward was" directly comparable by attention."""
+    """(..., state_dim) grid states -> (...) int64 mixed-radix index in [0, n_state_tokens);
+    the model embeds it per cell or per coordinate (config key state_embedding)."""
     index = np.zeros(states.shape[:-1], dtype=np.int64)
     for d, card in enumerate(state_cardinalities(cfg)):
         index = index * card + states[..., d].astype(np.int64)

@@ -36,11 +36,19 @@ class ModelConfig:
     n_head: int = 4
     dropout: float = 0.0
     compressed: bool = False  # two-region context with marker tokens and a token-type head
+    # factored state embedding: the state index is mixed-radix over these per-dimension
+    # cardinalities and each dimension has its own table (empty: one vector per state)
+    state_cardinalities: tuple = ()
 
     @classmethod
     def from_config(cls, cfg: dict, n_state_tokens: int, n_actions: int) -> "ModelConfig":
+        cards = ()
+        if cfg["state_embedding"] == "factored":
+            import env as envs
+            cards = tuple(envs.state_cardinalities(cfg))
+            assert math.prod(cards) == n_state_tokens, (cards, n_state_tokens)
         return cls(n_state_tokens, n_actions, cfg["tf_n_embd"], cfg["tf_n_layer"], cfg["tf_n_head"],
-                   cfg["tf_dropout"], cfg["use_compressed_context"])
+                   cfg["tf_dropout"], cfg["use_compressed_context"], cards)
 
 
 def rotate(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -147,7 +155,11 @@ class AD(nn.Module):
         super().__init__()
         self.config = c
         E = c.n_embd
-        self.state_emb = nn.Embedding(c.n_state_tokens, E)
+        cards = c.state_cardinalities
+        self.state_emb = nn.Embedding(sum(cards) if cards else c.n_state_tokens, E)
+        # first row of each dimension's block in state_emb
+        self.register_buffer("state_offsets", torch.tensor([sum(cards[:d]) for d in range(len(cards))]),
+                             persistent=False)
         self.prev_action_emb = nn.Embedding(c.n_actions + 1, E)  # + "no previous action"
         self.reward_emb = nn.Linear(1, E)
         self.new_episode_emb = nn.Embedding(2, E)
@@ -168,8 +180,20 @@ class AD(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
+    def embed_state(self, index: torch.Tensor) -> torch.Tensor:
+        """Cell embedding, or the sum of per-coordinate embeddings (factored): then a
+        held-out goal cell is made of coordinates that training goals had too."""
+        cards = self.config.state_cardinalities
+        if not cards:
+            return self.state_emb(index)
+        x = 0
+        for d in reversed(range(len(cards))):
+            x = x + self.state_emb(index % cards[d] + self.state_offsets[d])
+            index = index // cards[d]
+        return x
+
     def embed(self, t: dict) -> torch.Tensor:
-        x = (self.state_emb(t["state"]) + self.prev_action_emb(t["prev_action"])
+        x = (self.embed_state(t["state"]) + self.prev_action_emb(t["prev_action"])
              + self.reward_emb(t["prev_reward"].unsqueeze(-1).to(self.reward_emb.weight.dtype))
              + self.new_episode_emb(t["new_episode"]))
         if self.config.compressed:

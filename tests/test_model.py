@@ -299,3 +299,19 @@ def test_model_config_from_config(data):
     c = ModelConfig.from_config(cfgs["two_region"], 25, 5)
     assert (c.n_embd, c.n_layer, c.n_head, c.compressed) == (16, 1, 2, True)
     assert {KIND_STEP, KIND_START, KIND_END} == {0, 1, 2}
+
+
+def test_factored_state_embedding_sums_per_coordinate_vectors():
+    """state_embedding=factored: the embedding of cell (x, y) is row x of the x block plus
+    row y of the y block, so two cells that share a coordinate share that part."""
+    from utils import load_config
+    cfg = load_config([], {"grid_size": 5, "state_embedding": "factored"})
+    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+    states = np.array([[1, 3], [4, 0], [1, 0]])
+    index = torch.as_tensor(envs.state_index(cfg, states))
+    got = model.embed_state(index)
+    table = model.state_emb.weight
+    want = torch.stack([table[x] + table[5 + y] for x, y in states])
+    torch.testing.assert_close(got, want)
+    cell = build(load_config([], {"grid_size": 5, "state_embedding": "cell"}), 25, 5)
+    assert cell.state_emb.weight.shape[0] == 25
