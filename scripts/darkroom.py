@@ -25,8 +25,9 @@ VARIANTS = {  # name: (model config, run-name prefix)
 # --set overrides per size; the model configs hold the CPU defaults
 SIZES = {
     "cpu": {"collect": [], "train": [], "evaluate": []},
-    "full": {"collect": [], "train": ["tf_n_embd=128", "tf_n_layer=4", "tf_n_head=4", "train_batch_size=128",
-                                      "train_timesteps=20000", "lr=5.0e-4", "num_workers=4"],
+    "full": {"collect": [], "train": ["tf_n_embd=128", "tf_n_layer=4", "tf_n_head=4", "train_batch_size=64",
+                                      "train_timesteps=20000", "lr=5.0e-4", "warmup_steps=500",
+                                      "eval_interval=2000", "num_workers=4"],
              "evaluate": []},
 }
 
