@@ -31,7 +31,7 @@ from utils import (UserError, config_arg_parser, dataset_path, load_config, pars
                    run_cli, run_path, save_config, seed_everything)
 
 # Keys that may differ when resuming: they change where and how fast, not what is learned.
-RESUME_FREE_KEYS = ("device", "num_workers", "log_interval", "test_interval", "eval_interval",
+RESUME_FREE_KEYS = ("device", "cpu_threads", "num_workers", "log_interval", "test_interval", "eval_interval",
                     "ckpt_interval", "dataset_dir", "run_dir", "eval_episodes", "eval_rollouts",
                     "eval_split", "eval_tasks", "eval_greedy", "eval_markers", "eval_seed", "n_process",
                     "backend", "task_chunk")
@@ -143,6 +143,8 @@ def setup_distributed():
 def train(cfg: dict):
     rank, world = setup_distributed()
     device = pick_device(cfg["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(cfg["cpu_threads"])
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     seed_everything(cfg["seed"])
