@@ -1,0 +1,142 @@
+"""Collection speed: the batched PPO backend against the Stable-Baselines3 reference.
+
+    python bench/collect.py                      # full size: ~10 min on 2 CPU cores
+    python bench/collect.py --rollouts 4         # quicker: 4 of the 13 rollouts, extrapolated
+    python bench/collect.py --skip-sb3 --k2d-tasks 0
+
+Prints one JSON object per result:
+- `backend: sb3` and `backend: batched`: env-steps/s of each on darkroom with the default
+  settings (100 streams, n_steps 80, batch 40, 20 epochs), measured in this run; SB3 on
+  --sb3-tasks tasks with the config's n_process workers, batched on --batched-tasks
+  tasks (the same first tasks, and more);
+- `result: full_darkroom_estimate`: wall time of the full default darkroom dataset (81
+  tasks x 100 streams x 1040 steps) with the batched backend, from this measurement;
+- `result: speedup`: batched over SB3 env-steps/s (same run, same machine), both as in a
+  full-length run (see below);
+- `backend: batched, env: dark_key_to_door`: the same measurement on Dark Key-to-Door
+  (default 9x9 settings: n_steps 100, batch 50, 20 epochs) for --k2d-tasks tasks, and an
+  estimate for its full dataset (6561 tasks) trained in chunks of that size.
+
+With --rollouts R < the full count, R rollouts are timed and the full time is
+extrapolated per trained rollout: the batched backend does not train after its last
+rollout (the update could not change the history), so a short run of it trains a
+smaller share of its rollouts than a full one; SB3 trains after every rollout, so its
+rate does not depend on the length.
+Each record carries the 1-minute load average: other processes on the machine slow
+both backends, the batched one (two busy worker threads) the most.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import env as envs  # noqa: E402
+from algorithm import batched_ppo, history, sb3_ppo  # noqa: E402
+from utils import load_config, pick_device  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"darkroom": [ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"],
+           "dark_key_to_door": [ROOT / "config/algorithm/ppo_dark_key_to_door.yaml",
+                                ROOT / "config/env/dark_key_to_door.yaml"]}
+
+
+def config(env: str, rollouts: int | None, overrides: dict) -> dict:
+    cfg = load_config(CONFIGS[env], overrides)
+    if rollouts:
+        cfg["total_source_timesteps"] = rollouts * cfg["n_steps"] * cfg["n_stream"]
+    return cfg
+
+
+def timed_collect(backend, cfg: dict, indices: list[int]) -> dict:
+    """Run one backend's collect() on the tasks; histories are dropped, not written."""
+    steps = 0
+
+    def progress(n_tasks, n_env_steps):
+        nonlocal steps
+        steps += n_env_steps
+
+    start = time.perf_counter()
+    backend.collect(cfg, indices, envs.task_list(cfg), lambda results: None, progress)
+    seconds = time.perf_counter() - start
+    return {"tasks": len(indices), "n_stream": cfg["n_stream"], "rollouts": history.n_rollouts(cfg),
+            "env_steps": steps, "seconds": round(seconds, 2), "env_steps_per_s": round(steps / seconds),
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def full_estimate(measured: dict, cfg_full: dict, n_tasks_full: int) -> float:
+    """Seconds for all tasks at full length, scaling the measured time per trained rollout
+    (the last rollout is never trained) and per chunk of the measured size."""
+    full_rollouts = history.n_rollouts(cfg_full)
+    per_chunk = measured["seconds"] * max(1, full_rollouts - 1) / max(1, measured["rollouts"] - 1)
+    return per_chunk * n_tasks_full / measured["tasks"]
+
+
+def emit(record: dict):
+    print(json.dumps(record), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--sb3-tasks", type=int, default=2, help="darkroom tasks for SB3 (default 2)")
+    parser.add_argument("--batched-tasks", type=int, default=81, help="darkroom tasks for batched (default 81)")
+    parser.add_argument("--rollouts", type=int, default=0,
+                        help="PPO rollouts to time per backend (default 0: the full 13)")
+    parser.add_argument("--n-stream", type=int, default=100, help="streams per task (default 100)")
+    parser.add_argument("--k2d-tasks", type=int, default=81,
+                        help="Dark Key-to-Door tasks for batched (default 81; 0 skips it)")
+    parser.add_argument("--k2d-rollouts", type=int, default=3, help="Dark Key-to-Door rollouts to time (default 3)")
+    parser.add_argument("--skip-sb3", action="store_true", help="only measure the batched backend")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args()
+
+    common = {"n_stream": args.n_stream, "device": args.device}
+    device = pick_device(args.device)
+    info = {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    dark = config("darkroom", args.rollouts, common)
+    dark_full = load_config(CONFIGS["darkroom"], {"device": args.device})
+
+    sb3 = None
+    if not args.skip_sb3:
+        sb3 = {"backend": "sb3", "env": "darkroom", "n_process": dark["n_process"],
+               **timed_collect(sb3_ppo, dark, list(range(args.sb3_tasks))), **info}
+        emit(sb3)
+    batched = {"backend": "batched", "env": "darkroom", "workers": batched_ppo.n_workers(dark, device),
+               **timed_collect(batched_ppo, dark, list(range(args.batched_tasks))), **info}
+    emit(batched)
+    # both rates as in a full-length run of the measured tasks
+    full_length = {**dark, "total_source_timesteps": dark_full["total_source_timesteps"]}
+    batched_full_rate = (args.batched_tasks * history.steps_per_stream(full_length) * dark["n_stream"]
+                         / full_estimate(batched, full_length, args.batched_tasks))
+    if args.n_stream == dark_full["n_stream"]:
+        seconds = full_estimate(batched, dark_full, len(envs.task_list(dark_full)))
+        emit({"result": "full_darkroom_estimate", "tasks": len(envs.task_list(dark_full)),
+              "n_stream": dark_full["n_stream"], "steps_per_stream": history.steps_per_stream(dark_full),
+              "seconds": round(seconds), "minutes": round(seconds / 60, 1),
+              "measured_rollouts": batched["rollouts"], "full_rollouts": history.n_rollouts(dark_full)})
+    if sb3 is not None:
+        emit({"result": "speedup", "env": "darkroom",
+              "batched_over_sb3": round(batched_full_rate / sb3["env_steps_per_s"], 1),
+              "sb3_env_steps_per_s": sb3["env_steps_per_s"],
+              "batched_env_steps_per_s_full_run": round(batched_full_rate)})
+
+    if args.k2d_tasks:
+        k2d = config("dark_key_to_door", args.k2d_rollouts, common)
+        k2d_full = load_config(CONFIGS["dark_key_to_door"], {"device": args.device})
+        measured = timed_collect(batched_ppo, k2d, list(range(args.k2d_tasks)))
+        n_full = len(envs.task_list(k2d_full))
+        seconds = full_estimate(measured, k2d_full, n_full)
+        emit({"backend": "batched", "env": "dark_key_to_door", "grid_size": k2d["grid_size"],
+              "horizon": k2d["horizon"], "n_steps": k2d["n_steps"], "batch_size": k2d["batch_size"],
+              **measured, "full_dataset_tasks": n_full, "full_dataset_estimate_hours": round(seconds / 3600, 1),
+              **info})
+
+
+if __name__ == "__main__":
+    main()
