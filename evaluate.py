@@ -105,7 +105,7 @@ def summarize(cfg, task_indices, returns, stats, elapsed, ppo_curve) -> dict:
         "episodes_to_80pct": episodes_to_fraction(curve, optimal.mean()),
         "ppo_episodes_to_80pct": None if ppo_curve is None else episodes_to_fraction(ppo_curve, optimal.mean()),
         "max_context_tokens": int(stats["max_context_tokens"]), "steps_per_second": steps / elapsed,
-        "greedy": cfg["eval_greedy"], "seed": cfg["eval_seed"], "per_task": per_task,
+        "greedy": cfg["eval_greedy"], "temperature": cfg["eval_temperature"], "seed": cfg["eval_seed"], "per_task": per_task,
         **{k: v for k, v in stats.items() if k != "max_context_tokens"},
     }
     return summary

@@ -27,14 +27,15 @@ import env as envs
 from dataset import ADDataset, BucketBatches, BucketSampler, CompressedADDataset, collate_compressed_batch
 from model import build
 from model.rollout import rollout
+from config.schema import SCHEMA
 from utils import (UserError, config_arg_parser, dataset_path, load_config, parse_set, pick_device,
                    run_cli, run_path, save_config, seed_everything)
 
-# Keys that may differ when resuming: they change where and how fast, not what is learned.
-RESUME_FREE_KEYS = ("device", "cpu_threads", "num_workers", "log_interval", "test_interval", "eval_interval",
-                    "ckpt_interval", "dataset_dir", "run_dir", "eval_episodes", "eval_rollouts",
-                    "eval_split", "eval_tasks", "eval_greedy", "eval_markers", "eval_seed", "n_process",
-                    "backend", "task_chunk")
+# Keys that may differ when resuming: they change where and how fast, or how the run is
+# evaluated, not what is learned.
+RESUME_FREE_KEYS = tuple(k for k, spec in SCHEMA.items() if spec.section in ("evaluation", "run")) + (
+    "num_workers", "log_interval", "test_interval", "eval_interval", "ckpt_interval", "n_process",
+    "backend", "task_chunk")
 
 
 def lr_at(step: int, cfg: dict) -> float:

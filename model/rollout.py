@@ -136,12 +136,12 @@ def make_policy_context(model, cfg: dict, batch: int, device, use_cache: bool = 
     return ctx, SlidingWindow(ctx, cfg["n_transit"], max(1, cfg["n_transit"] // 4))
 
 
-def sample_actions(logits: torch.Tensor, uniforms: np.ndarray, greedy: bool) -> np.ndarray:
+def sample_actions(logits: torch.Tensor, uniforms: np.ndarray, greedy: bool, temperature: float = 1.0) -> np.ndarray:
     """Inverse-CDF sampling from pre-drawn uniforms: the same seed gives the same actions
     on any device, and logits that differ only by rounding give the same actions."""
     if greedy:
         return logits.argmax(-1).cpu().numpy()
-    cdf = torch.softmax(logits.float(), -1).cumsum(-1).cpu().numpy()
+    cdf = torch.softmax(logits.float() / temperature, -1).cumsum(-1).cpu().numpy()
     actions = (cdf < uniforms[:, None] * cdf[:, -1:]).sum(-1)
     return np.minimum(actions, logits.shape[-1] - 1)
 
@@ -192,7 +192,7 @@ def _rollout(model, cfg, task_indices, n_episodes, n_rollouts, seed, greedy, use
             token = {k: torch.as_tensor(np.asarray(v), device=device)[:, None] for k, v in token.items()}
             token["prev_reward"] = token["prev_reward"].float()
             logits = policy.step(token)
-            actions = sample_actions(logits, rng.random(B), greedy)
+            actions = sample_actions(logits, rng.random(B), greedy, cfg["eval_temperature"])
             states, rewards, dones = env.step(actions)
             returns[:, ep] += rewards
             prev_action, prev_reward, new_episode = actions, rewards, dones.astype(np.int64)

@@ -586,8 +586,8 @@ def recorded_rollout(monkeypatch, model, cfg, use_cache, n_episodes, n_rollouts=
     """rollout() plus the logits and actions of every step, and the LatentMemory used."""
     logits_log, actions_log, memories = [], [], []
 
-    def recording(logits, uniforms, greedy):
-        actions = sample_actions(logits, uniforms, greedy)
+    def recording(logits, uniforms, greedy, temperature=1.0):
+        actions = sample_actions(logits, uniforms, greedy, temperature)
         logits_log.append(logits.clone())
         actions_log.append(actions.copy())
         return actions

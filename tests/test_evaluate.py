@@ -59,8 +59,8 @@ def recorded_rollout(monkeypatch, model, cfg, use_cache, n_episodes=8, n_rollout
     """rollout() plus the logits and actions of every step."""
     logits_log, actions_log = [], []
 
-    def recording(logits, uniforms, greedy):
-        actions = sample_actions(logits, uniforms, greedy)
+    def recording(logits, uniforms, greedy, temperature=1.0):
+        actions = sample_actions(logits, uniforms, greedy, temperature)
         logits_log.append(logits.clone())
         actions_log.append(actions.copy())
         return actions
@@ -305,3 +305,13 @@ def test_damaged_checkpoint_exits_2(trained, tmp_path, monkeypatch, capsys):
 def test_run_dir_of_train_matches_evaluate(trained, data_dir):
     cfg = make_cfg(data_dir, trained["AD"].parent, extra=["eval_interval=0"])
     assert run_path(cfg) == trained["AD"]
+
+
+def test_temperature_sharpens_sampling():
+    """softmax(logits / T): at T=0.5 the probabilities are p^2 renormalised, so the same
+    uniforms pick the likely action more often."""
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4, 1e-9]] * 5))
+    u = np.array([0.05, 0.15, 0.35, 0.65, 0.999])
+    # p^2 / sum = [1, 4, 9, 16] / 30 -> cdf [0.033, 0.167, 0.467, 1.0]
+    np.testing.assert_array_equal(sample_actions(logits, u, False, temperature=0.5), [1, 1, 2, 3, 3])
+    np.testing.assert_array_equal(sample_actions(logits, u, False, temperature=1.0), [0, 1, 2, 3, 3])
