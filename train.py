@@ -10,6 +10,7 @@ TensorBoard events (train/, test/ and eval/ tags). Rerunning the same command re
 from the checkpoint (model, optimiser, schedule, step, RNG) and ends with the same
 parameters as a run that was never interrupted (on CPU).
 """
+import json
 import math
 import os
 import pickle
@@ -131,6 +132,21 @@ def test_losses(model, loader, device, autocast) -> dict:
     return {k: v / n for k, v in sums.items()}
 
 
+def hardware(device, world: int) -> str:
+    if device.type == "cuda":
+        return f"{world} x {torch.cuda.get_device_name(device)}"
+    return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s) x {world} process(es)"
+
+
+def record_training_time(run_dir: Path, steps: int, seconds: float, device, world: int):
+    """train_summary.json: wall time summed over the sessions of a run (resumes add up)."""
+    path = run_dir / "train_summary.json"
+    old = json.loads(path.read_text()) if path.exists() else {"steps": 0, "seconds": 0.0}
+    summary = {"steps": old["steps"] + steps, "seconds": old["seconds"] + seconds,
+               "hardware": hardware(device, world)}
+    path.write_text(json.dumps(summary, indent=1))
+
+
 def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1
@@ -222,7 +238,9 @@ def train(cfg: dict):
     bar.close()
     if rank == 0:
         writer.close()
-        print(f"done: {step} steps in {time.perf_counter() - tic:.0f}s -> {ckpt}")
+        seconds = time.perf_counter() - tic
+        record_training_time(run_dir, step - start, seconds, device, world)
+        print(f"done: {step} steps in {seconds:.0f}s -> {ckpt}")
     if world > 1:
         dist.destroy_process_group()
     return run_dir

@@ -45,12 +45,12 @@ def with_set(values: list[str]) -> list[str]:
 
 def result_table(rows: list[dict]) -> str:
     lines = ["| variant | seeds | final return | % of optimal | first-episode return | episodes to 80% "
-             "| PPO episodes to 80% | context tokens | train time / run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| PPO episodes to 80% | context tokens | train time / run | hardware |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['final']:.2f} | {100 * r['fraction']:.0f}% | "
                      f"{r['first']:.2f} | {r['episodes_to_80']} | {r['ppo_episodes_to_80']} | {r['context']} | "
-                     f"{r['train_seconds'] / 60:.1f} min |")
+                     f"{r['train_seconds'] / 60:.1f} min | {r['hardware']} |")
     return "\n".join(lines)
 
 
@@ -66,13 +66,14 @@ def main():
     rows, runs = [], []
     for variant in args.variants:
         model_cfg, prefix = VARIANTS[variant]
-        summaries, train_seconds = [], []
+        summaries, trainings = [], []
         for seed in args.seeds:
             overrides = size["train"] + [f"seed={seed}"] + args.set
-            train_seconds.append(run(["train.py", ALG, ENV, model_cfg, *with_set(overrides)]))
+            run(["train.py", ALG, ENV, model_cfg, *with_set(overrides)])
             run_dir = f"runs/{prefix}-darkroom-seed{seed}"
             run(["evaluate.py", run_dir, *with_set(size["evaluate"] + args.set)])
             summaries.append(json.loads((ROOT / run_dir / "eval_summary.json").read_text()))
+            trainings.append(json.loads((ROOT / run_dir / "train_summary.json").read_text()))
             runs.append(run_dir)
         mean = lambda k: sum(s[k] for s in summaries) / len(summaries)  # noqa: E731
         rows.append({"variant": variant, "seeds": len(summaries), "final": mean("final_return"),
@@ -80,12 +81,16 @@ def main():
                      "episodes_to_80": [s["episodes_to_80pct"] for s in summaries],
                      "ppo_episodes_to_80": summaries[0]["ppo_episodes_to_80pct"],
                      "context": max(s["max_context_tokens"] for s in summaries),
-                     "train_seconds": sum(train_seconds) / len(train_seconds)})
-    run(["evaluate.py", *[r for r in runs if r.endswith("seed0")] or runs[:3], "--plot", "runs/darkroom_comparison.png",
-         *with_set(size["evaluate"] + args.set)])
+                     "train_seconds": sum(t["seconds"] for t in trainings) / len(trainings),
+                     "hardware": trainings[0]["hardware"]})
+    tag = "seeds" + "-".join(map(str, args.seeds))
+    first_seed = [r for r in runs if r.endswith(f"seed{args.seeds[0]}")]
+    if len(first_seed) > 1:
+        run(["evaluate.py", *first_seed, "--plot", f"runs/darkroom_comparison_{tag}.png",
+             *with_set(size["evaluate"] + args.set)])
     table = result_table(rows)
-    (ROOT / "runs" / "darkroom_results.md").write_text(table + "\n")
-    print("\n" + table + "\n\nwritten: runs/darkroom_results.md, runs/darkroom_comparison.png")
+    (ROOT / "runs" / f"darkroom_results_{tag}.md").write_text(table + "\n")
+    print("\n" + table + f"\n\nwritten: runs/darkroom_results_{tag}.md, runs/darkroom_comparison_{tag}.png")
 
 
 if __name__ == "__main__":
