@@ -7,7 +7,6 @@ saves next to its output is the whole resolved config.
 """
 import argparse
 import difflib
-import json
 import math
 import os
 import random
@@ -204,10 +203,6 @@ def save_config(cfg: dict, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
     os.replace(tmp, path)
-
-
-def config_json(cfg: dict) -> str:
-    return json.dumps(cfg, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- running
