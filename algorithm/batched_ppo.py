@@ -72,7 +72,8 @@ task, the recorded history holds T x n_stream steps of 2 x state_dim x 4 + 8 byt
 samples of about 2 x ((state_dim + 1) x 8 + 24) bytes, the rollout and its shuffled copy
 (darkroom: 8000 x 96 B = 0.8 MB); the network, Adam state and activations add ~0.3 MB.
 With worker processes the histories of a chunk exist twice while they are sent back,
-and each process carries ~0.3 GB of torch itself. `task_chunk` bounds how many tasks
+and each process carries ~0.3 GB of torch itself: the full darkroom run (81 tasks, 100
+streams, 2 workers) peaked at 1.2 GB summed over all processes. `task_chunk` bounds how many tasks
 are held at once; with task_chunk=0 ("all") a chunk is cut to what fits in half of the
 available memory (the results do not depend on it, see above), with a note on stderr.
 """
@@ -137,6 +138,12 @@ class BatchedActorCritic:
         self.grads = {k: torch.zeros(s, device=device) for k, s in shapes.items()}
         for k, p in self.params.items():
             p.grad = self.grads[k]
+        # views made once (an update is short enough for Python overheads to matter): the
+        # trunk as 2 x n_tasks matrices for bmm, each gradient as one row per network
+        G = 2 * B
+        self.P = {**self.params, **{k: self.params[k].view(G, *shapes[k][2:]) for k in TRUNK}}
+        self.Gr = {**self.grads, **{k: self.grads[k].view(G, *shapes[k][2:]) for k in TRUNK}}
+        self._grad_rows = ([self.grads[k].view(G, -1) for k in TRUNK], [self.grads[k].view(B, -1) for k in HEADS])
         self._buffers = {}
 
     # -- init
@@ -192,14 +199,13 @@ class BatchedActorCritic:
         (see ObsEncoder) -> logits (n_tasks, A, m) (feature-major, like the activations)
         and values (n_tasks, m)."""
         B, m, k = hot.shape
-        P, buf = self.params, self._buffers_for(m)
-        G, D, H = 2 * B, self.obs_dim, HIDDEN
+        P, buf = self.P, self._buffers_for(m)
         # the one-hot input, feature-major; both branches see the same x
-        x = buf["x"].zero_().view(2, B, D, m)
+        x = buf["x"].zero_().view(2, B, self.obs_dim, m)
         x.scatter_(2, hot.transpose(1, 2).unsqueeze(0).expand(2, B, k, m), 1.0)
-        _linear_tanh(P["b1"].view(G, H, 1), P["W1"].view(G, H, D), buf["x"], out=buf["h1"])
-        _linear_tanh(P["b2"].view(G, H, 1), P["W2"].view(G, H, H), buf["h1"], out=buf["h2"])
-        h2 = buf["h2"].view(2, B, H, m)
+        _linear_tanh(P["b1"], P["W1"], buf["x"], out=buf["h1"])
+        _linear_tanh(P["b2"], P["W2"], buf["h1"], out=buf["h2"])
+        h2 = buf["h2"].view(2, B, HIDDEN, m)
         logits = torch.baddbmm(P["b_pi"], P["W_pi"], h2[0])  # (B, A, m)
         values = torch.baddbmm(P["b_vf"], P["W_vf"], h2[1])  # (B, 1, m)
         return logits, values[:, 0]
@@ -208,9 +214,8 @@ class BatchedActorCritic:
         """Parameter gradients (overwritten, not accumulated) for the last forward's inputs;
         g_logits (n_tasks, A, m) and g_values (n_tasks, m) are dLoss/dlogits, dLoss/dvalues."""
         B, m = g_values.shape
-        P, Gr, buf = self.params, self.grads, self._buffers_for(m)
-        G, D, H = 2 * B, self.obs_dim, HIDDEN
-        h2, g2 = buf["h2"].view(2, B, H, m), buf["g2"].view(2, B, H, m)
+        P, Gr, buf = self.P, self.Gr, self._buffers_for(m)
+        h2, g2 = buf["h2"].view(2, B, HIDDEN, m), buf["g2"].view(2, B, HIDDEN, m)
         g_values = g_values.unsqueeze(1)  # (B, 1, m), feature-major like g_logits
         # heads
         torch.bmm(g_logits, h2[0].transpose(1, 2), out=Gr["W_pi"])
@@ -221,22 +226,22 @@ class BatchedActorCritic:
         torch.bmm(P["W_pi"].transpose(1, 2), g_logits, out=g2[0])
         torch.mul(P["W_vf"].transpose(1, 2), g_values, out=g2[1])
         _tanh_backward_(buf["g2"], buf["h2"])
-        torch.bmm(buf["g2"], buf["h1"].transpose(1, 2), out=Gr["W2"].view(G, H, H))
-        torch.sum(buf["g2"], 2, keepdim=True, out=Gr["b2"].view(G, H, 1))
+        torch.bmm(buf["g2"], buf["h1"].transpose(1, 2), out=Gr["W2"])
+        torch.sum(buf["g2"], 2, keepdim=True, out=Gr["b2"])
         # first trunk layer (no gradient w.r.t. the input)
-        torch.bmm(P["W2"].view(G, H, H).transpose(1, 2), buf["g2"], out=buf["g1"])
+        torch.bmm(P["W2"].transpose(1, 2), buf["g2"], out=buf["g1"])
         _tanh_backward_(buf["g1"], buf["h1"])
-        torch.bmm(buf["g1"], buf["x"].transpose(1, 2), out=Gr["W1"].view(G, H, D))
-        torch.sum(buf["g1"], 2, keepdim=True, out=Gr["b1"].view(G, H, 1))
+        torch.bmm(buf["g1"], buf["x"].transpose(1, 2), out=Gr["W1"])
+        torch.sum(buf["g1"], 2, keepdim=True, out=Gr["b1"])
 
     # -- per-task gradient clipping
     def grad_norms(self) -> torch.Tensor:
         """(n_tasks,) L2 norm of each task's whole gradient."""
-        B = self.n
-        trunk = torch.stack([torch.linalg.vector_norm(self.grads[k].view(2 * B, -1), dim=1) for k in TRUNK])
-        heads = torch.stack([torch.linalg.vector_norm(self.grads[k].view(B, -1), dim=1) for k in HEADS])
+        trunk_rows, head_rows = self._grad_rows
+        trunk = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in trunk_rows])
+        heads = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in head_rows])
         # trunk rows are (layer, branch, task): fold layers and branches into each task
-        return (trunk.square().view(-1, B).sum(0) + heads.square().sum(0)).sqrt()
+        return (trunk.square().view(-1, self.n).sum(0) + heads.square().sum(0)).sqrt()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale each task's gradient by min(1, max_norm / (its norm + 1e-6)), as clip_grad_norm_."""
@@ -440,7 +445,8 @@ class ChunkLearner:
         """Stack one draw per task from the task's own generator (chunk-independent)."""
         return torch.stack([draw(g) for g in self.generators], 0).to(self.device)
 
-    def _obs(self, obs: np.ndarray) -> torch.Tensor:
+    def _hot(self, obs: np.ndarray) -> torch.Tensor:
+        """Env observations (B * S, state_dim) -> the network's input indices (B, S, k)."""
         return self.encode(torch.as_tensor(obs, device=self.device).view(self.B, self.S, -1))
 
     @torch.no_grad()
@@ -449,11 +455,11 @@ class ChunkLearner:
         and the rollout as tensors shaped (B, n_steps * S, ...)."""
         n_steps, B, S, gamma = self.cfg["n_steps"], self.B, self.S, self.cfg["gamma"]
         uniforms = self._per_task(lambda g: torch.rand(n_steps, S, generator=g))  # (B, n_steps, S)
-        keys = ("obs", "actions", "log_prob", "values", "rewards", "dones")
+        keys = ("hot", "actions", "log_prob", "values", "rewards", "dones")
         buf = {k: [] for k in keys}
         for t in range(n_steps):
-            x = self._obs(obs)
-            logits, values = self.net.forward(x)
+            hot = self._hot(obs)
+            logits, values = self.net.forward(hot)
             actions, log_prob = _sample(logits, uniforms[:, t])
             actions_np = actions.cpu().numpy().reshape(-1)
             next_obs, rewards, dones = self.env.step(actions_np)
@@ -463,27 +469,27 @@ class ChunkLearner:
                 # every copy shares one clock, so all episodes end together, by truncation:
                 # bootstrap with the value of the true last state, as SB3 does on timeouts
                 assert dones.all(), "batched env copies must finish together"
-                rewards_t = rewards_t + gamma * self.net.forward(self._obs(next_obs))[1]
+                rewards_t = rewards_t + gamma * self.net.forward(self._hot(next_obs))[1]
                 next_obs = self.env.reset()
-            for k, v in zip(keys, (x, actions, log_prob, values, rewards_t,
+            for k, v in zip(keys, (hot, actions, log_prob, values, rewards_t,
                                    torch.full((B, S), float(dones.any()), device=self.device))):
                 buf[k].append(v)
             obs = next_obs
-        last_values = self.net.forward(self._obs(obs))[1]
+        last_values = self.net.forward(self._hot(obs))[1]
         data = {k: torch.stack(v, 0) for k, v in buf.items()}  # (n_steps, B, S, ...)
         adv, ret = _gae(data["rewards"], data["values"], data["dones"], last_values,
                         gamma, self.cfg["gae_lambda"])
         data.update(advantages=adv, returns=ret)
         # (n_steps, B, S, ...) -> (B, n_steps * S, ...): each task's samples in one row
         flat = {k: data[k].transpose(0, 1).reshape(B, n_steps * S, *data[k].shape[3:])
-                for k in ("obs", "actions", "log_prob", "advantages", "returns")}
+                for k in ("hot", "actions", "log_prob", "advantages", "returns")}
         return obs, flat
 
     def train(self, data: dict):
         """n_epochs over the rollout, minibatches of batch_size, per task."""
         cfg, n = self.cfg, data["actions"].shape[1]
         m = cfg["batch_size"]
-        keys = ("obs", "actions", "log_prob", "advantages", "returns")
+        keys = ("hot", "actions", "log_prob", "advantages", "returns")
         for _ in range(cfg["n_epochs"]):
             perm = self._per_task(lambda g: torch.randperm(n, generator=g))  # (B, n)
             shuffled = {k: data[k].gather(1, perm.view(*perm.shape, *[1] * (data[k].dim() - 2))
@@ -531,14 +537,14 @@ def bytes_per_task(cfg: dict, obs_dim: int) -> int:
 
 
 def _available_memory(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    """Free host memory (histories live there), and GPU memory too on CUDA."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
+        host = int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(host, torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else host
 
 
 def chunk_size(cfg: dict, n_tasks: int, obs_dim: int, device) -> int:
@@ -560,11 +566,12 @@ def train_chunk(cfg: dict, chunk: list[int], tasks: list[dict], device, progress
     """Train one chunk of tasks; returns {index: history}.
 
     On CPU the chunk is split over `n_process` worker processes, each a single-threaded
-    learner for its share of the tasks. On two cores this is ~2x faster than one process
-    with torch's two intra-op threads: the per-update Python and dispatch work (a fifth
-    of it) runs in parallel too, and no op waits at a thread barrier, which costs a lot
-    when other processes share the cores. Threads in one process do not scale here
-    (measured: no gain). Results do not depend on the split (chunk independence).
+    learner for its share of the tasks. Measured on 2 cores (2 rollouts of 81 darkroom
+    tasks): one single-threaded process 48 s, two worker processes 22 s, two threads in
+    one process 48 s (no gain); torch's own intra-op threads were several times slower
+    than one thread whenever other processes kept a core busy (threads wait at each op's
+    barrier), and the per-update Python and dispatch work (~1 ms) stays serial with
+    them. Results do not depend on the split (chunk independence).
     """
     workers = min(n_workers(cfg, device), len(chunk))
     if workers == 1:

@@ -1,6 +1,6 @@
 """Collection speed: the batched PPO backend against the Stable-Baselines3 reference.
 
-    python bench/collect.py                      # full size: ~10 min on 2 CPU cores
+    python bench/collect.py                      # full size: ~11 min on 2 CPU cores
     python bench/collect.py --rollouts 4         # quicker: 4 of the 13 rollouts, extrapolated
     python bench/collect.py --skip-sb3 --k2d-tasks 0
 
@@ -95,6 +95,8 @@ def main():
     parser.add_argument("--skip-sb3", action="store_true", help="only measure the batched backend")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args()
+    if args.rollouts == 1 or args.k2d_rollouts < 2:
+        parser.error("time at least 2 rollouts: the last one is never trained, so one says nothing about updates")
 
     common = {"n_stream": args.n_stream, "device": args.device}
     device = pick_device(args.device)

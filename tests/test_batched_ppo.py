@@ -211,6 +211,43 @@ def test_advantages_are_normalised_per_task_and_minibatch():
     assert torch.equal(normalize_advantages(adv, 1), adv)  # SB3 skips minibatches of one
 
 
+def test_gae_matches_sb3_rollout_buffer():
+    from gymnasium import spaces
+    from stable_baselines3.common.buffers import RolloutBuffer
+    n_steps, n_envs, gamma, lam = 7, 3, 0.9, 0.8
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.rand(n_steps, n_envs, generator=g), torch.randn(n_steps, n_envs, generator=g)
+    dones = (torch.rand(n_steps, n_envs, generator=g) < 0.3).float()  # dones[t]: episode ends after step t
+    last_values = torch.randn(n_envs, generator=g)
+    buffer = RolloutBuffer(n_steps, spaces.MultiDiscrete([3, 3]), spaces.Discrete(5), device="cpu",
+                           gamma=gamma, gae_lambda=lam, n_envs=n_envs)
+    buffer.rewards[:] = rewards.numpy()
+    buffer.values[:] = values.numpy()
+    buffer.episode_starts[1:] = dones[:-1].numpy()  # SB3 stores "this step starts an episode"
+    buffer.compute_returns_and_advantage(last_values, dones[-1].numpy())
+    advantages, returns = batched_ppo._gae(rewards, values, dones, last_values, gamma, lam)
+    np.testing.assert_allclose(advantages.numpy(), buffer.advantages, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(returns.numpy(), buffer.returns, rtol=1e-5, atol=1e-6)
+
+
+def test_timeouts_bootstrap_with_the_value_of_the_true_last_state():
+    """At an episode's last step the return is r + gamma * V(true next state), as SB3 does
+    on TimeLimit.truncated: the episode is cut by the horizon, not terminated."""
+    cfg = small_cfg(gamma=0.9)
+    learner = batched_ppo.ChunkLearner(cfg, [3, 6], envs.task_list(cfg), torch.device("cpu"))
+    _, data = learner.rollout(learner.env.reset(), 0)
+    n_steps, S = cfg["n_steps"], cfg["n_stream"]
+    h = learner.history
+    for slot in range(2):
+        for t in range(cfg["horizon"] - 1, n_steps, cfg["horizon"]):  # the episode ends
+            next_states = torch.as_tensor(h.next_states[slot, t]).long()  # (S, 2)
+            hot = learner.encode(next_states).expand(2, S, 2)  # both tasks' nets, take this slot's
+            v_next = learner.net.forward(hot)[1][slot]
+            got = data["returns"][slot, t * S:(t + 1) * S]
+            expected = torch.as_tensor(h.rewards[slot, t]) + cfg["gamma"] * v_next
+            torch.testing.assert_close(got, expected)
+
+
 # ----------------------------------------------------------------------------- histories
 
 def test_history_shapes_dtypes_and_markers():
@@ -286,6 +323,17 @@ def test_task_chunk_calls_on_done_per_chunk():
     assert calls == [[0, 1], [2, 3], [4]]
     assert sum(n for n, _ in progress) == 5
     assert sum(s for _, s in progress) == 5 * history.steps_per_stream(cfg) * cfg["n_stream"]
+
+
+def test_task_chunk_0_is_cut_to_fit_memory(monkeypatch, capsys):
+    cfg = small_cfg()
+    per_task = batched_ppo.bytes_per_task(cfg, 10)
+    monkeypatch.setattr(batched_ppo, "_available_memory", lambda device: 2 * 3 * per_task)
+    assert batched_ppo.chunk_size(cfg, 10, 10, torch.device("cpu")) == 3
+    assert "training 3 at a time" in capsys.readouterr().err
+    assert batched_ppo.chunk_size(small_cfg(task_chunk=4), 10, 10, torch.device("cpu")) == 4  # asked for
+    monkeypatch.setattr(batched_ppo, "_available_memory", lambda device: 1 << 40)
+    assert batched_ppo.chunk_size(cfg, 10, 10, torch.device("cpu")) == 10
 
 
 def test_learns_on_a_small_darkroom():
