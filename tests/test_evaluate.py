@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import env as envs
 import evaluate
 import train
+from cli_in_process import run_in_process
 from fixtures_history import HORIZON, N_STEPS, build_history_file, make_cfg
 from model import build, rollout as rollout_mod
 from model.ad import KIND_END, KIND_START, KIND_STEP
@@ -252,14 +253,7 @@ def test_evaluate_is_reproducible(trained, evaluated, monkeypatch):
 
 
 def evaluate_in_process(monkeypatch, capsys, args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *[str(a) for a in args]])
-    capsys.readouterr()
-    code = 0
-    try:
-        run_cli(evaluate.main)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    return run_in_process(monkeypatch, capsys, "evaluate.py", evaluate.main, args)
 
 
 def assert_one_line_error(code, stderr, *words):

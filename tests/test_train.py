@@ -13,8 +13,9 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+from cli_in_process import run_in_process
 from fixtures_history import build_history_file, cli_sets, config_files, make_cfg
-from utils import run_cli, run_path
+from utils import run_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # train_timesteps of the tiny run (fixtures_history.MODEL_SETS)
@@ -53,14 +54,7 @@ def assert_one_line_error(code, stderr, *words):
 
 def run_main_in_process(monkeypatch, capsys, argv) -> tuple[int, str]:
     """train.py's command line in this process: (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *[str(a) for a in argv]])
-    capsys.readouterr()
-    code = 0
-    try:
-        run_cli(train.main)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    return run_in_process(monkeypatch, capsys, "train.py", train.main, argv)
 
 
 # ----------------------------------------------------------------------------- a tiny run
