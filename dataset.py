@@ -106,7 +106,8 @@ class ADDataset:
         n_test = int(round(cfg["test_stream_ratio"] * S))
         self.streams = list(range(n_test)) if part == "test" else list(range(n_test, S))
         if not self.streams:
-            raise ConfigError(f"no {part} streams: n_stream={S}, test_stream_ratio={cfg['test_stream_ratio']}")
+            raise ConfigError(f"no {part} streams: n_stream={S}, test_stream_ratio={cfg['test_stream_ratio']}; "
+                              "set test_stream_ratio so that both parts get at least one stream")
         with h5py.File(self.path, "r") as f:
             first = f[str(self.tasks[0])]
             self.T = first["actions"].shape[0]

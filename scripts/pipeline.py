@@ -1,0 +1,134 @@
+"""The whole pipeline for one environment: collect, train every variant, evaluate, print the result table.
+
+    python scripts/pipeline.py                           # darkroom, CPU size (about 30 min on 2 cores)
+    python scripts/pipeline.py --size full               # darkroom at paper scale, for a GPU box
+    python scripts/pipeline.py --seeds 0 1 2 --variants AD
+    python scripts/pipeline.py --env dark_key_to_door    # 5x5 Dark Key-to-Door (CPU size)
+
+Each stage is the user-facing command (collect.py, train.py, evaluate.py) run as a
+subprocess, so this script does nothing a user could not do by hand, and rerunning it
+resumes: finished collections, checkpoints and evaluations are reused.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from utils import load_config, parse_set, run_cli, run_path  # noqa: E402
+
+# Transformer scale for a GPU box; the model configs hold the CPU size. Full runs get their
+# own folder, so they never try to resume a CPU-size run of the same name.
+FULL_MODEL = ["run_dir=runs/full", "tf_n_embd=128", "tf_n_layer=4", "tf_n_head=4", "train_batch_size=64", "train_timesteps=20000",
+              "lr=5.0e-4", "warmup_steps=500", "eval_interval=2000", "num_workers=4"]
+# Per environment and size: the collection configs, one model config per variant, and the
+# --set overrides every stage gets (collect / train / evaluate must agree on the data keys).
+SETUPS = {
+    "darkroom": {
+        "cpu": {"data": ["config/algorithm/ppo_darkroom.yaml", "config/env/darkroom.yaml"], "train": []},
+        "full": {"data": ["config/algorithm/ppo_darkroom.yaml", "config/env/darkroom.yaml"], "train": FULL_MODEL},
+        "variants": {"AD": "config/model/ad_dr.yaml",
+                     "AD-tworegion": "config/model/ad_dr_compressed.yaml",
+                     "CompressedAD": "config/model/ad_compressed_dr.yaml"},
+    },
+    "dark_key_to_door": {
+        # 5x5 grid, 25-step episodes, 625 tasks; the 9x9 / 50-step setting of DESIGN.md is `full`
+        "cpu": {"data": ["config/algorithm/ppo_dark_key_to_door_5x5.yaml", "config/env/dark_key_to_door_5x5.yaml"],
+                "train": []},
+        "full": {"data": ["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"],
+                 "train": FULL_MODEL + ["n_transit=200", "compress_interval=100"]},
+        "variants": {"AD": "config/model/ad_k2d.yaml",
+                     "AD-tworegion": "config/model/ad_k2d_compressed.yaml",
+                     "CompressedAD": "config/model/ad_compressed_k2d.yaml"},
+    },
+}
+VARIANTS = list(SETUPS["darkroom"]["variants"])
+
+
+def run(cmd: list[str]) -> float:
+    print("\n$ " + " ".join(cmd), flush=True)
+    tic = time.perf_counter()
+    code = subprocess.run([sys.executable, *cmd], cwd=ROOT).returncode
+    if code != 0:  # the stage printed its own error; finished stages are reused on the next run
+        print(f"stopped: `{cmd[0]}` exited with code {code}; fix the cause and rerun, finished stages are kept",
+              file=sys.stderr)
+        sys.exit(code)
+    return time.perf_counter() - tic
+
+
+def with_set(values: list[str]) -> list[str]:
+    return ["--set", *values] if values else []
+
+
+def result_table(rows: list[dict]) -> str:
+    lines = ["| variant | seeds | final return | % of optimal | first-episode return | episodes to 80% "
+             "| PPO episodes to 80% | context tokens | train time / run | hardware |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final']:.2f} | {100 * r['fraction']:.0f}% | "
+                     f"{r['first']:.2f} | {r['episodes_to_80']} | {r['ppo_episodes_to_80']} | {r['context']} | "
+                     f"{r['train_seconds'] / 60:.1f} min | {r['hardware']} |")
+    return "\n".join(lines)
+
+
+def train_config(configs: list[str], overrides: list[str]) -> dict:
+    """The config train.py will resolve, so the run directory is read, never guessed."""
+    return load_config([ROOT / c for c in configs], parse_set(overrides))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--env", choices=SETUPS, default="darkroom")
+    p.add_argument("--size", choices=["cpu", "full"], default="cpu",
+                   help="cpu: finishes on a laptop; full: paper scale, for a GPU box")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per variant")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra overrides for every stage, e.g. env_split_seed=1 run_dir=runs/split1")
+    args = p.parse_args()
+    setup, size = SETUPS[args.env], SETUPS[args.env][args.size]
+    train_sets = {seed: size["train"] + [f"seed={seed}"] + args.set for seed in args.seeds}
+    # resolve every config before any work, so a typo costs a second, not a collection
+    configs = {(v, seed): train_config(size["data"] + [setup["variants"][v]], train_sets[seed])
+               for v in args.variants for seed in args.seeds}
+    tic = time.perf_counter()
+    seconds = {"collect": run(["collect.py", *size["data"], *with_set(args.set)])}
+    rows, runs = [], []
+    for variant in args.variants:
+        summaries, trainings = [], []
+        for seed in args.seeds:
+            seconds[f"train {variant} seed{seed}"] = run(
+                ["train.py", *size["data"], setup["variants"][variant], *with_set(train_sets[seed])])
+            run_dir = run_path(configs[variant, seed])
+            seconds[f"evaluate {variant} seed{seed}"] = run(["evaluate.py", str(run_dir), *with_set(args.set)])
+            summaries.append(json.loads((ROOT / run_dir / "eval_summary.json").read_text()))
+            trainings.append(json.loads((ROOT / run_dir / "train_summary.json").read_text()))
+            runs.append(str(run_dir))
+        mean = lambda k: sum(s[k] for s in summaries) / len(summaries)  # noqa: E731
+        rows.append({"variant": variant, "seeds": len(summaries), "final": mean("final_return"),
+                     "fraction": mean("final_fraction_of_optimal"), "first": mean("first_return"),
+                     "episodes_to_80": [s["episodes_to_80pct"] for s in summaries],
+                     "ppo_episodes_to_80": summaries[0]["ppo_episodes_to_80pct"],
+                     "context": max(s["max_context_tokens"] for s in summaries),
+                     "train_seconds": sum(t["seconds"] for t in trainings) / len(trainings),
+                     "hardware": trainings[0]["hardware"]})
+    out_dir = ROOT / configs[args.variants[0], args.seeds[0]]["run_dir"]
+    tag = f"{args.env}_{args.size}_seeds" + "-".join(map(str, args.seeds))
+    plot = out_dir / f"comparison_{tag}.png"
+    first_seed = [r for r in runs if r.endswith(f"seed{args.seeds[0]}")]
+    if len(first_seed) > 1:
+        seconds["comparison plot"] = run(["evaluate.py", *first_seed, "--plot", str(plot), *with_set(args.set)])
+    seconds["total (this script)"] = time.perf_counter() - tic
+    table = result_table(rows)
+    results = out_dir / f"results_{tag}.md"
+    results.write_text(table + "\n")
+    (out_dir / f"timings_{tag}.json").write_text(json.dumps(seconds, indent=1) + "\n")
+    print("\n" + "\n".join(f"{k:>32s}: {v / 60:6.1f} min" for k, v in seconds.items()))
+    print("\n" + table + f"\n\nwritten: {results}, {plot}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

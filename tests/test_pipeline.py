@@ -1,0 +1,61 @@
+"""scripts/pipeline.py: every setup resolves, bad input stops before work, a tiny run writes its table."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import pipeline  # noqa: E402
+from utils import run_path  # noqa: E402
+
+
+@pytest.mark.parametrize("env", pipeline.SETUPS)
+@pytest.mark.parametrize("size", ["cpu", "full"])
+def test_every_setup_resolves_to_its_own_run_and_matching_data_keys(env, size):
+    setup = pipeline.SETUPS[env]
+    runs = set()
+    for variant, model_cfg in setup["variants"].items():
+        cfg = pipeline.train_config(setup[size]["data"] + [model_cfg], setup[size]["train"] + ["seed=0"])
+        assert cfg["env"] == env
+        if cfg["use_compressed_context"]:  # a region is one PPO rollout of this data
+            assert cfg["compress_interval"] == cfg["n_steps"]
+        runs.add(run_path(cfg))
+    assert len(runs) == len(setup["variants"])
+
+
+def test_cpu_and_full_sizes_never_share_a_run_directory():
+    for env, setup in pipeline.SETUPS.items():
+        cpu, full = (run_path(pipeline.train_config(setup[s]["data"] + [setup["variants"]["AD"]],
+                                                    setup[s]["train"]))
+                     for s in ("cpu", "full"))
+        assert cpu != full, env
+
+
+def _pipeline(*args):
+    return subprocess.run([sys.executable, "scripts/pipeline.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_unknown_key_stops_before_any_work(tmp_path):
+    proc = _pipeline("--set", "n_trasnit=10", f"dataset_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "n_trasnit" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_tiny_run_writes_table_timings_and_plot_under_run_dir(tmp_path):
+    sets = ["grid_size=3", "horizon=6", "n_steps=12", "batch_size=12", "n_stream=4", "n_process=1", "test_stream_ratio=0.25", "total_source_timesteps=96",
+            "train_env_ratio=0.7", "compress_interval=12", "n_transit=24", "train_timesteps=4", "eval_interval=0",
+            "test_interval=100", "tf_n_embd=16", "eval_episodes=2", "eval_rollouts=1", "device=cpu",
+            f"dataset_dir={tmp_path}/data", f"run_dir={tmp_path}/runs"]
+    proc = _pipeline("--variants", "AD", "AD-tworegion", "--seeds", "0", "--set", *sets)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "runs"
+    table = (out / "results_darkroom_cpu_seeds0.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["AD", "AD-tworegion"]
+    timings = json.loads((out / "timings_darkroom_cpu_seeds0.json").read_text())
+    assert {"collect", "train AD seed0", "evaluate AD-tworegion seed0", "total (this script)"} <= set(timings)
+    assert (out / "comparison_darkroom_cpu_seeds0.png").stat().st_size > 0
+    assert (out / "AD-tworegion-darkroom-seed0" / "eval_summary.json").exists()
