@@ -224,7 +224,11 @@ class AD(nn.Module):
         if self.config.compressed:
             loss_type, acc_type = _ce_and_acc(type_logits, batch["next_kind"])
             total = total + self.token_type_loss_weight * loss_type
-            metrics |= {"loss_token_type": loss_type.item(), "acc_token_type": acc_type}
+            # accuracy alone hides a head that never predicts the rare region end: report its recall too
+            ends = batch["next_kind"] == KIND_END
+            recall_end = (type_logits.argmax(-1)[ends] == KIND_END).float().mean().item() if ends.any() else math.nan
+            metrics |= {"loss_token_type": loss_type.item(), "acc_token_type": acc_type,
+                        "recall_region_end": recall_end}
         return total, metrics
 
     token_type_loss_weight = 0.1  # set from the config by build_model

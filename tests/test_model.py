@@ -315,3 +315,18 @@ def test_factored_state_embedding_sums_per_coordinate_vectors():
     torch.testing.assert_close(got, want)
     cell = build(load_config([], {"grid_size": 5, "state_embedding": "cell"}), 25, 5)
     assert cell.state_emb.weight.shape[0] == 25
+
+
+@pytest.mark.parametrize("favoured, recall", [(KIND_END, 1.0), (KIND_STEP, 0.0)])
+def test_region_end_recall_reports_whether_the_rare_end_class_is_predicted(data, favoured, recall):
+    cfgs, path = data
+    cfg = cfgs["two_region"]
+    model = build_model(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+    with torch.no_grad():
+        model.type_head.weight.zero_()
+        model.type_head.bias.fill_(0.0)
+        model.type_head.bias[favoured] = 10.0
+        _, metrics = model.loss(sample_batch(cfg, path))
+    assert metrics["recall_region_end"] == recall
+    if favoured == KIND_STEP:  # the majority class alone already scores a high accuracy
+        assert metrics["acc_token_type"] > 0.8
