@@ -6,8 +6,9 @@
     python scripts/pipeline.py --env dark_key_to_door    # 5x5 Dark Key-to-Door (CPU size)
 
 Each stage is the user-facing command (collect.py, train.py, evaluate.py) run as a
-subprocess, so this script does nothing a user could not do by hand, and rerunning it
-resumes: finished collections, checkpoints and evaluations are reused.
+subprocess, so this script does nothing a user could not do by hand. Rerunning it
+resumes: finished collections and trainings are reused; evaluations run again
+(deterministic, seconds to a minute each).
 """
 import argparse
 import json
@@ -64,11 +65,12 @@ def with_set(values: list[str]) -> list[str]:
 
 
 def result_table(rows: list[dict]) -> str:
-    lines = ["| variant | seeds | final return | % of optimal | first-episode return | episodes to 80% "
+    lines = ["| variant | seeds | final return | optimal | % of optimal | first-episode return | episodes to 80% "
              "| PPO episodes to 80% | context tokens | train time / run | hardware |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final']:.2f} | {100 * r['fraction']:.0f}% | "
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final']:.2f} | {r['optimal']:.2f} | "
+                     f"{100 * r['fraction']:.0f}% | "
                      f"{r['first']:.2f} | {r['episodes_to_80']} | {r['ppo_episodes_to_80']} | {r['context']} | "
                      f"{r['train_seconds'] / 60:.1f} min | {r['hardware']} |")
     return "\n".join(lines)
@@ -109,6 +111,7 @@ def main():
             runs.append(str(run_dir))
         mean = lambda k: sum(s[k] for s in summaries) / len(summaries)  # noqa: E731
         rows.append({"variant": variant, "seeds": len(summaries), "final": mean("final_return"),
+                     "optimal": sum(summaries[0]["optimal_return"]) / len(summaries[0]["optimal_return"]),
                      "fraction": mean("final_fraction_of_optimal"), "first": mean("first_return"),
                      "episodes_to_80": [s["episodes_to_80pct"] for s in summaries],
                      "ppo_episodes_to_80": summaries[0]["ppo_episodes_to_80pct"],
