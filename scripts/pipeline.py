@@ -76,6 +76,21 @@ def result_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def table_row(variant: str, run_dirs: list[Path]) -> dict:
+    """Mean over seeds of what evaluate.py and train.py wrote into the run folders."""
+    summaries = [json.loads((d / "eval_summary.json").read_text()) for d in run_dirs]
+    trainings = [json.loads((d / "train_summary.json").read_text()) for d in run_dirs]
+    mean = lambda k: sum(s[k] for s in summaries) / len(summaries)  # noqa: E731
+    optimal = summaries[0]["optimal_return"]
+    return {"variant": variant, "seeds": len(summaries), "final": mean("final_return"),
+            "optimal": sum(optimal) / len(optimal), "fraction": mean("final_fraction_of_optimal"),
+            "first": mean("first_return"), "episodes_to_80": [s["episodes_to_80pct"] for s in summaries],
+            "ppo_episodes_to_80": summaries[0]["ppo_episodes_to_80pct"],
+            "context": max(s["max_context_tokens"] for s in summaries),
+            "train_seconds": sum(t["seconds"] for t in trainings) / len(trainings),
+            "hardware": trainings[0]["hardware"]}
+
+
 def train_config(configs: list[str], overrides: list[str]) -> dict:
     """The config train.py will resolve, so the run directory is read, never guessed."""
     return load_config([ROOT / c for c in configs], parse_set(overrides))
@@ -96,41 +111,33 @@ def main():
     # resolve every config before any work, so a typo costs a second, not a collection
     configs = {(v, seed): train_config(size["data"] + [setup["variants"][v]], train_sets[seed])
                for v in args.variants for seed in args.seeds}
+    run_dirs = {key: str(run_path(cfg)) for key, cfg in configs.items()}
+    out_dir = ROOT / configs[args.variants[0], args.seeds[0]]["run_dir"]
+    name = f"{args.env}_{args.size}"
+    if args.variants != VARIANTS:  # a subset gets its own files, so side-by-side runs never overwrite
+        name += "_" + "-".join(args.variants)
+    tag = f"{name}_seeds" + "-".join(map(str, args.seeds))
+
     tic = time.perf_counter()
     seconds = {"collect": run(["collect.py", *size["data"], *with_set(args.set)])}
-    rows, runs = [], []
     for variant in args.variants:
-        summaries, trainings = [], []
         for seed in args.seeds:
             seconds[f"train {variant} seed{seed}"] = run(
                 ["train.py", *size["data"], setup["variants"][variant], *with_set(train_sets[seed])])
-            run_dir = run_path(configs[variant, seed])
-            seconds[f"evaluate {variant} seed{seed}"] = run(["evaluate.py", str(run_dir), *with_set(args.set)])
-            summaries.append(json.loads((ROOT / run_dir / "eval_summary.json").read_text()))
-            trainings.append(json.loads((ROOT / run_dir / "train_summary.json").read_text()))
-            runs.append(str(run_dir))
-        mean = lambda k: sum(s[k] for s in summaries) / len(summaries)  # noqa: E731
-        rows.append({"variant": variant, "seeds": len(summaries), "final": mean("final_return"),
-                     "optimal": sum(summaries[0]["optimal_return"]) / len(summaries[0]["optimal_return"]),
-                     "fraction": mean("final_fraction_of_optimal"), "first": mean("first_return"),
-                     "episodes_to_80": [s["episodes_to_80pct"] for s in summaries],
-                     "ppo_episodes_to_80": summaries[0]["ppo_episodes_to_80pct"],
-                     "context": max(s["max_context_tokens"] for s in summaries),
-                     "train_seconds": sum(t["seconds"] for t in trainings) / len(trainings),
-                     "hardware": trainings[0]["hardware"]})
-    out_dir = ROOT / configs[args.variants[0], args.seeds[0]]["run_dir"]
-    tag = f"{args.env}_{args.size}_seeds" + "-".join(map(str, args.seeds))
-    plot = out_dir / f"comparison_{tag}.png"
-    first_seed = [r for r in runs if r.endswith(f"seed{args.seeds[0]}")]
-    if len(first_seed) > 1:
-        seconds["comparison plot"] = run(["evaluate.py", *first_seed, "--plot", str(plot), *with_set(args.set)])
+    # one evaluate.py call per seed, which also draws that seed's comparison plot
+    plots = {seed: out_dir / f"comparison_{name}_seed{seed}.png" for seed in args.seeds}
+    for seed in args.seeds:
+        dirs = [run_dirs[v, seed] for v in args.variants]
+        plot_args = ["--plot", str(plots[seed])] if len(dirs) > 1 else []
+        seconds[f"evaluate seed{seed}"] = run(["evaluate.py", *dirs, *plot_args, *with_set(args.set)])
+    rows = [table_row(variant, [ROOT / run_dirs[variant, seed] for seed in args.seeds]) for variant in args.variants]
     seconds["total (this script)"] = time.perf_counter() - tic
     table = result_table(rows)
     results = out_dir / f"results_{tag}.md"
     results.write_text(table + "\n")
     (out_dir / f"timings_{tag}.json").write_text(json.dumps(seconds, indent=1) + "\n")
     print("\n" + "\n".join(f"{k:>32s}: {v / 60:6.1f} min" for k, v in seconds.items()))
-    print("\n" + table + f"\n\nwritten: {results}, {plot}")
+    print("\n" + table + f"\n\nwritten: {results}" + "".join(f", {p}" for p in plots.values() if p.exists()))
 
 
 if __name__ == "__main__":

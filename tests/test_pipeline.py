@@ -53,9 +53,9 @@ def test_tiny_run_writes_table_timings_and_plot_under_run_dir(tmp_path):
     proc = _pipeline("--variants", "AD", "AD-tworegion", "--seeds", "0", "--set", *sets)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "runs"
-    table = (out / "results_darkroom_cpu_seeds0.md").read_text().splitlines()
+    table = (out / "results_darkroom_cpu_AD-AD-tworegion_seeds0.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == ["AD", "AD-tworegion"]
-    timings = json.loads((out / "timings_darkroom_cpu_seeds0.json").read_text())
-    assert {"collect", "train AD seed0", "evaluate AD-tworegion seed0", "total (this script)"} <= set(timings)
-    assert (out / "comparison_darkroom_cpu_seeds0.png").stat().st_size > 0
+    timings = json.loads((out / "timings_darkroom_cpu_AD-AD-tworegion_seeds0.json").read_text())
+    assert {"collect", "train AD seed0", "evaluate seed0", "total (this script)"} <= set(timings)
+    assert (out / "comparison_darkroom_cpu_AD-AD-tworegion_seed0.png").stat().st_size > 0
     assert (out / "AD-tworegion-darkroom-seed0" / "eval_summary.json").exists()
