@@ -28,11 +28,9 @@ both backends, the batched one (two busy worker threads) the most.
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
 
 import torch  # noqa: E402
 
@@ -40,7 +38,6 @@ import env as envs  # noqa: E402
 from algorithm import batched_ppo, history, sb3_ppo  # noqa: E402
 from utils import load_config, pick_device  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"darkroom": [ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"],
            "dark_key_to_door": [ROOT / "config/algorithm/ppo_dark_key_to_door.yaml",
                                 ROOT / "config/env/dark_key_to_door.yaml"]}

@@ -55,13 +55,8 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
-    sys.path[0] = str(ROOT)  # run as a script: import the toolkit, not bench/ siblings
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
 
 from bench.train import (memory_tracker, rss_mb, saved_activation_mb, start_workers,  # noqa: E402
                          serve, sync, IN_PROCESS_MEMORY)

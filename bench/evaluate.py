@@ -40,13 +40,8 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
-    sys.path[0] = str(ROOT)  # run as a script: import the toolkit, not bench/ siblings
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
 
 CONFIGS = {
     "ad": (["config/algorithm/ppo_darkroom.yaml", "config/env/darkroom.yaml", "config/model/ad_dr.yaml"], {}),

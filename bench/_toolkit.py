@@ -1,0 +1,13 @@
+"""Imported first by every bench script: puts the repository root, not bench/, first on sys.path.
+
+bench/train.py and bench/evaluate.py share their names with the toolkit's train.py and
+evaluate.py, so `python bench/train.py` would otherwise import itself instead of the toolkit.
+"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
+    sys.path[0] = str(ROOT)  # run as a script
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
