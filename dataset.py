@@ -28,7 +28,7 @@ from algorithm import history
 from model.ad import IGNORE, KIND_END, KIND_START, KIND_STEP
 from utils import ConfigError, UserError
 
-ENV_KEYS = ("env", "grid_size", "horizon", "env_split_seed", "train_env_ratio")
+ENV_KEYS = ("env", "grid_size", "horizon", "env_split_seed", "train_env_ratio", "val_env_ratio")
 FIELDS = ("states", "actions", "rewards", "dones")
 
 
@@ -75,10 +75,14 @@ def region_tokens(cfg: dict, stream: dict, a: int, b: int) -> list[dict]:
 
 def check_dataset_matches(path: Path, header: dict, cfg: dict):
     stored = header["collection_config"]
-    diff = [f"{k}={stored[k]!r} (asked {cfg[k]!r})" for k in ENV_KEYS if stored[k] != cfg[k]]
+    diff = [f"{k}={stored.get(k, 'missing')!r} (asked {cfg[k]!r})" for k in ENV_KEYS if stored.get(k) != cfg[k]]
     if diff:
         raise ConfigError(f"{path} holds another environment setting: {', '.join(diff)}; "
-                          "use the env config the data was collected with")
+                          "use the env config the data was collected with (a file from before the "
+                          "validation split has no val_env_ratio: collect it again)")
+    if header["split"] != envs.task_split(cfg):  # the stored split is the one training must respect
+        raise ConfigError(f"{path} stores a train/val/test split that differs from the one its settings "
+                          "give: the file was made by other code; collect it again into another dataset_dir")
     if cfg["use_compressed_context"] and cfg["compress_interval"] != stored["n_steps"]:
         raise ConfigError(f"compress_interval={cfg['compress_interval']} but {path} was collected with "
                           f"n_steps={stored['n_steps']}: a region is one PPO rollout, set "
@@ -97,7 +101,7 @@ class ADDataset:
         self.tasks = list(train if task_indices is None else task_indices)
         held_out = [i for i in self.tasks if split[i] != "train"]
         if held_out:
-            raise UserError(f"tasks {held_out} are held-out test tasks; training must never see them")
+            raise UserError(f"tasks {held_out} are held-out (validation or test) tasks; training must never see them")
         missing = sorted(set(self.tasks) - set(header["done"]))
         if missing:
             raise UserError(f"{self.path} lacks {len(missing)} training tasks (e.g. {missing[:5]}): "

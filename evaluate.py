@@ -56,7 +56,11 @@ def eval_task_indices(cfg: dict) -> list[int]:
         if bad:
             raise UserError(f"eval_tasks: {bad} out of range (the environment has {n} tasks)")
         return indices
-    return envs.tasks_of_split(cfg, cfg["eval_split"])
+    tasks = envs.tasks_of_split(cfg, cfg["eval_split"])
+    if not tasks:
+        raise UserError(f"eval_split={cfg['eval_split']} holds no task with these ratios (train_env_ratio="
+                        f"{cfg['train_env_ratio']}, val_env_ratio={cfg['val_env_ratio']}); pick another split")
+    return tasks
 
 
 def source_curve(cfg: dict, task_indices: list[int]) -> np.ndarray | None:
@@ -105,7 +109,9 @@ def summarize(cfg, task_indices, returns, stats, elapsed, ppo_curve) -> dict:
         "episodes_to_80pct": episodes_to_fraction(curve, optimal.mean()),
         "ppo_episodes_to_80pct": None if ppo_curve is None else episodes_to_fraction(ppo_curve, optimal.mean()),
         "max_context_tokens": int(stats["max_context_tokens"]), "steps_per_second": steps / elapsed,
-        "greedy": cfg["eval_greedy"], "temperature": cfg["eval_temperature"], "seed": cfg["eval_seed"], "per_task": per_task,
+        "greedy": cfg["eval_greedy"], "temperature": cfg["eval_temperature"], "seed": cfg["eval_seed"],
+        "eval_split": cfg["eval_split"] if not cfg["eval_tasks"] else "chosen", "memory": cfg["eval_memory"],
+        "per_task": per_task,
         **{k: v for k, v in stats.items() if k != "max_context_tokens"},
     }
     return summary

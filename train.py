@@ -199,7 +199,7 @@ def train(cfg: dict):
         writer = SummaryWriter(str(run_dir))
         print(f"{run_dir}: {model.num_params():,} parameters, {len(train_set):,} training windows, "
               f"device {device}, world size {world}, steps {start}..{cfg['train_timesteps']}")
-    test_tasks = envs.tasks_of_split(cfg, "test")
+    val_tasks = envs.tasks_of_split(cfg, "val")  # eval/ curves guide choices: never the test tasks
     bar = tqdm(total=cfg["train_timesteps"], initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
     tic, targets = time.perf_counter(), 0
     step = start
@@ -228,8 +228,9 @@ def train(cfg: dict):
             if step % cfg["test_interval"] == 0 or step == cfg["train_timesteps"]:
                 for k, v in test_losses(model, test_loader, device, autocast).items():
                     writer.add_scalar(f"test/{k}", v, step)
-            if cfg["eval_interval"] and (step % cfg["eval_interval"] == 0 or step == cfg["train_timesteps"]):
-                returns, _ = rollout(model, cfg, test_tasks, n_episodes=min(cfg["eval_episodes"], 20),
+            if val_tasks and cfg["eval_interval"] and (step % cfg["eval_interval"] == 0
+                                                       or step == cfg["train_timesteps"]):
+                returns, _ = rollout(model, cfg, val_tasks, n_episodes=min(cfg["eval_episodes"], 20),
                                      n_rollouts=1, seed=cfg["eval_seed"])
                 writer.add_scalar("eval/return_first", float(returns[:, 0].mean()), step)
                 writer.add_scalar("eval/return_final", float(returns[:, -1].mean()), step)

@@ -31,7 +31,11 @@ SCHEMA: dict[str, Key] = {
         grid_size=(int, 9, "side of the square grid", {"min": 2, "max": 64}),
         horizon=(int, 20, "steps per episode (episodes always run to the horizon)", {"min": 1}),
         env_split_seed=(int, 0, "seed of the train/test task split (a pure function of it and the ratio)"),
-        train_env_ratio=(float, 0.9, "fraction of tasks used for training", {"min": 0.0, "max": 1.0}),
+        train_env_ratio=(float, 0.9, "fraction of tasks not held out for test (training + validation)",
+                         {"min": 0.0, "max": 1.0}),
+        val_env_ratio=(float, 0.1, "fraction of all tasks taken from the non-test ones as validation tasks: "
+                       "never trained on; every choice and the eval/ curves during training use them",
+                       {"min": 0.0, "max": 1.0}),
     ),
     **_keys(
         "algorithm",
@@ -89,7 +93,7 @@ SCHEMA: dict[str, Key] = {
         num_workers=(int, 0, "DataLoader worker processes", {"min": 0}),
         log_interval=(int, 50, "steps between TensorBoard train/ scalars", {"min": 1}),
         test_interval=(int, 250, "steps between held-out-stream test/ losses", {"min": 1}),
-        eval_interval=(int, 1000, "steps between short in-context rollouts on test tasks (0 = off)", {"min": 0}),
+        eval_interval=(int, 1000, "steps between short in-context rollouts on validation tasks (0 = off)", {"min": 0}),
         ckpt_interval=(int, 500, "steps between checkpoints", {"min": 1}),
         test_stream_ratio=(float, 0.1, "fraction of each train task's streams held out for test/ losses",
                            {"min": 0.0, "max": 0.5}),
@@ -98,7 +102,8 @@ SCHEMA: dict[str, Key] = {
         "evaluation",
         eval_episodes=(int, 100, "episodes per in-context rollout", {"min": 1}),
         eval_rollouts=(int, 10, "independent rollouts per task", {"min": 1}),
-        eval_split=(str, "test", "tasks to evaluate on", {"choices": ("test", "train", "all")}),
+        eval_split=(str, "test", "tasks to evaluate on: 'val' for every choice, 'test' only to report",
+                    {"choices": ("test", "val", "train", "all")}),
         eval_tasks=(str, "", "comma-separated task indices (overrides eval_split)"),
         eval_greedy=(bool, False, "take the most likely action instead of sampling"),
         eval_temperature=(float, 0.5, "sample actions from softmax(logits / temperature); below 1 sharpens "
@@ -106,6 +111,12 @@ SCHEMA: dict[str, Key] = {
         eval_markers=(str, "model", "two-region mode: where regions end: 'model' (token-type head) "
                       "or 'interval' (every compress_interval steps)", {"choices": ("model", "interval")}),
         eval_seed=(int, 0, "seed of the evaluation rollouts"),
+        eval_memory=(str, "keep", "memory ablation: 'keep' (normal); 'drop': no memory of earlier episodes "
+                     "(window variants drop every token older than the current episode at each episode "
+                     "start; CompressedAD decodes without latents, as at depth 0 in training); 'zero': "
+                     "CompressedAD's latents replaced by zeros (window variants: as 'drop'); 'shuffle': "
+                     "the memory of a rollout on another task (its older tokens, or its latents)",
+                     {"choices": ("keep", "drop", "zero", "shuffle")}),
     ),
     **_keys(
         "run",
@@ -120,7 +131,7 @@ SCHEMA: dict[str, Key] = {
 # Keys that change what a collection produces; a dataset collected with other values is
 # a different dataset (backend is not here: both backends write the same schema).
 COLLECTION_KEYS = (
-    "env", "grid_size", "horizon", "env_split_seed", "train_env_ratio",
+    "env", "grid_size", "horizon", "env_split_seed", "train_env_ratio", "val_env_ratio",
     "alg", "n_steps", "batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda",
     "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "total_source_timesteps",
     "n_stream", "alg_seed",

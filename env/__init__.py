@@ -23,12 +23,19 @@ def task_list(cfg: dict) -> list[dict]:
 
 
 def task_split(cfg: dict) -> list[str]:
-    """'train' or 'test' for each task index; depends only on env_split_seed and the ratio."""
+    """'train', 'val' or 'test' for each task index; depends only on env_split_seed and the ratios.
+
+    The test tasks are the tail of a seeded permutation (`1 - train_env_ratio` of all tasks);
+    the validation tasks are taken from the end of the rest (`val_env_ratio` of all tasks), so
+    adding a validation split never changes which tasks are test tasks. Training sees neither:
+    every choice (temperature, budgets, steps) is made on `val`, `test` is only reported."""
     n = len(task_list(cfg))
     order = np.random.default_rng(cfg["env_split_seed"]).permutation(n)
     n_train = int(round(cfg["train_env_ratio"] * n))
+    n_val = min(int(round(cfg["val_env_ratio"] * n)), n_train)
     split = np.full(n, "test", dtype=object)
-    split[order[:n_train]] = "train"
+    split[order[:n_train - n_val]] = "train"
+    split[order[n_train - n_val:n_train]] = "val"
     return split.tolist()
 
 

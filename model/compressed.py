@@ -100,13 +100,22 @@ class LatentMemory:
     """Rollout context of CompressedAD: latents + at most n_transit recent step tokens.
 
     Same interface as the AD policies in model/rollout.py (`step(token) -> action logits`,
-    `max_tokens`). Its memory is K + n_transit tokens however long the rollout runs."""
+    `start_episode()`, `max_tokens`). Its memory is K + n_transit tokens however long the
+    rollout runs.
 
-    def __init__(self, model: CompressedAD, batch: int, n_transit: int, device, use_cache: bool = True):
+    Memory ablation (`memory`): after every compression the decoder sees no latents
+    ('drop', as at depth 0 in training), zeros ('zero') or the latents of the rollout in row
+    perm[r] ('shuffle', another task); the encoder keeps folding the true latents, so only
+    what the decoder reads changes."""
+
+    def __init__(self, model: CompressedAD, batch: int, n_transit: int, device, use_cache: bool = True,
+                 memory: str = "keep", perm=None):
         self.model, self.n_transit, self.use_cache, self.device = model, n_transit, use_cache, device
+        self.memory, self.perm = memory, perm
         self.stage_len = stage_len(n_transit)
         self.recent: list[dict] = []  # one (B, 1) token dict per step
-        self.latents = None
+        self.latents = None  # what the encoder folded so far
+        self.visible = None  # what the decoder reads: the latents, or their ablation
         self.cache = model.new_cache(batch, model.n_latent + n_transit, device) if use_cache else None
         self.depth, self.max_tokens, self.batch = 0, 0, batch
 
@@ -118,20 +127,33 @@ class LatentMemory:
         stage, self.recent = self.recent[: self.stage_len], self.recent[self.stage_len:]
         mask = torch.ones(self.batch, len(stage), dtype=torch.bool, device=self.device)
         self.latents = self.model.compress(self.latents, self._cat(stage), mask)
+        self.visible = self._ablated(self.latents)
         self.depth += 1
         if self.use_cache:  # re-encode latents + kept steps
             self.cache.length = 0
-            self.model.decode(self.latents, self._cat(self.recent), self.cache)
+            self.model.decode(self.visible, self._cat(self.recent), self.cache)
+
+    def _ablated(self, latents):
+        if self.memory == "drop":
+            return None
+        if self.memory == "zero":
+            return torch.zeros_like(latents)
+        if self.memory == "shuffle":
+            return latents[self.perm.to(latents.device)]
+        return latents
+
+    def start_episode(self):
+        """Nothing to do: the ablation acts at each compression, not at episode starts."""
 
     @torch.no_grad()
     def step(self, token: dict) -> torch.Tensor:
         if len(self.recent) + 1 > self.n_transit:
             self._compress()
         self.recent.append(token)
-        K = 0 if self.latents is None else self.latents.shape[1]
+        K = 0 if self.visible is None else self.visible.shape[1]
         self.max_tokens = max(self.max_tokens, K + len(self.recent))
         if self.use_cache:
-            if self.cache.length == 0 and self.latents is not None:  # cache was never built
-                return self.model.decode(self.latents, self._cat(self.recent), self.cache)[:, -1]
+            if self.cache.length == 0 and self.visible is not None:  # cache was never built
+                return self.model.decode(self.visible, self._cat(self.recent), self.cache)[:, -1]
             return self.model.decode(None, token, self.cache)[:, -1]
-        return self.model.decode(self.latents, self._cat(self.recent))[:, -1]
+        return self.model.decode(self.visible, self._cat(self.recent))[:, -1]

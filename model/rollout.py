@@ -14,6 +14,12 @@ context is kept depends on the variant:
   the previous region is dropped.
 With `use_cache=False` every step re-encodes the whole context instead (the slow
 reference): outputs, and so sampled actions, are the same.
+
+Memory ablation (`eval_memory`, to show whether a variant's memory carries the learning):
+'drop' (and 'zero') makes the window variants drop every token older than the current
+episode at each episode start (with rotary positions dropping is the same as masking);
+'shuffle' swaps those older tokens for the ones of a rollout on another task. CompressedAD
+applies its ablation to the latents after every compression (model/compressed.py).
 """
 import numpy as np
 import torch
@@ -56,6 +62,14 @@ class Context:
         return action_logits[:, -n:], None if type_logits is None else type_logits[:, -n:]
 
     @torch.no_grad()
+    def permute_rows(self, perm: torch.Tensor):
+        """Row r takes the context of row perm[r] (memory ablation 'shuffle')."""
+        kept = {k: v[perm, :self.length].clone() for k, v in self.buf.items()}
+        self.drop_oldest(self.length)
+        if kept["kind"].shape[1]:
+            self.append(kept)
+
+    @torch.no_grad()
     def drop_oldest(self, n: int):
         kept = {k: v[:, n:self.length].clone() for k, v in self.buf.items()}
         self.length -= n
@@ -74,11 +88,25 @@ def _marker(kind: int, batch: int, device) -> dict:
     return t
 
 
+def other_task_rows(batch: int, n_rollouts: int) -> torch.Tensor:
+    """For each row (task-major), a row of the next task (of another rollout when there is one task)."""
+    shift = n_rollouts if batch > n_rollouts else 1
+    return (torch.arange(batch) + shift) % batch
+
+
 class SlidingWindow:
     """AD: at most n_transit step tokens; slides by `slide` tokens at a time."""
 
-    def __init__(self, ctx: Context, n_transit: int, slide: int):
+    def __init__(self, ctx: Context, n_transit: int, slide: int, memory: str = "keep", perm=None):
         self.ctx, self.n_transit, self.slide = ctx, n_transit, slide
+        self.memory, self.perm = memory, perm
+
+    def start_episode(self):
+        """Memory ablation: what the new episode may see of the earlier ones."""
+        if self.memory in ("drop", "zero"):
+            self.ctx.drop_oldest(len(self.ctx))
+        elif self.memory == "shuffle":
+            self.ctx.permute_rows(self.perm.to(self.ctx.device))
 
     def step(self, token: dict):
         if len(self.ctx) + 1 > self.n_transit:
@@ -89,13 +117,26 @@ class SlidingWindow:
 class TwoRegions:
     """Two-region context; counts region lengths and how many region ends were forced."""
 
-    def __init__(self, ctx: Context, n_transit: int, interval: int, markers: str):
+    def __init__(self, ctx: Context, n_transit: int, interval: int, markers: str, memory: str = "keep", perm=None):
         self.ctx, self.n_transit, self.interval, self.markers = ctx, n_transit, interval, markers
+        self.memory, self.perm = memory, perm
         self.batch = ctx.buf["kind"].shape[0]
-        self.ctx.append(_marker(KIND_START, self.batch, ctx.device))
+        self.region_lengths, self.forced_ends = [], 0
+        self._open_first_region()
+
+    def _open_first_region(self):
+        self.ctx.append(_marker(KIND_START, self.batch, self.ctx.device))
         self.prev_len = 0  # tokens of the previous region incl. its markers
         self.cur_steps = 0
-        self.region_lengths, self.forced_ends = [], 0
+
+    def start_episode(self):
+        """Memory ablation: 'drop' starts afresh with one open region; 'shuffle' swaps rows
+        (every row has the same region layout, so the markers stay consistent)."""
+        if self.memory in ("drop", "zero"):
+            self.ctx.drop_oldest(len(self.ctx))
+            self._open_first_region()
+        elif self.memory == "shuffle":
+            self.ctx.permute_rows(self.perm.to(self.ctx.device))
 
     def step(self, token: dict):
         action_logits, type_logits = self.ctx.append(token)
@@ -123,17 +164,18 @@ class TwoRegions:
         self.ctx.append(_marker(KIND_START, self.batch, device))
 
 
-def make_policy_context(model, cfg: dict, batch: int, device, use_cache: bool = True):
-    """(object with .max_tokens, policy with .step(token) -> action logits)."""
+def make_policy_context(model, cfg: dict, batch: int, device, use_cache: bool = True, n_rollouts: int = 1):
+    """(object with .max_tokens, policy with .step(token) -> action logits and .start_episode())."""
+    memory, perm = cfg["eval_memory"], other_task_rows(batch, n_rollouts)
     if cfg["model"] == "CompressedAD":
         from model.compressed import LatentMemory
-        memory = LatentMemory(model, batch, cfg["n_transit"], device, use_cache)
-        return memory, memory
+        latent_memory = LatentMemory(model, batch, cfg["n_transit"], device, use_cache, memory, perm)
+        return latent_memory, latent_memory
     if cfg["use_compressed_context"]:
         ctx = Context(model, batch, cfg["n_transit"] + 4, device, use_cache)  # + 4 markers
-        return ctx, TwoRegions(ctx, cfg["n_transit"], cfg["compress_interval"], cfg["eval_markers"])
+        return ctx, TwoRegions(ctx, cfg["n_transit"], cfg["compress_interval"], cfg["eval_markers"], memory, perm)
     ctx = Context(model, batch, cfg["n_transit"], device, use_cache)
-    return ctx, SlidingWindow(ctx, cfg["n_transit"], max(1, cfg["n_transit"] // 4))
+    return ctx, SlidingWindow(ctx, cfg["n_transit"], max(1, cfg["n_transit"] // 4), memory, perm)
 
 
 def sample_actions(logits: torch.Tensor, uniforms: np.ndarray, greedy: bool, temperature: float = 1.0) -> np.ndarray:
@@ -180,12 +222,14 @@ def _rollout(model, cfg, task_indices, n_episodes, n_rollouts, seed, greedy, use
     env = envs.make_batched_env(cfg, tasks)
     B, n_actions = len(tasks), envs.n_actions(cfg)
     rng = np.random.default_rng(seed)
-    ctx, policy = make_policy_context(model, cfg, B, device, use_cache)
+    ctx, policy = make_policy_context(model, cfg, B, device, use_cache, n_rollouts)
     returns = np.zeros((B, n_episodes), dtype=np.float32)
     prev_action = np.full(B, n_actions)
     prev_reward = np.zeros(B, dtype=np.float32)
     for ep in range(n_episodes):
         states, new_episode = env.reset(), np.ones(B, dtype=np.int64)
+        if ep > 0:
+            policy.start_episode()
         for _ in range(cfg["horizon"]):
             token = {"kind": np.full(B, KIND_STEP), "state": envs.state_index(cfg, states),
                      "prev_action": prev_action, "prev_reward": prev_reward, "new_episode": new_episode}

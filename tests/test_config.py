@@ -235,7 +235,7 @@ def test_range_bounds_are_inclusive():
 
 
 @pytest.mark.parametrize("key,value", [("env", "darkroom2"), ("alg", "SAC"), ("backend", "torch"),
-                                       ("model", "DT"), ("device", "tpu"), ("eval_split", "val"),
+                                       ("model", "DT"), ("device", "tpu"), ("eval_split", "validation"),
                                        ("eval_markers", "never")])
 def test_bad_choice_names_key_and_choices(key, value):
     raises_naming([key, value] + list(SCHEMA[key].choices), load_config, [], {key: value})

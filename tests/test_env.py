@@ -16,14 +16,15 @@ DELTA = {STAY: (0, 0), UP: (0, 1), DOWN: (0, -1), LEFT: (-1, 0), RIGHT: (1, 0)}
 
 
 def dr_cfg(**kw):
-    cfg = {"env": "darkroom", "grid_size": 9, "horizon": 20, "env_split_seed": 0, "train_env_ratio": 0.9}
+    cfg = {"env": "darkroom", "grid_size": 9, "horizon": 20, "env_split_seed": 0, "train_env_ratio": 0.9,
+           "val_env_ratio": 0.1}
     cfg.update(kw)
     return cfg
 
 
 def kd_cfg(**kw):
     cfg = {"env": "dark_key_to_door", "grid_size": 9, "horizon": 50, "env_split_seed": 0,
-           "train_env_ratio": 0.9}
+           "train_env_ratio": 0.9, "val_env_ratio": 0.1}
     cfg.update(kw)
     return cfg
 
@@ -200,18 +201,25 @@ def test_key_to_door_task_list_is_all_6561_pairs():
     json.dumps(tasks)
 
 
-@pytest.mark.parametrize("cfg,n_train,n_test", [(dr_cfg(), 73, 8), (kd_cfg(), 5905, 656),
-                                                 (dr_cfg(train_env_ratio=0.5, grid_size=4), 8, 8)])
-def test_split_sizes_and_disjointness(cfg, n_train, n_test):
+@pytest.mark.parametrize("cfg,n_train,n_val,n_test", [
+    (dr_cfg(), 65, 8, 8), (kd_cfg(), 5249, 656, 656), (dr_cfg(train_env_ratio=0.5, grid_size=4), 6, 2, 8),
+    (dr_cfg(val_env_ratio=0.0), 73, 0, 8)])
+def test_split_sizes_and_disjointness(cfg, n_train, n_val, n_test):
     split = envs.task_split(cfg)
     assert len(split) == len(envs.task_list(cfg))
-    assert set(split) <= {"train", "test"}
-    train, test = envs.tasks_of_split(cfg, "train"), envs.tasks_of_split(cfg, "test")
-    assert (len(train), len(test)) == (n_train, n_test)
-    assert not set(train) & set(test)
-    assert sorted(train + test) == list(range(len(split)))
+    assert set(split) <= {"train", "val", "test"}
+    parts = {w: envs.tasks_of_split(cfg, w) for w in ("train", "val", "test")}
+    assert tuple(len(p) for p in parts.values()) == (n_train, n_val, n_test)
+    assert sorted(sum(parts.values(), [])) == list(range(len(split)))
     assert envs.tasks_of_split(cfg, "all") == list(range(len(split)))
-    assert all(split[i] == "train" for i in train) and all(split[i] == "test" for i in test)
+    assert all(split[i] == w for w, p in parts.items() for i in p)
+
+
+def test_validation_split_never_changes_the_test_tasks():
+    for seed in range(4):
+        with_val = envs.tasks_of_split(dr_cfg(env_split_seed=seed), "test")
+        assert envs.tasks_of_split(dr_cfg(env_split_seed=seed, val_env_ratio=0.0), "test") == with_val
+        assert with_val == envs.tasks_of_split(dr_cfg(env_split_seed=seed, val_env_ratio=0.3), "test")
 
 
 def test_split_is_deterministic_and_depends_on_seed():
@@ -224,7 +232,7 @@ def test_split_is_deterministic_and_depends_on_seed():
     np.random.rand(10)
     assert envs.task_split(dr_cfg(env_split_seed=0)) == a
     # the ratio moves the sizes
-    assert envs.task_split(dr_cfg(train_env_ratio=0.5)).count("train") in (40, 41)
+    assert envs.task_split(dr_cfg(train_env_ratio=0.5, val_env_ratio=0.0)).count("train") in (40, 41)
 
 
 def test_split_extremes():

@@ -101,7 +101,7 @@ def test_round_trip(tmp_path):
         for i in (0, 4, 7):
             g = f[str(i)]
             assert json.loads(g.attrs["task"]) == tasks[i]
-            assert g.attrs["split"] == split[i] and g.attrs["split"] in ("train", "test")
+            assert g.attrs["split"] == split[i] and g.attrs["split"] in ("train", "val", "test")
             assert g.attrs["backend"] == "sb3"
             assert set(g.keys()) == set(FIELDS)
             for name in FIELDS:
