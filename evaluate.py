@@ -149,7 +149,14 @@ def print_table(name: str, s: dict):
               f"{t['optimal']:>7.1f} {100 * t['final'] / max(t['optimal'], 1e-9):>5.0f}")
 
 
-def evaluate_run(run_dir: Path, overrides: dict) -> tuple[dict, np.ndarray, np.ndarray | None]:
+def output_names(tag: str) -> dict:
+    """File names of an evaluation; a tag keeps evaluations of one run side by side (the memory study)."""
+    suffix = f"_{tag}" if tag else ""
+    return {"returns": f"eval_result{suffix}.npy", "summary": f"eval_summary{suffix}.json",
+            "curve": f"eval_curve{suffix}.png"}
+
+
+def evaluate_run(run_dir: Path, overrides: dict, tag: str = "") -> tuple[dict, np.ndarray, np.ndarray | None]:
     cfg, model, step = load_run(run_dir, overrides)
     task_indices = eval_task_indices(cfg)
     bar = tqdm(total=cfg["eval_episodes"], unit="episode", desc=run_dir.name, dynamic_ncols=True)
@@ -161,14 +168,15 @@ def evaluate_run(run_dir: Path, overrides: dict) -> tuple[dict, np.ndarray, np.n
     ppo_curve = source_curve(cfg, task_indices)
     summary = summarize(cfg, task_indices, returns, stats, elapsed, ppo_curve)
     summary["train_step"] = step
-    np.save(run_dir / "eval_result.npy", returns)
-    (run_dir / "eval_summary.json").write_text(json.dumps(summary, indent=1))
-    plot_curves(run_dir / "eval_curve.png", {run_dir.name: returns}, float(np.mean(summary["optimal_return"])),
+    names = output_names(tag)
+    np.save(run_dir / names["returns"], returns)
+    (run_dir / names["summary"]).write_text(json.dumps(summary, indent=1))
+    plot_curves(run_dir / names["curve"], {run_dir.name: returns}, float(np.mean(summary["optimal_return"])),
                 ppo_curve, f"{run_dir.name}: in-context return on {cfg['eval_split'] if not cfg['eval_tasks'] else 'chosen'} tasks")
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(str(run_dir)) as w:
         for ep, value in enumerate(returns.mean(0)):
-            w.add_scalar("eval_curve/return", float(value), ep)
+            w.add_scalar(f"eval_curve{'_' + tag if tag else ''}/return", float(value), ep)
     print_table(run_dir.name, summary)
     return summary, returns, ppo_curve
 
@@ -177,13 +185,17 @@ def main():
     parser = config_arg_parser(__doc__.split("\n\n")[0], "run directories written by train.py")
     parser.add_argument("--plot", type=Path, help="comparison plot path when several runs are given "
                         "(default: eval_comparison.png beside the first run)")
+    parser.add_argument("--tag", default="", help="name suffix of the output files (eval_summary_TAG.json, ...), "
+                        "so several evaluations of one run (e.g. eval_memory=drop) sit side by side")
     args = parser.parse_args()
     if not args.configs:
         parser.error("give at least one run directory, e.g. runs/AD-darkroom-seed0")
     overrides = parse_set(args.set)
+    if not all(c.isalnum() or c in "_.-" for c in args.tag):
+        raise UserError(f"--tag {args.tag!r}: use letters, digits, '_', '.' or '-' (it becomes part of file names)")
     results = {}
     for run in args.configs:
-        summary, returns, ppo_curve = evaluate_run(Path(run), overrides)
+        summary, returns, ppo_curve = evaluate_run(Path(run), overrides, args.tag)
         results[Path(run).name] = (summary, returns, ppo_curve)
     if len(results) > 1:
         first = next(iter(results.values()))

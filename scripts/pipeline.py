@@ -4,6 +4,7 @@
     python scripts/pipeline.py --size full               # darkroom at paper scale, for a GPU box
     python scripts/pipeline.py --seeds 0 1 2 --variants AD
     python scripts/pipeline.py --env dark_key_to_door    # 5x5 Dark Key-to-Door (CPU size)
+    python scripts/pipeline.py --study memory            # return vs context size, memory on/off (scripts/memory_study.py)
 
 Each stage is the user-facing command (collect.py, train.py, evaluate.py) run as a
 subprocess, so this script does nothing a user could not do by hand. Rerunning it
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 from utils import load_config, parse_set, run_cli, run_path  # noqa: E402
 
 # Transformer scale for a GPU box; the model configs hold the CPU size. Full runs get their
@@ -105,8 +107,18 @@ def main():
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="extra overrides for every stage, e.g. env_split_seed=1 run_dir=runs/split1")
+    p.add_argument("--study", choices=["memory"], help="memory: train every variant at a ladder of context "
+                   "budgets and evaluate each with its memory on and off (see scripts/memory_study.py)")
+    p.add_argument("--jobs", type=int, default=2, help="--study: trainings and evaluations run at once "
+                   "(each uses one CPU thread; default 2)")
     args = p.parse_args()
     setup, size = SETUPS[args.env], SETUPS[args.env][args.size]
+    if args.study == "memory":
+        if args.jobs < 1:
+            p.error("--jobs must be at least 1")
+        import memory_study
+        memory_study.run_study(args, setup, size, train_config, ["collect.py", *size["data"], *with_set(args.set)])
+        return
     train_sets = {seed: size["train"] + [f"seed={seed}"] + args.set for seed in args.seeds}
     # resolve every config before any work, so a typo costs a second, not a collection
     configs = {(v, seed): train_config(size["data"] + [setup["variants"][v]], train_sets[seed])

@@ -1,0 +1,240 @@
+"""The memory study: return against context size, with each variant's memory switched off.
+
+    python scripts/pipeline.py --study memory                       # darkroom, seeds 0 1 2
+    python scripts/pipeline.py --study memory --env dark_key_to_door --seeds 0 --jobs 2
+
+For one environment, every variant is trained at a ladder of context budgets (`n_transit`,
+from less than one episode to the whole training stream; two-region AD has one budget, two
+PPO rollouts), each with the same number of step targets per optimiser step. Every run is
+then evaluated on the test tasks four ways (evaluate.py --tag):
+- `keep`: as trained, for 4x the episodes one training stream holds (the length check of
+  the goal; the usual 100-episode numbers are read off the same rollouts, which do not
+  depend on how long they run);
+- `drop`: memory switched off (eval_memory=drop: window variants forget every earlier
+  episode at each episode start; CompressedAD decodes without its latents);
+- `shuffle`: the memory of a rollout on another task (eval_memory=shuffle);
+- `T1`: sampling at temperature 1.0 instead of the chosen eval_temperature.
+Output in {run_dir}/memory_study/{env}/: memory_study.json (one row per variant x budget x
+seed), memory_study.md (the table, with IQM and 95% stratified-bootstrap intervals) and
+memory_study.png. Rerunning reuses finished trainings; evaluations run again.
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+import report  # noqa: E402
+from algorithm.history import steps_per_stream  # noqa: E402
+from utils import UserError, run_path  # noqa: E402
+
+# n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts)
+LADDERS = {
+    "darkroom": {"AD": [10, 20, 40, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 20, 40]},
+    "dark_key_to_door": {"AD": [10, 25, 50, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 25, 50]},
+}
+TARGETS_PER_STEP = 1600  # windows x steps per optimiser step, the same at every budget
+MAX_DEPTH = 40           # CompressedAD: deepest compression trained on (stage = n_transit // 2 steps)
+EVALS = {"keep": [], "drop": ["eval_memory=drop"], "shuffle": ["eval_memory=shuffle"],
+         "T1": ["eval_temperature=1.0"]}
+LENGTH_FACTOR = 4        # `keep` runs for this many times the episodes one training stream holds
+
+
+def budget_overrides(variant: str, n_transit: int | None, steps_in_stream: int) -> list[str]:
+    if n_transit is None:
+        return []
+    sets = [f"n_transit={n_transit}", f"train_batch_size={max(2, TARGETS_PER_STEP // n_transit)}"]
+    if variant == "CompressedAD":
+        deepest = (steps_in_stream - n_transit) // (n_transit // 2)
+        sets.append(f"max_compression_depth={min(MAX_DEPTH, deepest)}")
+    return sets
+
+
+def run_jobs(jobs: list[tuple[str, list[str]]], n_parallel: int, log_dir: Path) -> dict:
+    """Run (name, argv) jobs, n_parallel at a time, each logging to log_dir/name.log;
+    stop at the first failure. Returns seconds per job."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending, running, seconds = list(jobs), {}, {}
+    while pending or running:
+        while pending and len(running) < n_parallel:
+            name, argv = pending.pop(0)
+            log = open(log_dir / f"{name}.log", "w")
+            print(f"  start {name}: {' '.join(argv)}", flush=True)
+            running[name] = (subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
+                             time.perf_counter(), log)
+        time.sleep(1)
+        for name, (proc, tic, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            seconds[name] = time.perf_counter() - tic
+            if proc.returncode != 0:
+                for other, _, other_log in running.values():
+                    other.kill()
+                    other_log.close()
+                tail = (log_dir / f"{name}.log").read_text().strip().splitlines()[-1:]
+                print(f"stopped: {name} exited with code {proc.returncode}: {tail[0] if tail else ''} "
+                      f"(log: {log_dir / name}.log); finished trainings are kept", file=sys.stderr)
+                sys.exit(proc.returncode)
+            print(f"  done  {name} ({seconds[name] / 60:.1f} min)", flush=True)
+    return seconds
+
+
+def load_eval(run_dir: Path, tag: str) -> tuple[dict, np.ndarray]:
+    return (json.loads((run_dir / f"eval_summary_{tag}.json").read_text()),
+            np.load(run_dir / f"eval_result_{tag}.npy"))
+
+
+def curve_metrics(summary: dict, returns: np.ndarray, n_episodes: int) -> tuple[float, int | None]:
+    """(fraction of optimal in episode n_episodes, episodes to 80% within the first n_episodes)."""
+    from evaluate import episodes_to_fraction
+    optimal = float(np.mean(summary["optimal_return"]))
+    curve = returns[:, :n_episodes].mean(0)
+    return float(curve[-1] / optimal), episodes_to_fraction(curve, optimal)
+
+
+def context_bytes(cfg: dict, tokens: int) -> int:
+    """fp32 KV cache of one rollout at its most tokens, plus CompressedAD's latent state."""
+    kv = 2 * cfg["tf_n_layer"] * tokens * cfg["tf_n_embd"] * 4
+    return kv + (cfg["n_latent"] * cfg["tf_n_embd"] * 4 if cfg["model"] == "CompressedAD" else 0)
+
+
+def study_row(variant: str, seed: int, cfg: dict, run_dir: Path, n_episodes: int) -> dict:
+    keep, keep_r = load_eval(run_dir, "keep")
+    final, to80 = curve_metrics(keep, keep_r, n_episodes)
+    final_long, _ = curve_metrics(keep, keep_r, keep_r.shape[1])
+    drop, drop_r = load_eval(run_dir, "drop")
+    final_off, to80_off = curve_metrics(drop, drop_r, n_episodes)
+    final_shuffle, _ = curve_metrics(*load_eval(run_dir, "shuffle"), n_episodes)
+    final_t1, to80_t1 = curve_metrics(*load_eval(run_dir, "T1"), n_episodes)
+    first, _ = curve_metrics(keep, keep_r, 1)
+    train = json.loads((run_dir / "train_summary.json").read_text())
+    return {"variant": variant, "seed": seed, "n_transit": cfg["n_transit"],
+            "context_tokens": keep["max_context_tokens"],
+            "context_bytes": context_bytes(cfg, keep["max_context_tokens"]),
+            "final_fraction_of_optimal": final, "episodes_to_80": to80,
+            "final_fraction_of_optimal_memory_off": final_off, "episodes_to_80_memory_off": to80_off,
+            "final_fraction_of_optimal_memory_shuffle": final_shuffle,
+            "final_fraction_of_optimal_T1": final_t1, "episodes_to_80_T1": to80_t1,
+            "first_fraction_of_optimal": first,
+            f"final_fraction_of_optimal_at_{keep_r.shape[1]}_episodes": final_long,
+            "long_episodes": int(keep_r.shape[1]), "n_episodes": n_episodes,
+            "ppo_episodes_to_80": keep["ppo_episodes_to_80pct"], "compression_depth_reached": keep.get(
+                "compression_depth_reached"), "temperature": keep["temperature"],
+            "train_seconds": train["seconds"], "hardware": train["hardware"], "run_dir": str(run_dir.relative_to(ROOT))}
+
+
+def group_iqm(run_dirs: list[Path], tag: str, episode: int) -> str:
+    loaded = [load_eval(d, tag) for d in run_dirs]
+    scores = report.fraction_scores([s for s, _ in loaded], [r for _, r in loaded], episode)
+    return report.format_iqm(report.iqm_with_ci(scores))
+
+
+def study_table(rows: list[dict], groups: dict, n_episodes: int) -> str:
+    lines = ["| variant | n_transit | context tokens | context bytes | seeds | % of optimal (mean) | IQM [95% CI] "
+             "| memory off | IQM off | memory of another task | at T=1.0 | episodes to 80% | episodes to 80%, memory off "
+             f"| % at episode {rows[0]['long_episodes']} | first episode | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (variant, n_transit), dirs in groups.items():
+        rs = [r for r in rows if r["variant"] == variant and r["n_transit"] == n_transit]
+        mean = lambda k: 100 * np.mean([r[k] for r in rs])  # noqa: E731
+        long_key = f"final_fraction_of_optimal_at_{rs[0]['long_episodes']}_episodes"
+        lines.append(
+            f"| {variant} | {n_transit} | {max(r['context_tokens'] for r in rs)} | "
+            f"{max(r['context_bytes'] for r in rs) / 1024:.1f} KiB | {len(rs)} | {mean('final_fraction_of_optimal'):.0f}% | "
+            f"{group_iqm(dirs, 'keep', n_episodes - 1)} | {mean('final_fraction_of_optimal_memory_off'):.0f}% | "
+            f"{group_iqm(dirs, 'drop', n_episodes - 1)} | {mean('final_fraction_of_optimal_memory_shuffle'):.0f}% | "
+            f"{mean('final_fraction_of_optimal_T1'):.0f}% | {[r['episodes_to_80'] for r in rs]} | "
+            f"{[r['episodes_to_80_memory_off'] for r in rs]} | {mean(long_key):.0f}% | "
+            f"{mean('first_fraction_of_optimal'):.0f}% | {np.mean([r['train_seconds'] for r in rs]) / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_study(path: Path, rows: list[dict], title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        color = f"C{i}"
+        budgets = sorted({r["n_transit"] for r in rows if r["variant"] == variant})
+        x, on, off, on_err, to80 = [], [], [], [], []
+        for n in budgets:
+            rs = [r for r in rows if r["variant"] == variant and r["n_transit"] == n]
+            x.append(max(r["context_tokens"] for r in rs))
+            vals = [100 * r["final_fraction_of_optimal"] for r in rs]
+            on.append(np.mean(vals))
+            on_err.append(np.std(vals))
+            off.append(np.mean([100 * r["final_fraction_of_optimal_memory_off"] for r in rs]))
+            eps = [r["episodes_to_80"] for r in rs]
+            to80.append(np.mean([e if e is not None else np.nan for e in eps]))
+        ax1.errorbar(x, on, yerr=on_err, marker="o", color=color, label=variant, capsize=3)
+        ax1.plot(x, off, marker="x", linestyle="--", color=color, label=f"{variant}, memory off")
+        ax2.plot(x, to80, marker="o", color=color, label=variant)
+    ppo = rows[0]["ppo_episodes_to_80"]
+    if ppo is not None:
+        ax2.axhline(ppo, color="k", linestyle=":", label="source PPO")
+    for ax, label in ((ax1, f"% of optimal, episode {rows[0]['n_episodes']}"), (ax2, "episodes to 80% of optimal")):
+        ax.set_xscale("log")
+        ax.set_xlabel("context tokens attended (log)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str]):
+    """Called by scripts/pipeline.py --study memory."""
+    if args.size != "cpu":
+        raise UserError("--study memory runs at --size cpu (the ladder and step budget are set for it)")
+    ladders = {v: LADDERS[args.env][v] for v in args.variants}
+    data_cfg = train_config(size["data"], args.set)
+    steps_in_stream = steps_per_stream(data_cfg)
+    n_episodes = data_cfg["eval_episodes"]
+    long_episodes = LENGTH_FACTOR * steps_in_stream // data_cfg["horizon"]
+    base = Path(data_cfg["run_dir"]) / "memory_study" / args.env
+    plan = {}  # (variant, n_transit, seed) -> (train argv, cfg)
+    for variant, budgets in ladders.items():
+        for n in budgets:
+            for seed in args.seeds:
+                sets = budget_overrides(variant, n, steps_in_stream) + [
+                    f"seed={seed}", f"run_dir={base}/ctx{n or 'default'}"] + args.set
+                configs = size["data"] + [setup["variants"][variant]]
+                cfg = train_config(configs, sets)  # every config checked before any work
+                plan[variant, n, seed] = (["train.py", *configs, "--set", *sets], cfg)
+    out = ROOT / base
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"memory study, {args.env}: {len(plan)} trainings, {args.jobs} at a time; output in {out}")
+    tic = time.perf_counter()
+    subprocess.run([sys.executable, *collect_cmd], cwd=ROOT, check=True)
+    run_jobs([(f"train_{v}_ctx{n}_seed{s}", argv) for (v, n, s), (argv, _) in plan.items()], args.jobs, out / "logs")
+    run_dirs = {key: ROOT / run_path(cfg) for key, (_, cfg) in plan.items()}
+    evals = []
+    for tag, extra in EVALS.items():
+        episodes = long_episodes if tag == "keep" else n_episodes
+        dirs = [str(d) for d in run_dirs.values()]
+        for part in range(args.jobs):  # one evaluate.py per job slot and setting
+            chunk = dirs[part::args.jobs]
+            if chunk:
+                evals.append((f"eval_{tag}_{part}", ["evaluate.py", *chunk, "--tag", tag, "--plot",
+                                                     str(out / "logs" / f"comparison_{tag}_{part}.png"), "--set",
+                                                     f"eval_episodes={episodes}", *extra, *args.set]))
+    run_jobs(evals, args.jobs, out / "logs")
+    rows = [study_row(v, s, cfg, run_dirs[v, n, s], n_episodes) for (v, n, s), (_, cfg) in plan.items()]
+    groups = {}
+    for (v, n, s) in plan:
+        groups.setdefault((v, plan[v, n, s][1]["n_transit"]), []).append(run_dirs[v, n, s])
+    (out / "memory_study.json").write_text(json.dumps(rows, indent=1) + "\n")
+    table = study_table(rows, groups, n_episodes)
+    (out / "memory_study.md").write_text(table + "\n")
+    plot_study(out / "memory_study.png", rows, f"{args.env}: held-out test tasks, seeds {args.seeds}")
+    print(f"\n{table}\n\n{len(rows)} rows in {(time.perf_counter() - tic) / 60:.1f} min: {out / 'memory_study.json'}, "
+          f"{out / 'memory_study.md'}, {out / 'memory_study.png'}")

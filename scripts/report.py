@@ -1,0 +1,37 @@
+"""Aggregate scores the way RL papers report them: the interquartile mean (IQM) with a
+stratified-bootstrap 95% confidence interval (Agarwal et al. 2021, the `rliable` package).
+
+A score matrix has one row per independent run and one column per task. Here a run is one
+(training seed, evaluation rollout) pair: each rollout is an independent in-context
+learning episode sequence on its task, so seeds x rollouts rows are resampled within each
+task (stratified by task).
+"""
+import numpy as np
+
+BOOTSTRAP_REPS = 2000  # enough for a 2-decimal interval; rliable's default (50k) takes minutes
+
+
+def iqm_with_ci(scores: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """(IQM, CI low, CI high) of a (runs, tasks) score matrix."""
+    from rliable import library as rly, metrics
+    scores = np.asarray(scores, dtype=np.float64)
+    point, interval = rly.get_interval_estimates(
+        {"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=BOOTSTRAP_REPS,
+        random_state=np.random.RandomState(seed))
+    return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+
+
+def fraction_scores(summaries: list[dict], returns: list[np.ndarray], episode: int = -1) -> np.ndarray:
+    """(seeds x rollouts, tasks) fraction of optimal at one episode, from evaluate.py outputs
+    (rows of eval_result.npy are task-major: task_position * n_rollouts + rollout)."""
+    per_seed = []
+    for summary, r in zip(summaries, returns):
+        n_tasks, n_rollouts = len(summary["per_task"]), summary["n_rollouts"]
+        optimal = np.array([t["optimal"] for t in summary["per_task"]])
+        per_seed.append(r[:, episode].reshape(n_tasks, n_rollouts).T / optimal)  # (rollouts, tasks)
+    return np.concatenate(per_seed, 0)
+
+
+def format_iqm(stats: tuple[float, float, float]) -> str:
+    point, low, high = stats
+    return f"{100 * point:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
