@@ -1,7 +1,7 @@
 """The memory study: return against context size, with each variant's memory switched off.
 
     python scripts/pipeline.py --study memory                       # darkroom, seeds 0 1 2
-    python scripts/pipeline.py --study memory --env dark_key_to_door --seeds 0 --jobs 2
+    python scripts/pipeline.py --study memory --env dark_key_to_door --seeds 0 --budgets 10 25 100
 
 For one environment, every variant is trained at a ladder of context budgets (`n_transit`,
 from less than one episode to the whole training stream; two-region AD has one budget, two
@@ -127,7 +127,7 @@ def study_row(variant: str, seed: int, cfg: dict, run_dir: Path, n_episodes: int
             "long_episodes": int(keep_r.shape[1]), "n_episodes": n_episodes,
             "ppo_episodes_to_80": keep["ppo_episodes_to_80pct"], "compression_depth_reached": keep.get(
                 "compression_depth_reached"), "temperature": keep["temperature"],
-            "train_seconds": train["seconds"], "hardware": train["hardware"], "run_dir": str(run_dir.relative_to(ROOT))}
+            "train_seconds": train["seconds"], "hardware": train["hardware"], "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)}
 
 
 def group_iqm(run_dirs: list[Path], tag: str, episode: int) -> str:
@@ -196,6 +196,8 @@ def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str
     if args.size != "cpu":
         raise UserError("--study memory runs at --size cpu (the ladder and step budget are set for it)")
     ladders = {v: LADDERS[args.env][v] for v in args.variants}
+    if args.budgets:  # the same ladder for every variant whose budget is free
+        ladders = {v: (ladder if ladder == [None] else sorted(args.budgets)) for v, ladder in ladders.items()}
     data_cfg = train_config(size["data"], args.set)
     steps_in_stream = steps_per_stream(data_cfg)
     n_episodes = data_cfg["eval_episodes"]

@@ -18,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+import report  # noqa: E402
 from utils import load_config, parse_set, run_cli, run_path  # noqa: E402
 
 # Transformer scale for a GPU box; the model configs hold the CPU size. Full runs get their
@@ -67,12 +70,12 @@ def with_set(values: list[str]) -> list[str]:
 
 
 def result_table(rows: list[dict]) -> str:
-    lines = ["| variant | seeds | final return | optimal | % of optimal | first-episode return | episodes to 80% "
-             "| PPO episodes to 80% | context tokens | train time / run | hardware |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | final return | optimal | % of optimal | IQM [95% CI] | first-episode return "
+             "| episodes to 80% | PPO episodes to 80% | context tokens | train time / run | hardware |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['final']:.2f} | {r['optimal']:.2f} | "
-                     f"{100 * r['fraction']:.0f}% | "
+                     f"{100 * r['fraction']:.0f}% | {r['iqm']} | "
                      f"{r['first']:.2f} | {r['episodes_to_80']} | {r['ppo_episodes_to_80']} | {r['context']} | "
                      f"{r['train_seconds'] / 60:.1f} min | {r['hardware']} |")
     return "\n".join(lines)
@@ -81,11 +84,13 @@ def result_table(rows: list[dict]) -> str:
 def table_row(variant: str, run_dirs: list[Path]) -> dict:
     """Mean over seeds of what evaluate.py and train.py wrote into the run folders."""
     summaries = [json.loads((d / "eval_summary.json").read_text()) for d in run_dirs]
+    returns = [np.load(d / "eval_result.npy") for d in run_dirs]
     trainings = [json.loads((d / "train_summary.json").read_text()) for d in run_dirs]
     mean = lambda k: sum(s[k] for s in summaries) / len(summaries)  # noqa: E731
     optimal = summaries[0]["optimal_return"]
     return {"variant": variant, "seeds": len(summaries), "final": mean("final_return"),
             "optimal": sum(optimal) / len(optimal), "fraction": mean("final_fraction_of_optimal"),
+            "iqm": report.format_iqm(report.iqm_with_ci(report.fraction_scores(summaries, returns))),
             "first": mean("first_return"), "episodes_to_80": [s["episodes_to_80pct"] for s in summaries],
             "ppo_episodes_to_80": summaries[0]["ppo_episodes_to_80pct"],
             "context": max(s["max_context_tokens"] for s in summaries),
@@ -109,6 +114,8 @@ def main():
                    help="extra overrides for every stage, e.g. env_split_seed=1 run_dir=runs/split1")
     p.add_argument("--study", choices=["memory"], help="memory: train every variant at a ladder of context "
                    "budgets and evaluate each with its memory on and off (see scripts/memory_study.py)")
+    p.add_argument("--budgets", type=int, nargs="+", help="--study: the n_transit ladder of AD and CompressedAD "
+                   "(default: scripts/memory_study.py LADDERS)")
     p.add_argument("--jobs", type=int, default=2, help="--study: trainings and evaluations run at once "
                    "(each uses one CPU thread; default 2)")
     args = p.parse_args()

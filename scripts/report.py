@@ -6,6 +6,8 @@ A score matrix has one row per independent run and one column per task. Here a r
 learning episode sequence on its task, so seeds x rollouts rows are resampled within each
 task (stratified by task).
 """
+import warnings
+
 import numpy as np
 
 BOOTSTRAP_REPS = 2000  # enough for a 2-decimal interval; rliable's default (50k) takes minutes
@@ -15,9 +17,11 @@ def iqm_with_ci(scores: np.ndarray, seed: int = 0) -> tuple[float, float, float]
     """(IQM, CI low, CI high) of a (runs, tasks) score matrix."""
     from rliable import library as rly, metrics
     scores = np.asarray(scores, dtype=np.float64)
-    point, interval = rly.get_interval_estimates(
-        {"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=BOOTSTRAP_REPS,
-        random_state=np.random.RandomState(seed))
+    with warnings.catch_warnings():  # arch's notice that it will prefer numpy Generators
+        warnings.simplefilter("ignore", FutureWarning)
+        point, interval = rly.get_interval_estimates(
+            {"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=BOOTSTRAP_REPS,
+            random_state=np.random.RandomState(seed))
     return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
 
 

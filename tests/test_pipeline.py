@@ -59,3 +59,27 @@ def test_tiny_run_writes_table_timings_and_plot_under_run_dir(tmp_path):
     assert {"collect", "train AD seed0", "evaluate seed0", "total (this script)"} <= set(timings)
     assert (out / "comparison_darkroom_cpu_AD-AD-tworegion_seed0.png").stat().st_size > 0
     assert (out / "AD-tworegion-darkroom-seed0" / "eval_summary.json").exists()
+
+
+def test_tiny_memory_study_writes_one_row_per_variant_budget_seed(tmp_path):
+    sets = ["grid_size=3", "horizon=6", "n_steps=12", "batch_size=12", "n_stream=4", "n_process=1",
+            "test_stream_ratio=0.25", "total_source_timesteps=96", "train_env_ratio=0.7", "n_latent=2",
+            "train_timesteps=4", "eval_interval=0", "test_interval=100", "tf_n_embd=16", "eval_episodes=2",
+            "eval_rollouts=2", "device=cpu", f"dataset_dir={tmp_path}/data", f"run_dir={tmp_path}/runs"]
+    proc = _pipeline("--study", "memory", "--variants", "AD", "CompressedAD", "--seeds", "0", "--budgets", "6", "12",
+                     "--set", *sets)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "runs" / "memory_study" / "darkroom"
+    rows = json.loads((out / "memory_study.json").read_text())
+    assert sorted((r["variant"], r["n_transit"]) for r in rows) == [
+        ("AD", 6), ("AD", 12), ("CompressedAD", 6), ("CompressedAD", 12)]
+    keys = {"variant", "seed", "context_tokens", "context_bytes", "final_fraction_of_optimal", "episodes_to_80",
+            "final_fraction_of_optimal_memory_off", "episodes_to_80_memory_off", "train_seconds"}
+    assert all(keys <= set(r) for r in rows)
+    # the context the rows report is what each variant attends to: window, or latents + recent steps
+    assert {(r["variant"], r["n_transit"]): r["context_tokens"] for r in rows} == {
+        ("AD", 6): 6, ("AD", 12): 12, ("CompressedAD", 6): 8, ("CompressedAD", 12): 14}
+    assert rows[0]["long_episodes"] == 4 * 24 // 6  # 4x the episodes of one 24-step training stream
+    table = (out / "memory_study.md").read_text()
+    assert table.count("\n| AD |") == 2 and "IQM" in table
+    assert (out / "memory_study.png").stat().st_size > 0
