@@ -46,19 +46,25 @@ def run_backend(cfg: dict, indices: list[int], tasks: list[dict], on_done, progr
         batched_ppo.collect(cfg, indices, tasks, on_done, progress)
 
 
-def check_fits(cfg: dict):
-    """Refuse a size whose one task cannot fit in memory (chunks of tasks are cut to fit)."""
+TORCH_PROCESS_BYTES = 300_000_000  # what a worker process carries before any task (torch itself)
+
+
+def check_fits(cfg: dict, n_tasks: int):
+    """Refuse sizes that cannot fit in memory: one task in each worker process (the batched
+    backend cuts chunks of tasks to what fits, but never below one task per worker)."""
     from algorithm.batched_ppo import bytes_per_task
+    device = pick_device(cfg["device"])
     one = bytes_per_task(cfg, sum(envs.state_cardinalities(cfg)))
-    workers = cfg["n_process"] if cfg["backend"] == "sb3" else 1  # sb3: one task per worker at once
-    check_memory("collection", {f"{workers} task(s) of {cfg['n_stream']} streams x "
-                                f"{history.steps_per_stream(cfg)} steps": one * workers},
-                 pick_device(cfg["device"]), "use a smaller n_stream or total_source_timesteps (or fewer n_process)")
+    workers = 1 if device.type == "cuda" and cfg["backend"] == "batched" else min(cfg["n_process"], n_tasks)
+    check_memory("collection", {f"one task of {cfg['n_stream']} streams x {history.steps_per_stream(cfg)} steps "
+                                f"in each of {workers} process(es)": one * workers,
+                                "the worker processes": TORCH_PROCESS_BYTES * workers if workers > 1 else 0},
+                 device, "use a smaller n_stream, total_source_timesteps or n_process")
 
 
 def collect(cfg: dict, path: Path, indices: list[int]):
     """Collect the missing (or damaged) tasks among `indices` into `path`."""
-    check_fits(cfg)
+    check_fits(cfg, len(indices))
     ensure_writable_dir(path.parent, "dataset directory")
     with history.lock(path):
         _collect(cfg, path, indices)

@@ -35,9 +35,10 @@ def load_run(run_dir: Path, overrides: dict):
     cfg = load_config([run_dir / "config.yaml"], overrides)
     device = pick_device(cfg["device"])
     n_rows = len(eval_task_indices(cfg)) * cfg["eval_rollouts"]
-    check_memory(f"evaluating {run_dir}", memory_estimate(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg), n_rows,
-                                                          training=False),
-                 device, "use fewer eval_rollouts or tasks, or a smaller model")
+    parts = memory_estimate(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg), n_rows, training=False)
+    parts["returns"] = n_rows * cfg["eval_episodes"] * 4
+    check_memory(f"evaluating {run_dir}", parts, device,
+                 "use fewer eval_rollouts, eval_episodes or tasks, or a smaller model")
     model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(device)
     state = load_checkpoint(ckpt, device)
     try:

@@ -13,6 +13,7 @@ resumes: finished collections and trainings are reused; evaluations run again
 """
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -51,11 +52,23 @@ SETUPS = {
 VARIANTS = list(SETUPS["darkroom"]["variants"])
 
 
+def stop_with_parent():
+    """In a stage's process, before it starts (Linux): get SIGTERM when this script dies, even
+    by kill -9, instead of running on unseen (it would hold its run directory or dataset)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the stage runs to its end, which is safe too
+        pass
+
+
 def run(cmd: list[str]) -> float:
     print("\n$ " + " ".join(cmd), flush=True)
     tic = time.perf_counter()
-    code = subprocess.run([sys.executable, *cmd], cwd=ROOT).returncode
-    if code != 0:  # the stage printed its own error; finished stages are reused on the next run
+    code = subprocess.run([sys.executable, *cmd], cwd=ROOT, preexec_fn=stop_with_parent).returncode
+    if code == 2:  # the stage explained the problem in one line; finished stages are reused on the next run
+        sys.exit(code)
+    if code != 0:
         print(f"stopped: `{cmd[0]}` exited with code {code}; fix the cause and rerun, finished stages are kept",
               file=sys.stderr)
         sys.exit(code)

@@ -245,16 +245,19 @@ def test_in_memory_training_data_that_cannot_fit_is_refused(data_dir, tmp_path, 
     assert_one_line_error(code, err, "training data in memory", "num_workers")
 
 
-def test_collection_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    code, err = collect_cli(monkeypatch, capsys, ALG, ENV, "--set", "n_stream=1000000000", f"dataset_dir={tmp_path}")
+@pytest.mark.parametrize("sets", [["n_stream=1000000000"], ["total_source_timesteps=100000000000000"],
+                                  ["env=dark_key_to_door", "n_process=1000000", "backend=sb3"]])
+def test_collection_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch, capsys, sets):
+    code, err = collect_cli(monkeypatch, capsys, ALG, ENV, "--set", *sets, f"dataset_dir={tmp_path}")
     assert_one_line_error(code, err, "needs about", "n_stream")
     assert not any(tmp_path.iterdir())
 
 
-def test_evaluation_that_cannot_fit_is_refused_before_any_work(trained, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sets", [["eval_rollouts=1000000000"], ["eval_episodes=1000000000000"]])
+def test_evaluation_that_cannot_fit_is_refused_before_any_work(trained, tmp_path, monkeypatch, capsys, sets):
     run = tmp_path / trained.name
     shutil.copytree(trained, run)
-    code, err = evaluate_cli(monkeypatch, capsys, run, "--set", "eval_rollouts=1000000000", "device=cpu")
+    code, err = evaluate_cli(monkeypatch, capsys, run, "--set", *sets, "device=cpu")
     assert_one_line_error(code, err, "needs about", "eval_rollouts")
     assert not (run / "eval_result.npy").exists()
 
@@ -494,6 +497,32 @@ def test_collection_workers_exit_when_the_parent_is_killed(tmp_path):
         for w in left:
             os.kill(w, signal.SIGKILL)
         assert not left, "worker processes outlived their parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_pipeline_stage_stops_when_the_pipeline_is_killed(tmp_path):
+    """A stage left running after kill -9 of the pipeline would hold its dataset or run directory."""
+    proc = subprocess.Popen([sys.executable, "scripts/pipeline.py", "--seeds", "0", "--variants", "AD", "--set",
+                             f"dataset_dir={tmp_path}/data", f"run_dir={tmp_path}/runs", "device=cpu"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, stage = time.monotonic() + 120, []
+        while time.monotonic() < deadline and not stage:
+            assert proc.poll() is None, "the pipeline ended before its first stage started"
+            stage = [c for c in children(proc.pid) if b"collect.py" in Path(f"/proc/{c}/cmdline").read_bytes()]
+            time.sleep(0.2)
+        assert stage
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and alive(stage[0]):
+            time.sleep(0.2)
+        if alive(stage[0]):
+            os.kill(stage[0], signal.SIGKILL)
+            pytest.fail("collect.py outlived the pipeline")
     finally:
         if proc.poll() is None:
             proc.kill()
