@@ -82,7 +82,7 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
         done = set(header["done"]) - set(damaged)
     else:
         history.create_if_missing(path, cfg, tasks, split)
-        done = set()
+        done, damaged = set(), {}
     todo = [i for i in indices if i not in done]
     print(f"{path}: {len(indices) - len(todo)} of {len(indices)} tasks already collected, "
           f"{len(todo)} to go (backend={cfg['backend']})")
@@ -99,7 +99,7 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
     def on_done(results: dict):
         for h in results.values():
             history.check_history(h, cfg, state_dim)
-        history.append_tasks(path, results, tasks, split, cfg["backend"])
+        history.append_tasks(path, results, tasks, split, cfg["backend"], replace=damaged)
 
     def progress(n_tasks: int, n_env_steps: int):
         nonlocal steps, finished

@@ -91,23 +91,21 @@ def create_if_missing(path: Path, cfg: dict, tasks: list, split: list):
     os.replace(tmp, path)
 
 
-def append_tasks(path: Path, results: dict, tasks: list, split: list, backend: str):
+def append_tasks(path: Path, results: dict, tasks: list, split: list, backend: str, replace=()):
     """Add finished tasks {index: arrays} to the file, atomically (see module doc). A group
-    already there is replaced: callers hand over only missing or damaged tasks."""
+    already there is kept, unless its index is in `replace` (a damaged task collected again)."""
     path, tmp = Path(path), _tmp(Path(path))
-    try:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a") as f:
-            for index, h in sorted(results.items()):
-                if str(index) in f:
-                    del f[str(index)]
-                _write_group(f, index, h, tasks[index], split[index], backend)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # e.g. a full disk: the file is untouched, do not leave a large copy behind
-        tmp.unlink(missing_ok=True)
-        raise
+    shutil.copyfile(path, tmp)
+    with h5py.File(tmp, "a") as f:
+        for index, h in sorted(results.items()):
+            if str(index) in f:
+                if index not in replace:  # already there (e.g. a merge input): keep the first
+                    continue
+                del f[str(index)]
+            _write_group(f, index, h, tasks[index], split[index], backend)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def lock(path: Path):

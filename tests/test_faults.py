@@ -475,9 +475,10 @@ def alive(pid: int) -> bool:
     return state != "Z"  # an exited orphan nobody reaps yet holds nothing
 
 
-def test_collection_workers_exit_when_the_parent_is_killed(tmp_path):
+@pytest.mark.parametrize("backend", ["batched", "sb3"])
+def test_collection_workers_exit_when_the_parent_is_killed(tmp_path, backend):
     """Fault injection: kill -9 the collection while its two worker processes train."""
-    proc = subprocess.Popen([sys.executable, "collect.py", str(ALG), str(ENV), "--set", "backend=batched",
+    proc = subprocess.Popen([sys.executable, "collect.py", str(ALG), str(ENV), "--set", f"backend={backend}",
                              "n_process=2", "device=cpu", f"dataset_dir={tmp_path}"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
