@@ -220,9 +220,10 @@ def check_split(cfg: dict):
     tiny grid, can leave a part empty, which would fail (or average to NaN) much later."""
     import env as envs  # here, not at the top: env imports nothing from utils, keep it so
     split = envs.task_split(cfg)
-    setting = f"train_env_ratio={cfg['train_env_ratio']} with {len(split)} tasks (grid_size={cfg['grid_size']})"
+    setting = (f"train_env_ratio={cfg['train_env_ratio']}, val_env_ratio={cfg['val_env_ratio']} with "
+               f"{len(split)} tasks (grid_size={cfg['grid_size']})")
     if "train" not in split:
-        raise ConfigError(f"{setting} leaves no training task; raise train_env_ratio")
+        raise ConfigError(f"{setting} leaves no training task; raise train_env_ratio or lower val_env_ratio")
     if "test" not in split:
         raise ConfigError(f"{setting} leaves no held-out test task; lower train_env_ratio")
 

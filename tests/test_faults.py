@@ -195,6 +195,7 @@ def test_exception_without_message_still_gives_a_message():
     ({"train_env_ratio": 1.0}, "no held-out test task"),
     ({"grid_size": 2, "train_env_ratio": 0.9}, "no held-out test task"),   # 4 tasks: round(3.6) = 4 train
     ({"grid_size": 2, "train_env_ratio": 0.1}, "no training task"),        # round(0.4) = 0
+    ({"train_env_ratio": 0.2, "val_env_ratio": 0.2}, "no training task"),  # every non-test task validates
 ])
 def test_split_without_training_or_held_out_task_is_refused(sets, word):
     with pytest.raises(ConfigError) as e:
