@@ -164,6 +164,8 @@ def check_plot_path(path: Path):
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--plot {path} is a directory; give a file name, e.g. {path / 'comparison.png'}")
+    if path.exists() and not path.is_file():
+        raise UserError(f"--plot {path} exists and is not a regular file; give another path")
     plot_format(path)
     ensure_writable_dir(path.parent, "plot directory")
 

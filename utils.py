@@ -267,6 +267,8 @@ def atomic_write(path: Path, mode: str = "wb"):
     has finished: a crash, a kill or a full disk leaves the previous file whole (and no
     half-written temporary behind, except after kill -9, which the next write overwrites)."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # never replace a directory or a device (--plot /dev/null)
+        raise UserError(f"{path} exists and is not a regular file; give another path")
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:

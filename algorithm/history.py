@@ -151,7 +151,9 @@ def read_header(path: Path) -> dict:
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: its header attributes are damaged ({first_line(e)}): move it away and "
                         "rerun collect.py") from None
-    if not isinstance(header["collection_config"], dict) or not isinstance(header["split"], list):
+    cc = header["collection_config"]
+    if (not isinstance(cc, dict) or not all(k in cc for k in ("env", "n_steps", "n_stream", "total_source_timesteps"))
+            or not isinstance(header["split"], list) or not isinstance(header["tasks"], list)):
         raise UserError(f"{path}: its header attributes are damaged: move it away and rerun collect.py")
     return header
 

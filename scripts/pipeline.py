@@ -125,6 +125,7 @@ def main():
     p.add_argument("--jobs", type=int, default=2, help="--study: trainings and evaluations run at once "
                    "(each uses one CPU thread; default 2)")
     args = p.parse_args()
+    args.seeds, args.variants = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.variants))  # once each
     setup, size = SETUPS[args.env], SETUPS[args.env][args.size]
     if args.study == "memory":
         if args.jobs < 1:

@@ -332,11 +332,13 @@ def test_merge_refuses_a_slice_with_damaged_tasks(damaged_data, tmp_path, monkey
     assert not (tmp_path / "out" / path.name).exists()
 
 
-def test_damaged_header_attributes_are_one_error(tmp_path):
+@pytest.mark.parametrize("attr, value", [("split", "{not json"), ("collection_config", "{}"),
+                                         ("collection_config", "[1, 2]"), ("format_version", "one")])
+def test_damaged_header_attributes_are_one_error(tmp_path, attr, value):
     cfg = make_cfg(tmp_path)
     path = build_history_file(cfg, task_indices=[0])
     with h5py.File(path, "a") as f:
-        f.attrs["split"] = "{not json"
+        f.attrs[attr] = value
     with pytest.raises(UserError, match="header"):
         history.read_header(path)
 
@@ -390,6 +392,14 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert list(tmp_path.iterdir()) == [path]
 
 
+def test_atomic_write_never_replaces_a_directory_or_device(tmp_path):
+    for path in (tmp_path, Path("/dev/null")):
+        with pytest.raises(UserError, match="not a regular file"):
+            with utils.atomic_write(path) as f:
+                f.write(b"x")
+    assert Path("/dev/null").is_char_device()
+
+
 def test_os_error_is_one_line_and_exit_2(monkeypatch, capsys):
     def main():
         raise OSError(28, "No space left on device", "/data/x.hdf5")
@@ -400,7 +410,7 @@ def test_os_error_is_one_line_and_exit_2(monkeypatch, capsys):
 # ----------------------------------------------------------------------------- 9. evaluate.py checks first
 
 @pytest.mark.parametrize("problem", ["missing", "no_checkpoint", "damaged_checkpoint", "bad_plot_suffix",
-                                     "plot_is_a_directory"])
+                                     "plot_is_a_directory", "plot_is_a_device"])
 def test_evaluate_checks_every_run_and_the_plot_before_evaluating(trained, tmp_path, monkeypatch, capsys, problem):
     first, second = tmp_path / "a" / trained.name, tmp_path / "b" / trained.name
     shutil.copytree(trained, first)
@@ -414,6 +424,8 @@ def test_evaluate_checks_every_run_and_the_plot_before_evaluating(trained, tmp_p
         (second / "ckpt-last.pt").write_bytes(b"")
     elif problem == "bad_plot_suffix":
         plot = tmp_path / "cmp.notaformat"
+    elif problem == "plot_is_a_device":
+        plot = Path("/dev/null")  # must never be replaced by a file
     else:
         plot = tmp_path / "plots"
         plot.mkdir()
