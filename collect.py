@@ -92,7 +92,9 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
     # the bar counts env steps (every rollout of every task), so its rate and ETA move while
     # a chunk of tasks trains together; finished tasks are in the postfix
     per_task = history.steps_per_stream(cfg) * cfg["n_stream"]
-    bar = tqdm(total=len(todo) * per_task, unit="step", unit_scale=True, desc="collect", dynamic_ncols=True)
+    # smoothing=0: the rate is the average since the start; every rollout costs about the same
+    bar = tqdm(total=len(todo) * per_task, unit="step", unit_scale=True, desc="collect", dynamic_ncols=True,
+               smoothing=0)
     bar.set_postfix(tasks=f"0/{len(todo)}")
     start, steps, finished = time.perf_counter(), 0, 0
 

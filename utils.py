@@ -14,6 +14,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -411,8 +412,13 @@ def exit_with_parent():
 
 # ----------------------------------------------------------------------------- running
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # `kill` stops as cleanly as Ctrl-C: locks released, workers stopped
+
+
 def run_cli(main):
     """Run a script's main(); user errors become one line on stderr and exit code 2."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
     except UserError as e:

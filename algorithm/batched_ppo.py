@@ -504,16 +504,16 @@ class ChunkLearner:
                 self.adam.step()
 
     def run(self, progress=None):
-        """All rollouts and updates; `progress(0, n_env_steps)` after every rollout."""
+        """All rollouts and updates; `progress(0, n_env_steps)` after every rollout and its update."""
         n_steps, R = self.cfg["n_steps"], n_rollouts(self.cfg)
         obs = self.env.reset()
         for r in range(R):
             obs, data = self.rollout(obs, r * n_steps)
-            if progress is not None:
-                progress(0, self.B * self.S * n_steps)
             if r < R - 1:  # an update after the last rollout could not change the history
                 self.train(data)
             del data
+            if progress is not None:  # after the update, so that the rate (and the ETA) include it
+                progress(0, self.B * self.S * n_steps)
 
     def histories(self, indices: list[int]) -> dict:
         return {index: self.history.task(slot, self.cfg["n_steps"]) for slot, index in enumerate(indices)}
