@@ -237,7 +237,7 @@ def main():
         # evaluation, so a bad second run never costs the first run's outputs
         loaded = [load_run(run, overrides) for run in runs]
         for run in runs:
-            held.enter_context(claim_run_dir(run, create=False))
+            held.enter_context(claim_run_dir(run, create=False, job=f"evaluation {args.tag}".strip()))
         if len(runs) > 1:
             check_plot_path(plot)
         results = {}

@@ -338,14 +338,16 @@ def locked(path: Path, what: str):
 
 
 @contextmanager
-def claim_run_dir(run_dir: Path, create: bool = True):
+def claim_run_dir(run_dir: Path, create: bool = True, job: str = "training"):
     """The one check of a run directory before work: it exists (or is created), is writable,
-    and no other process (train.py or evaluate.py) holds it; held for the block."""
+    and no other process does the same job there; held for the block. Jobs that write
+    different files (training; an evaluation per output tag) may run side by side."""
     run_dir = Path(run_dir)
     if not create and not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory of a training run")
     ensure_writable_dir(run_dir, "run directory")
-    with locked(run_dir / ".lock", f"run directory {run_dir}"):
+    name = ".lock" if job == "training" else f".{job.replace(' ', '_')}.lock"
+    with locked(run_dir / name, f"run directory {run_dir} ({job})"):
         yield run_dir
 
 

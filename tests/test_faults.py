@@ -569,9 +569,7 @@ def test_run_directory_in_use_is_refused_then_free_after_a_kill(data_dir, traine
     try:
         before = snapshot(run)
         code, err = train_cli(monkeypatch, capsys, resume_sets(data_dir, runs))
-        assert_one_line_error(code, err, "in use", f"pid {holder.pid}")
-        code, err = evaluate_cli(monkeypatch, capsys, run, "--set", *EVAL_SET)
-        assert_one_line_error(code, err, "in use")
+        assert_one_line_error(code, err, "in use", f"pid {holder.pid}", "training")
         assert snapshot(run) == before
     finally:
         holder.kill()  # like kill -9: the lock file stays behind, the kernel drops the lock
@@ -580,6 +578,26 @@ def test_run_directory_in_use_is_refused_then_free_after_a_kill(data_dir, traine
     code, err = train_cli(monkeypatch, capsys, resume_sets(data_dir, runs))
     assert code == 0, err
     assert not (run / ".lock").exists()
+
+
+def test_same_evaluation_twice_at_once_is_refused_other_tags_and_training_are_not(trained, tmp_path, monkeypatch,
+                                                                                    capsys):
+    run = tmp_path / trained.name
+    shutil.copytree(trained, run)
+    holder = hold_lock(run / ".evaluation_keep.lock")  # an evaluate.py --tag keep at work
+    try:
+        before = snapshot(run)
+        code, err = evaluate_cli(monkeypatch, capsys, run, "--tag", "keep", "--set", *EVAL_SET)
+        assert_one_line_error(code, err, "in use", "evaluation keep")
+        assert snapshot(run) == before
+        with utils.claim_run_dir(run):  # a training at work does not block an evaluation
+            code, err = evaluate_cli(monkeypatch, capsys, run, "--tag", "drop", "--set", *EVAL_SET,
+                                     "eval_memory=drop")
+        assert code == 0, err
+        assert (run / "eval_summary_drop.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_dataset_in_use_is_refused(tmp_path, monkeypatch, capsys):
