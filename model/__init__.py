@@ -20,13 +20,15 @@ def memory_estimate(cfg: dict, n_state_tokens: int, n_actions: int, batch: int, 
         n_params = sum(p.numel() for p in build(cfg, n_state_tokens, n_actions).parameters())
     E, H = cfg["tf_n_embd"], cfg["tf_n_head"]
     # (layers, tokens) the transformers run over per sequence: the decoder sees the step
-    # tokens (+ 4 two-region markers, + the latents); CompressedAD's encoder folds up to
-    # max_compression_depth stages of n_transit // 2 steps (+ latents in and out) in training
+    # tokens (+ 4 two-region markers, + the latents); in training CompressedAD's encoder
+    # keeps activations for the grad_compression_rounds stages gradients flow through, each
+    # a stage of up to n_transit // 2 steps between the latents in and the latent queries
     runs = [(cfg["tf_n_layer"], cfg["n_transit"] + 4)]
     if cfg["model"] == "CompressedAD":
         runs = [(cfg["tf_n_layer"], cfg["n_transit"] + cfg["n_latent"])]
         if training:
-            runs.append((cfg["enc_n_layer"], cfg["max_compression_depth"] * (cfg["n_transit"] // 2 + 2 * cfg["n_latent"])))
+            rounds = min(cfg["grad_compression_rounds"], cfg["max_compression_depth"])
+            runs.append((cfg["enc_n_layer"] * rounds, cfg["n_transit"] // 2 + 2 * cfg["n_latent"]))
     # per layer and token: ~16 E floats (qkv, attention output, MLP in and out, norms,
     # residual) and the H x tokens attention weights, float32
     act = sum(layers * tokens * (16 * E + 2 * H * tokens) * 4 for layers, tokens in runs)
