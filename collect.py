@@ -8,7 +8,8 @@
 The file is datasets/history_{env}_{alg}_alg-seed{alg_seed}.hdf5 (a slice adds
 `.tasksA-B`). Each finished task is on disk at once; rerunning the same command after a
 crash or Ctrl-C collects only what is missing. Both splits are collected: the held-out
-tasks' PPO curves are the baseline that evaluate.py compares against.
+tasks' PPO curves are the baseline that evaluate.py compares against. A task found damaged
+(a dataset missing or unreadable) is collected again. One collection writes a file at a time.
 """
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ from tqdm import tqdm
 
 import env as envs
 from algorithm import history
-from utils import UserError, config_arg_parser, dataset_path, load_config, parse_set, run_cli
+from utils import (UserError, check_memory, config_arg_parser, dataset_path, ensure_writable_dir, load_config,
+                   parse_set, pick_device, run_cli)
 
 
 def parse_slice(text: str, n_tasks: int) -> list[int]:
@@ -44,35 +46,69 @@ def run_backend(cfg: dict, indices: list[int], tasks: list[dict], on_done, progr
         batched_ppo.collect(cfg, indices, tasks, on_done, progress)
 
 
+TORCH_PROCESS_BYTES = 300_000_000  # what a worker process carries before any task (torch itself)
+
+
+def check_fits(cfg: dict, n_tasks: int):
+    """Refuse sizes that cannot fit in memory: one task in each worker process (the batched
+    backend cuts chunks of tasks to what fits, but never below one task per worker)."""
+    from algorithm.batched_ppo import bytes_per_task
+    device = pick_device(cfg["device"])
+    one = bytes_per_task(cfg, sum(envs.state_cardinalities(cfg)))
+    workers = 1 if device.type == "cuda" and cfg["backend"] == "batched" else min(cfg["n_process"], n_tasks)
+    check_memory("collection", {f"one task of {cfg['n_stream']} streams x {history.steps_per_stream(cfg)} steps "
+                                f"in each of {workers} process(es)": one * workers,
+                                "the worker processes": TORCH_PROCESS_BYTES * workers if workers > 1 else 0},
+                 device, "use a smaller n_stream, total_source_timesteps or n_process")
+
+
 def collect(cfg: dict, path: Path, indices: list[int]):
+    """Collect the missing (or damaged) tasks among `indices` into `path`."""
+    check_fits(cfg, len(indices))
+    ensure_writable_dir(path.parent, "dataset directory")
+    with history.lock(path):
+        _collect(cfg, path, indices)
+
+
+def _collect(cfg: dict, path: Path, indices: list[int]):
     tasks, split = envs.task_list(cfg), envs.task_split(cfg)
     history.remove_stale_tmp(path)  # left by a run killed while writing; the file itself is intact
     if path.exists():
         header = history.read_header(path)
         history.check_matches(path, header, cfg)
-        done = set(header["done"])
+        damaged = history.damaged_tasks(path, header, [i for i in indices if i in header["done"]])
+        if damaged:
+            print(f"{path}: {len(damaged)} damaged tasks will be collected again ({history.describe(damaged)})")
+        done = set(header["done"]) - set(damaged)
     else:
         history.create_if_missing(path, cfg, tasks, split)
-        done = set()
+        done, damaged = set(), {}
     todo = [i for i in indices if i not in done]
     print(f"{path}: {len(indices) - len(todo)} of {len(indices)} tasks already collected, "
           f"{len(todo)} to go (backend={cfg['backend']})")
     if not todo:
         return
     state_dim = envs.state_dim(cfg)
-    bar = tqdm(total=len(todo), unit="task", desc="collect", dynamic_ncols=True)
-    start, steps = time.perf_counter(), 0
+    # the bar counts env steps (every rollout of every task), so its rate and ETA move while
+    # a chunk of tasks trains together; finished tasks are in the postfix
+    per_task = history.steps_per_stream(cfg) * cfg["n_stream"]
+    # smoothing=0: the rate is the average since the start; every rollout costs about the same
+    bar = tqdm(total=len(todo) * per_task, unit="step", unit_scale=True, desc="collect", dynamic_ncols=True,
+               smoothing=0)
+    bar.set_postfix(tasks=f"0/{len(todo)}")
+    start, steps, finished = time.perf_counter(), 0, 0
 
     def on_done(results: dict):
         for h in results.values():
             history.check_history(h, cfg, state_dim)
-        history.append_tasks(path, results, tasks, split, cfg["backend"])
+        history.append_tasks(path, results, tasks, split, cfg["backend"], replace=damaged)
 
     def progress(n_tasks: int, n_env_steps: int):
-        nonlocal steps
+        nonlocal steps, finished
         steps += n_env_steps
-        bar.update(n_tasks)
-        bar.set_postfix(env_steps_per_s=f"{steps / (time.perf_counter() - start):,.0f}")
+        finished += n_tasks
+        bar.set_postfix(tasks=f"{finished}/{len(todo)}", refresh=False)
+        bar.update(n_env_steps)
 
     try:
         run_backend(cfg, todo, tasks, on_done, progress)
@@ -95,7 +131,9 @@ def main():
     if args.merge:
         for p in args.merge:
             history.check_matches(Path(p), history.read_header(Path(p)), cfg)
-        added, have, total = history.merge(path, [Path(p) for p in args.merge])
+        ensure_writable_dir(path.parent, "dataset directory")
+        with history.lock(path):
+            added, have, total = history.merge(path, [Path(p) for p in args.merge])
         print(f"merged {added} tasks into {path}: {have} of {total} tasks present")
         return
     n_tasks = len(envs.task_list(cfg))

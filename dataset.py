@@ -106,6 +106,10 @@ class ADDataset:
         if missing:
             raise UserError(f"{self.path} lacks {len(missing)} training tasks (e.g. {missing[:5]}): "
                             "rerun the same collect.py command to finish it")
+        damaged = history.damaged_tasks(self.path, header, self.tasks)  # before training, not in the middle
+        if damaged:
+            raise UserError(f"{self.path} has damaged tasks ({history.describe(damaged)}): rerun the same "
+                            "collect.py command to collect them again")
         S = header["collection_config"]["n_stream"]
         n_test = int(round(cfg["test_stream_ratio"] * S))
         self.streams = list(range(n_test)) if part == "test" else list(range(n_test, S))

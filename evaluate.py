@@ -9,20 +9,19 @@ columns = episodes), eval_summary.json, eval_curve.png (with the source PPO curv
 same tasks and the optimal return) and TensorBoard scalars under eval_curve/.
 """
 import json
-import pickle
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
 from tqdm import tqdm
 
 import env as envs
 from algorithm import history
-from model import build
+from model import build, memory_estimate
 from model.rollout import rollout
-from utils import UserError, config_arg_parser, dataset_path, load_config, parse_set, pick_device, run_cli
+from utils import (UserError, atomic_write, check_memory, claim_run_dir, config_arg_parser, dataset_path,
+                   ensure_writable_dir, first_line, load_checkpoint, load_config, parse_set, pick_device, run_cli)
 
 
 def load_run(run_dir: Path, overrides: dict):
@@ -35,12 +34,17 @@ def load_run(run_dir: Path, overrides: dict):
         raise UserError(f"{run_dir} has no checkpoint (ckpt-last.pt): train it first with train.py")
     cfg = load_config([run_dir / "config.yaml"], overrides)
     device = pick_device(cfg["device"])
+    n_rows = len(eval_task_indices(cfg)) * cfg["eval_rollouts"]
+    parts = memory_estimate(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg), n_rows, training=False)
+    parts["returns"] = n_rows * cfg["eval_episodes"] * 4
+    check_memory(f"evaluating {run_dir}", parts, device,
+                 "use fewer eval_rollouts, eval_episodes or tasks, or a smaller model")
     model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(device)
+    state = load_checkpoint(ckpt, device)
     try:
-        state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
-    except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
-        raise UserError(f"{ckpt} does not fit the run's config ({str(e).splitlines()[0][:200]}); was the "
+    except Exception as e:  # noqa: BLE001 - whatever does not load does not fit
+        raise UserError(f"{ckpt} does not fit the run's config ({first_line(e)}); was the "
                         "model changed with --set, or the file damaged? retrain or drop the --set") from None
     return cfg, model, state.get("step", 0)
 
@@ -57,7 +61,7 @@ def eval_task_indices(cfg: dict) -> list[int]:
             raise UserError(f"eval_tasks: {bad} out of range (the environment has {n} tasks)")
         return indices
     tasks = envs.tasks_of_split(cfg, cfg["eval_split"])
-    if not tasks:
+    if not tasks:  # an empty evaluation would average to NaN
         raise UserError(f"eval_split={cfg['eval_split']} holds no task with these ratios (train_env_ratio="
                         f"{cfg['train_env_ratio']}, val_env_ratio={cfg['val_env_ratio']}); pick another split")
     return tasks
@@ -70,12 +74,16 @@ def source_curve(cfg: dict, task_indices: list[int]) -> np.ndarray | None:
         header = history.read_header(path)
     except UserError:
         return None
+    if any(i not in header["done"] for i in task_indices):
+        return None
+    damaged = history.damaged_tasks(path, header, task_indices)
+    if damaged:  # the curve is a reference line; the evaluation stands without it
+        print(f"note: no source PPO curve: {path} has damaged tasks ({history.describe(damaged)})")
+        return None
     import h5py
     curves = []
     with h5py.File(path, "r") as f:
         for i in task_indices:
-            if i not in header["done"]:
-                return None
             rewards = f[str(i)]["rewards"][()]
             T, S = rewards.shape
             n_ep = T // cfg["horizon"]
@@ -135,8 +143,31 @@ def plot_curves(path: Path, curves: dict, optimal: float, ppo_curve, title: str)
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as f:
+        fig.savefig(f, format=plot_format(path), dpi=120)
     plt.close(fig)
+
+
+def plot_format(path: Path) -> str:
+    """The image format a plot path asks for (png when it has no suffix), or a UserError."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    fmt = Path(path).suffix[1:].lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise UserError(f"--plot {path}: matplotlib cannot write .{fmt} files; use one of "
+                        f"{', '.join('.' + k for k in sorted(supported))}")
+    return fmt
+
+
+def check_plot_path(path: Path):
+    """Before any evaluation: the comparison plot can be written where it is asked for."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--plot {path} is a directory; give a file name, e.g. {path / 'comparison.png'}")
+    if path.exists() and not path.is_file():
+        raise UserError(f"--plot {path} exists and is not a regular file; give another path")
+    plot_format(path)
+    ensure_writable_dir(path.parent, "plot directory")
 
 
 def print_table(name: str, s: dict):
@@ -156,8 +187,10 @@ def output_names(tag: str) -> dict:
             "curve": f"eval_curve{suffix}.png"}
 
 
-def evaluate_run(run_dir: Path, overrides: dict, tag: str = "") -> tuple[dict, np.ndarray, np.ndarray | None]:
-    cfg, model, step = load_run(run_dir, overrides)
+def evaluate_run(run_dir: Path, overrides: dict, tag: str = "",
+                 loaded=None) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """Evaluate one run (`loaded`: what load_run returned, when the caller checked it already)."""
+    cfg, model, step = loaded or load_run(run_dir, overrides)
     task_indices = eval_task_indices(cfg)
     bar = tqdm(total=cfg["eval_episodes"], unit="episode", desc=run_dir.name, dynamic_ncols=True)
     tic = time.perf_counter()
@@ -169,8 +202,10 @@ def evaluate_run(run_dir: Path, overrides: dict, tag: str = "") -> tuple[dict, n
     summary = summarize(cfg, task_indices, returns, stats, elapsed, ppo_curve)
     summary["train_step"] = step
     names = output_names(tag)
-    np.save(run_dir / names["returns"], returns)
-    (run_dir / names["summary"]).write_text(json.dumps(summary, indent=1))
+    with atomic_write(run_dir / names["returns"]) as f:
+        np.save(f, returns)
+    with atomic_write(run_dir / names["summary"], "w") as f:
+        f.write(json.dumps(summary, indent=1))
     plot_curves(run_dir / names["curve"], {run_dir.name: returns}, float(np.mean(summary["optimal_return"])),
                 ppo_curve, f"{run_dir.name}: in-context return on {cfg['eval_split'] if not cfg['eval_tasks'] else 'chosen'} tasks")
     from torch.utils.tensorboard import SummaryWriter
@@ -193,13 +228,24 @@ def main():
     overrides = parse_set(args.set)
     if not all(c.isalnum() or c in "_.-" for c in args.tag):
         raise UserError(f"--tag {args.tag!r}: use letters, digits, '_', '.' or '-' (it becomes part of file names)")
-    results = {}
-    for run in args.configs:
-        summary, returns, ppo_curve = evaluate_run(Path(run), overrides, args.tag)
-        results[Path(run).name] = (summary, returns, ppo_curve)
+    runs = [Path(run) for run in args.configs]
+    if len({run.resolve() for run in runs}) < len(runs):
+        raise UserError("a run directory is given twice; give each once")
+    plot = args.plot or runs[0].parent / "eval_comparison.png"
+    with ExitStack() as held:
+        # every run and the plot path are checked (and the runs held) before the first
+        # evaluation, so a bad second run never costs the first run's outputs
+        loaded = [load_run(run, overrides) for run in runs]
+        for run in runs:
+            held.enter_context(claim_run_dir(run, create=False, job=f"evaluation {args.tag}".strip()))
+        if len(runs) > 1:
+            check_plot_path(plot)
+        results = {}
+        for run, run_loaded in zip(runs, loaded):
+            summary, returns, ppo_curve = evaluate_run(run, overrides, args.tag, run_loaded)
+            results[str(run) if run.name in results else run.name] = (summary, returns, ppo_curve)
     if len(results) > 1:
         first = next(iter(results.values()))
-        plot = args.plot or Path(args.configs[0]).parent / "eval_comparison.png"
         plot_curves(plot, {k: v[1] for k, v in results.items()}, float(np.mean(first[0]["optimal_return"])),
                     first[2], "in-context return, held-out tasks")
         print(f"\ncomparison plot: {plot}")

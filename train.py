@@ -13,24 +13,24 @@ parameters as a run that was never interrupted (on CPU).
 import json
 import math
 import os
-import pickle
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import env as envs
 from dataset import ADDataset, BucketBatches, BucketSampler, CompressedADDataset, collate_compressed_batch
-from model import build
+from algorithm import history
+from model import build, memory_estimate
 from model.rollout import rollout
 from config.schema import SCHEMA
-from utils import (UserError, config_arg_parser, dataset_path, load_config, parse_set, pick_device,
-                   run_cli, run_path, save_config, seed_everything)
+from utils import (UserError, atomic_write, check_memory, claim_run_dir, config_arg_parser, dataset_path, first_line,
+                   load_checkpoint, load_config, parse_set, pick_device, read_text, read_yaml_mapping, run_cli,
+                   run_path, save_config, seed_everything)
 
 # Keys that may differ when resuming: they change where and how fast, or how the run is
 # evaluated, not what is learned.
@@ -103,7 +103,11 @@ def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
 
 
 def check_resumable(run_dir: Path, cfg: dict):
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        saved = read_yaml_mapping(run_dir / "config.yaml", "run config")
+    except UserError as e:
+        raise UserError(f"{run_dir} holds a checkpoint but its config.yaml cannot be read ({e}); restore "
+                        "config.yaml or move the run away") from None
     diff = [f"{k}={saved.get(k)!r} (now {cfg[k]!r})" for k in cfg
             if k not in RESUME_FREE_KEYS and saved.get(k) != cfg[k]]
     if diff:
@@ -111,11 +115,40 @@ def check_resumable(run_dir: Path, cfg: dict):
                         "settings to resume, another seed or run_dir, or move the run away")
 
 
+CKPT_KEYS = ("model", "optimizer", "step", "torch_rng")
+
+
 def save_checkpoint(path: Path, model, opt, step: int):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state()}, tmp)
-    os.replace(tmp, path)  # a run killed while saving keeps the previous checkpoint
+    with atomic_write(path) as f:  # a run killed while saving keeps the previous checkpoint
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "torch_rng": torch.get_rng_state()}, f)
+
+
+def resume(ckpt: Path, model, opt, device) -> int:
+    """Load model, optimiser and RNG from the checkpoint; the step to go on from."""
+    state = load_checkpoint(ckpt, device, need=CKPT_KEYS)
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"])
+    except Exception as e:  # noqa: BLE001 - the config matched, so the file's content is wrong
+        raise UserError(f"cannot resume from {ckpt} ({first_line(e)}): the file is damaged; move it away "
+                        "to start over") from None
+
+
+def check_fits(cfg: dict, device):
+    """Refuse sizes that cannot fit before building anything (the model is sized on the meta device)."""
+    header = history.read_header(dataset_path(cfg))  # also: a missing dataset stops here, before any work
+    cc = header["collection_config"]
+    n_train = sum(s == "train" for s in header["split"])
+    parts = memory_estimate(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg), cfg["train_batch_size"],
+                            training=True)
+    check_memory("training", parts, device, "use a smaller tf_n_embd, tf_n_layer, n_transit or train_batch_size")
+    if cfg["num_workers"] == 0:  # the training tasks are read into memory (see dataset.py)
+        data = n_train * history.steps_per_stream(cc) * cc["n_stream"] * (4 * envs.state_dim(cfg) + 7)
+        check_memory("training", {"training data in memory": data}, "cpu",
+                     "set num_workers >= 1 to read windows from the file instead")
 
 
 @torch.no_grad()
@@ -140,11 +173,23 @@ def hardware(device, world: int) -> str:
 
 def record_training_time(run_dir: Path, steps: int, seconds: float, device, world: int):
     """train_summary.json: wall time summed over the sessions of a run (resumes add up)."""
-    path = run_dir / "train_summary.json"
-    old = json.loads(path.read_text()) if path.exists() else {"steps": 0, "seconds": 0.0}
+    old = previous_training(run_dir)
     summary = {"steps": old["steps"] + steps, "seconds": old["seconds"] + seconds,
                "hardware": hardware(device, world)}
-    path.write_text(json.dumps(summary, indent=1))
+    with atomic_write(run_dir / "train_summary.json", "w") as f:
+        f.write(json.dumps(summary, indent=1))
+
+
+def previous_training(run_dir: Path) -> dict:
+    """train_summary.json of the sessions before this one (checked before training starts)."""
+    path = run_dir / "train_summary.json"
+    if not path.exists():
+        return {"steps": 0, "seconds": 0.0}
+    try:
+        old = json.loads(read_text(path, "training summary"))
+        return {"steps": int(old["steps"]), "seconds": float(old["seconds"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is damaged ({first_line(e)}); move it away (the run itself is fine)") from None
 
 
 def setup_distributed():
@@ -158,6 +203,15 @@ def setup_distributed():
 
 
 def train(cfg: dict):
+    """Train the run of `cfg`; rank 0 holds the run directory meanwhile (see utils.claim_run_dir)."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return _train(cfg)
+    check_fits(cfg, pick_device(cfg["device"]))
+    with claim_run_dir(run_path(cfg)):
+        return _train(cfg)
+
+
+def _train(cfg: dict):
     rank, world = setup_distributed()
     device = pick_device(cfg["device"])
     if device.type == "cpu":
@@ -173,16 +227,9 @@ def train(cfg: dict):
     start = 0
     if ckpt.exists():
         check_resumable(run_dir, cfg)
-        try:
-            state = torch.load(ckpt, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
-            raise UserError(f"cannot resume from {ckpt} ({str(e).splitlines()[0][:160]}): the file is "
-                            "damaged or from another model; move it away to start over") from None
-        start = state["step"]
-        torch.set_rng_state(state["torch_rng"])
+        start = resume(ckpt, model, opt, device)
     if rank == 0:
+        previous_training(run_dir)  # a damaged summary stops here, not after the training
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     if start >= cfg["train_timesteps"]:

@@ -79,7 +79,6 @@ available memory (the results do not depend on it, see above), with a note on st
 """
 import math
 import multiprocessing as mp
-import os
 import sys
 import traceback
 from queue import Empty
@@ -90,7 +89,7 @@ import torch
 import env as envs
 from algorithm.history import compress_markers, n_rollouts, steps_per_stream
 from algorithm.sb3_ppo import task_seed
-from utils import pick_device
+from utils import UserError, available_memory, exit_with_parent, pick_device
 
 HIDDEN = 64
 ADAM_EPS = 1e-5  # SB3's default for Adam
@@ -505,16 +504,16 @@ class ChunkLearner:
                 self.adam.step()
 
     def run(self, progress=None):
-        """All rollouts and updates; `progress(0, n_env_steps)` after every rollout."""
+        """All rollouts and updates; `progress(0, n_env_steps)` after every rollout and its update."""
         n_steps, R = self.cfg["n_steps"], n_rollouts(self.cfg)
         obs = self.env.reset()
         for r in range(R):
             obs, data = self.rollout(obs, r * n_steps)
-            if progress is not None:
-                progress(0, self.B * self.S * n_steps)
             if r < R - 1:  # an update after the last rollout could not change the history
                 self.train(data)
             del data
+            if progress is not None:  # after the update, so that the rate (and the ETA) include it
+                progress(0, self.B * self.S * n_steps)
 
     def histories(self, indices: list[int]) -> dict:
         return {index: self.history.task(slot, self.cfg["n_steps"]) for slot, index in enumerate(indices)}
@@ -536,21 +535,10 @@ def bytes_per_task(cfg: dict, obs_dim: int) -> int:
     return history + rollout + activations
 
 
-def _available_memory(device) -> int:
-    """Free host memory (histories live there), and GPU memory too on CUDA."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        host = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(host, torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else host
-
-
 def chunk_size(cfg: dict, n_tasks: int, obs_dim: int, device) -> int:
     if cfg["task_chunk"]:
         return min(cfg["task_chunk"], n_tasks)
-    fits = max(1, _available_memory(device) // 2 // bytes_per_task(cfg, obs_dim))
+    fits = max(1, available_memory(device) // 2 // bytes_per_task(cfg, obs_dim))
     if fits < n_tasks:
         print(f"batched PPO: {n_tasks} tasks do not fit in memory at once; training {fits} at a time "
               "(set task_chunk to choose; results do not depend on it)", file=sys.stderr)
@@ -595,6 +583,7 @@ def train_chunk(cfg: dict, chunk: list[int], tasks: list[dict], device, progress
 
 def _worker(cfg: dict, chunk: list[int], tasks: list[dict], queue):
     """A worker process: train its tasks, report env steps, send the histories back."""
+    exit_with_parent()
     try:
         torch.set_num_threads(1)
         learner = ChunkLearner(cfg, chunk, tasks, torch.device("cpu"))
@@ -615,8 +604,8 @@ def _gather(queue, procs, progress) -> dict:
         except Empty:
             dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
             if dead:
-                raise RuntimeError(f"a batched PPO worker process died (exit code {dead[0]}; out of memory? "
-                                   "try a smaller task_chunk)") from None
+                raise UserError(f"a batched PPO worker process died (exit code {dead[0]}; out of memory? "
+                                "try a smaller task_chunk); finished tasks are saved, rerun to go on") from None
             continue
         if kind == "steps" and progress is not None:
             progress(0, payload)

@@ -8,7 +8,10 @@ datasets of shape (T, n_stream, ...).
 Crash safety: a task group is only ever written into a copy of the file, which then
 atomically replaces the original (`os.replace`). A collection killed at any moment
 leaves the previous complete file (plus a stale `.tmp` that the next run removes), so a
-group that exists is a finished task.
+group that exists is a finished task. A group damaged afterwards (a dataset missing, a
+wrong shape, a chunk that no longer decompresses) is found by `damaged_tasks`: training
+refuses it and collect.py collects it again. One collection writes a file at a time
+(`lock`).
 """
 import json
 import os
@@ -18,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from utils import UserError, collection_config
+from utils import UserError, collection_config, first_line, locked
 
 FORMAT_VERSION = 1
 FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_markers")
@@ -88,18 +91,27 @@ def create_if_missing(path: Path, cfg: dict, tasks: list, split: list):
     os.replace(tmp, path)
 
 
-def append_tasks(path: Path, results: dict, tasks: list, split: list, backend: str):
-    """Add finished tasks {index: arrays} to the file, atomically (see module doc)."""
+def append_tasks(path: Path, results: dict, tasks: list, split: list, backend: str, replace=()):
+    """Add finished tasks {index: arrays} to the file, atomically (see module doc). A group
+    already there is kept, unless its index is in `replace` (a damaged task collected again)."""
     path, tmp = Path(path), _tmp(Path(path))
     shutil.copyfile(path, tmp)
     with h5py.File(tmp, "a") as f:
         for index, h in sorted(results.items()):
-            if str(index) in f:  # already there (e.g. a merge input): keep the first
-                continue
+            if str(index) in f:
+                if index not in replace:  # already there (e.g. a merge input): keep the first
+                    continue
+                del f[str(index)]
             _write_group(f, index, h, tasks[index], split[index], backend)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def lock(path: Path):
+    """Hold the dataset file `path` against other collections or merges (see utils.locked)."""
+    path = Path(path)
+    return locked(path.with_name(path.name + ".lock"), f"dataset {path}")
 
 
 def remove_stale_tmp(path: Path):
@@ -129,12 +141,69 @@ def read_header(path: Path) -> dict:
         raise UserError(f"{path} is not a learning-history file of this toolkit (groups "
                         f"{[g for g in groups if not g.isdigit()][:3]} are not task indices): move it away")
     done = sorted(int(g) for g in groups)
-    if int(attrs["format_version"]) != FORMAT_VERSION:
-        raise UserError(f"{path} has format_version {attrs['format_version']}, this toolkit reads "
-                        f"{FORMAT_VERSION}: recollect it with this version of collect.py")
-    return {"config": json.loads(attrs["config"]),
-            "collection_config": json.loads(attrs["collection_config"]),
-            "tasks": json.loads(attrs["tasks"]), "split": json.loads(attrs["split"]), "done": done}
+    try:
+        if int(attrs["format_version"]) != FORMAT_VERSION:
+            raise UserError(f"{path} has format_version {attrs['format_version']}, this toolkit reads "
+                            f"{FORMAT_VERSION}: recollect it with this version of collect.py")
+        header = {"config": json.loads(attrs["config"]),
+                  "collection_config": json.loads(attrs["collection_config"]),
+                  "tasks": json.loads(attrs["tasks"]), "split": json.loads(attrs["split"]), "done": done}
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: its header attributes are damaged ({first_line(e)}): move it away and "
+                        "rerun collect.py") from None
+    cc = header["collection_config"]
+    if (not isinstance(cc, dict) or not all(k in cc for k in ("env", "n_steps", "n_stream", "total_source_timesteps"))
+            or not isinstance(header["split"], list) or not isinstance(header["tasks"], list)):
+        raise UserError(f"{path}: its header attributes are damaged: move it away and rerun collect.py")
+    return header
+
+
+_checked = {}  # (file identity, indices, read_data) -> result: the train and test parts check the same tasks
+
+
+def damaged_tasks(path: Path, header: dict, indices, read_data: bool = True) -> dict:
+    """{task index: what is wrong} for the finished tasks among `indices` that cannot be
+    used: a dataset missing, a shape or dtype other than the file's settings give, or
+    (read_data) data that cannot be read back, e.g. a chunk that does not decompress.
+    Reading every chunk costs about as much as loading the data once; a file is
+    checked once per process."""
+    st = os.stat(path)  # the file is only ever replaced, never changed in place: a new file has a new inode
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, tuple(indices), read_data)
+    if key not in _checked:
+        _checked[key] = _damaged_tasks(path, header, indices, read_data)
+    return dict(_checked[key])
+
+
+def _damaged_tasks(path: Path, header: dict, indices, read_data: bool) -> dict:
+    import env as envs
+    cc = header["collection_config"]
+    T, S, ds = steps_per_stream(cc), cc["n_stream"], envs.state_dim(cc)
+    want = {f: (T, S, ds) if f in ("states", "next_states") else (T, S) for f in FIELDS}
+    bad = {}
+    with h5py.File(path, "r") as f:
+        for i in indices:
+            try:
+                g = f[str(i)]
+                for name in FIELDS:
+                    if name not in g:
+                        if name == "compress_markers":  # a file from before the markers: dataset.py falls back
+                            continue
+                        raise ValueError(f"{name} is missing")
+                    d = g[name]
+                    if d.shape != want[name] or d.dtype != DTYPES[name]:
+                        raise ValueError(f"{name} is {d.dtype}{list(d.shape)}, expected "
+                                         f"{np.dtype(DTYPES[name])}{list(want[name])}")
+                    if read_data:
+                        d[()]
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+                bad[i] = first_line(e)
+    return bad
+
+
+def describe(damaged: dict, n: int = 3) -> str:
+    """'task 5: actions is missing; task 7: ...' for the first n of {index: reason}."""
+    text = "; ".join(f"task {i}: {why}" for i, why in list(damaged.items())[:n])
+    return text + (f"; {len(damaged) - n} more" if len(damaged) > n else "")
 
 
 def config_differences(stored: dict, wanted: dict) -> list[str]:
@@ -158,6 +227,11 @@ def merge(out: Path, inputs: list[Path]):
     """Combine slice files with identical collection configs into `out` (kept if it exists)."""
     out = Path(out)
     headers = [(p, read_header(p)) for p in inputs]
+    for p, h in headers:
+        damaged = damaged_tasks(p, h, h["done"])
+        if damaged:
+            raise UserError(f"cannot merge {p}: it has damaged tasks ({describe(damaged)}); rerun the "
+                            "collect.py command of that slice to repair it")
     first_path, first = headers[0]
     for p, h in headers[1:]:
         diff = config_differences(first["collection_config"], h["collection_config"])

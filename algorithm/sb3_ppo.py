@@ -5,6 +5,7 @@ import time
 import numpy as np
 
 from algorithm.history import n_rollouts
+from utils import exit_with_parent
 
 
 def task_seed(alg_seed: int, task_index: int) -> int:
@@ -44,7 +45,7 @@ def collect(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress=
         results = map(_work, jobs)
         pool = None
     else:
-        pool = mp.get_context("spawn").Pool(min(cfg["n_process"], len(jobs)))
+        pool = mp.get_context("spawn").Pool(min(cfg["n_process"], len(jobs)), initializer=exit_with_parent)
         results = pool.imap_unordered(_work, jobs)
     try:
         for index, history, _ in results:

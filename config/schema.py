@@ -19,6 +19,10 @@ class Key:
     max: float | None = None  # inclusive
 
 
+# numpy seeds must be >= 0 and torch's fit in 64 bits; signed, so that seed + 1 fits too
+SEED = {"min": 0, "max": 2**63 - 1}
+
+
 def _keys(section, **entries):
     return {name: Key(*spec[:3], section=section, **(spec[3] if len(spec) > 3 else {}))
             for name, spec in entries.items()}
@@ -30,7 +34,7 @@ SCHEMA: dict[str, Key] = {
         env=(str, "darkroom", "environment family", {"choices": ("darkroom", "dark_key_to_door")}),
         grid_size=(int, 9, "side of the square grid", {"min": 2, "max": 64}),
         horizon=(int, 20, "steps per episode (episodes always run to the horizon)", {"min": 1}),
-        env_split_seed=(int, 0, "seed of the train/test task split (a pure function of it and the ratio)"),
+        env_split_seed=(int, 0, "seed of the train/test task split (a pure function of it and the ratio)", SEED),
         train_env_ratio=(float, 0.9, "fraction of tasks not held out for test (training + validation)",
                          {"min": 0.0, "max": 1.0}),
         val_env_ratio=(float, 0.1, "fraction of all tasks taken from the non-test ones as validation tasks: "
@@ -61,7 +65,7 @@ SCHEMA: dict[str, Key] = {
         task_chunk=(int, 0, "batched backend: tasks trained together per chunk (0 = all that fit in "
                     "half of the free memory); smaller chunks bound memory and write results sooner",
                     {"min": 0}),
-        alg_seed=(int, 42, "seed of the source learners (names the dataset file)"),
+        alg_seed=(int, 42, "seed of the source learners (names the dataset file)", SEED),
     ),
     **_keys(
         "model",
@@ -89,7 +93,7 @@ SCHEMA: dict[str, Key] = {
         grad_clip=(float, 1.0, "gradient-norm clip (0 = off)", {"min": 0.0}),
         train_batch_size=(int, 64, "windows per optimiser step (per process under torchrun)", {"min": 1}),
         train_timesteps=(int, 5000, "optimiser steps", {"min": 1}),
-        seed=(int, 0, "training seed (names the run directory)"),
+        seed=(int, 0, "training seed (names the run directory)", SEED),
         num_workers=(int, 0, "DataLoader worker processes", {"min": 0}),
         log_interval=(int, 50, "steps between TensorBoard train/ scalars", {"min": 1}),
         test_interval=(int, 250, "steps between held-out-stream test/ losses", {"min": 1}),
@@ -110,7 +114,7 @@ SCHEMA: dict[str, Key] = {
                           "the imitated PPO policy (measured: 99% vs 73% of optimal at 1.0)", {"min": 0.01}),
         eval_markers=(str, "model", "two-region mode: where regions end: 'model' (token-type head) "
                       "or 'interval' (every compress_interval steps)", {"choices": ("model", "interval")}),
-        eval_seed=(int, 0, "seed of the evaluation rollouts"),
+        eval_seed=(int, 0, "seed of the evaluation rollouts", SEED),
         eval_memory=(str, "keep", "memory ablation: 'keep' (normal); 'drop': no memory of earlier episodes "
                      "(window variants drop every token older than the current episode at each episode "
                      "start; CompressedAD decodes without latents, as at depth 0 in training); 'zero': "

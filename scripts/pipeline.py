@@ -13,6 +13,7 @@ resumes: finished collections and trainings are reused; evaluations run again
 """
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
-from utils import load_config, parse_set, run_cli, run_path  # noqa: E402
+from utils import atomic_write, ensure_writable_dir, load_config, parse_set, run_cli, run_path  # noqa: E402
 
 # Transformer scale for a GPU box; the model configs hold the CPU size. Full runs get their
 # own folder, so they never try to resume a CPU-size run of the same name.
@@ -54,11 +55,23 @@ SETUPS = {
 VARIANTS = list(SETUPS["darkroom"]["variants"])
 
 
+def stop_with_parent():
+    """In a stage's process, before it starts (Linux): get SIGTERM when this script dies, even
+    by kill -9, instead of running on unseen (it would hold its run directory or dataset)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the stage runs to its end, which is safe too
+        pass
+
+
 def run(cmd: list[str]) -> float:
     print("\n$ " + " ".join(cmd), flush=True)
     tic = time.perf_counter()
-    code = subprocess.run([sys.executable, *cmd], cwd=ROOT).returncode
-    if code != 0:  # the stage printed its own error; finished stages are reused on the next run
+    code = subprocess.run([sys.executable, *cmd], cwd=ROOT, preexec_fn=stop_with_parent).returncode
+    if code == 2:  # the stage explained the problem in one line; finished stages are reused on the next run
+        sys.exit(code)
+    if code != 0:
         print(f"stopped: `{cmd[0]}` exited with code {code}; fix the cause and rerun, finished stages are kept",
               file=sys.stderr)
         sys.exit(code)
@@ -110,7 +123,7 @@ def main():
                    help="cpu: finishes on a laptop; full: paper scale, for a GPU box")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per variant")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="extra overrides for every stage, e.g. env_split_seed=1 run_dir=runs/split1")
     p.add_argument("--study", choices=["memory"], help="memory: train every variant at a ladder of context "
                    "budgets and evaluate each with its memory on and off (see scripts/memory_study.py)")
@@ -119,6 +132,7 @@ def main():
     p.add_argument("--jobs", type=int, default=2, help="--study: trainings and evaluations run at once "
                    "(each uses one CPU thread; default 2)")
     args = p.parse_args()
+    args.seeds, args.variants = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.variants))  # once each
     setup, size = SETUPS[args.env], SETUPS[args.env][args.size]
     if args.study == "memory":
         if args.jobs < 1:
@@ -136,6 +150,10 @@ def main():
     if args.variants != VARIANTS:  # a subset gets its own files, so side-by-side runs never overwrite
         name += "_" + "-".join(args.variants)
     tag = f"{name}_seeds" + "-".join(map(str, args.seeds))
+    # the last stages write there: find out now, not after the collection and the trainings
+    for cfg in configs.values():
+        ensure_writable_dir(ROOT / cfg["dataset_dir"], "dataset directory")
+        ensure_writable_dir(ROOT / cfg["run_dir"], "run directory")
 
     tic = time.perf_counter()
     seconds = {"collect": run(["collect.py", *size["data"], *with_set(args.set)])}
@@ -153,8 +171,10 @@ def main():
     seconds["total (this script)"] = time.perf_counter() - tic
     table = result_table(rows)
     results = out_dir / f"results_{tag}.md"
-    results.write_text(table + "\n")
-    (out_dir / f"timings_{tag}.json").write_text(json.dumps(seconds, indent=1) + "\n")
+    with atomic_write(results, "w") as f:
+        f.write(table + "\n")
+    with atomic_write(out_dir / f"timings_{tag}.json", "w") as f:
+        f.write(json.dumps(seconds, indent=1) + "\n")
     print("\n" + "\n".join(f"{k:>32s}: {v / 60:6.1f} min" for k, v in seconds.items()))
     print("\n" + table + f"\n\nwritten: {results}" + "".join(f", {p}" for p in plots.values() if p.exists()))
 

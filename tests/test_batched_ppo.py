@@ -328,11 +328,11 @@ def test_task_chunk_calls_on_done_per_chunk():
 def test_task_chunk_0_is_cut_to_fit_memory(monkeypatch, capsys):
     cfg = small_cfg()
     per_task = batched_ppo.bytes_per_task(cfg, 10)
-    monkeypatch.setattr(batched_ppo, "_available_memory", lambda device: 2 * 3 * per_task)
+    monkeypatch.setattr(batched_ppo, "available_memory", lambda device: 2 * 3 * per_task)
     assert batched_ppo.chunk_size(cfg, 10, 10, torch.device("cpu")) == 3
     assert "training 3 at a time" in capsys.readouterr().err
     assert batched_ppo.chunk_size(small_cfg(task_chunk=4), 10, 10, torch.device("cpu")) == 4  # asked for
-    monkeypatch.setattr(batched_ppo, "_available_memory", lambda device: 1 << 40)
+    monkeypatch.setattr(batched_ppo, "available_memory", lambda device: 1 << 40)
     assert batched_ppo.chunk_size(cfg, 10, 10, torch.device("cpu")) == 10
 
 

@@ -230,8 +230,10 @@ def test_nan_is_rejected(key):
 
 
 def test_range_bounds_are_inclusive():
-    cfg = load_config([], {"grid_size": 2, "train_env_ratio": 1.0, "gamma": 0.0, "test_stream_ratio": 0.5})
-    assert (cfg["grid_size"], cfg["train_env_ratio"], cfg["gamma"]) == (2, 1.0, 0.0)
+    cfg = load_config([], {"grid_size": 2, "train_env_ratio": 0.5, "gamma": 0.0, "test_stream_ratio": 0.5})
+    assert (cfg["grid_size"], cfg["gamma"], cfg["test_stream_ratio"]) == (2, 0.0, 0.5)
+    # train_env_ratio=1.0 is in range; the split check then refuses it (no held-out task)
+    raises_naming(["train_env_ratio=1.0", "no held-out test task"], load_config, [], {"train_env_ratio": 1.0})
 
 
 @pytest.mark.parametrize("key,value", [("env", "darkroom2"), ("alg", "SAC"), ("backend", "torch"),

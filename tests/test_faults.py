@@ -1,0 +1,658 @@
+"""Bad inputs and faults end in one line and exit code 2, before any work, with nothing on disk
+lost (issue 14). One section per class of the issue: unreadable config files, damaged
+checkpoints, empty splits, seeds, sizes that cannot fit, damaged task groups, output paths,
+evaluate.py's up-front checks, pipeline --set, orphaned workers, concurrent use, and the
+collection progress bar."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import collect
+import env as envs
+import evaluate
+import train
+import utils
+from algorithm import history
+from cli_in_process import run_in_process
+from fixtures_history import build_history_file, cli_sets, config_files, make_cfg, random_histories
+from utils import ConfigError, UserError, dataset_path, load_config, run_path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALG, ENV = ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"
+TINY_RUN = ["train_timesteps=4", "ckpt_interval=4", "eval_interval=0"]
+EVAL_SET = ["eval_episodes=2", "eval_rollouts=1", "device=cpu"]
+
+
+def assert_one_line_error(code, stderr, *words):
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def train_cli(monkeypatch, capsys, sets):
+    return run_in_process(monkeypatch, capsys, "train.py", train.main, [*config_files(), "--set", *sets])
+
+
+def evaluate_cli(monkeypatch, capsys, *args):
+    return run_in_process(monkeypatch, capsys, "evaluate.py", evaluate.main, list(args))
+
+
+def collect_cli(monkeypatch, capsys, *args):
+    return run_in_process(monkeypatch, capsys, "collect.py", collect.main, list(args))
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its bytes: what must not change when a command is refused."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults_data")
+    build_history_file(make_cfg(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A finished tiny run (4 steps) to copy and damage."""
+    runs = tmp_path_factory.mktemp("faults_runs")
+    return train.train(make_cfg(data_dir, runs, extra=TINY_RUN))
+
+
+def resume_sets(data_dir, runs):
+    return cli_sets(data_dir, runs, extra=TINY_RUN)
+
+
+# ----------------------------------------------------------------------------- 1. config files
+
+def write_hdf5(path):
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(3)
+
+
+def write_checkpoint(path):
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 1}, path)
+
+
+BAD_CONFIGS = {
+    "binary": lambda p: p.write_bytes(bytes(range(256)) * 4),
+    "latin1": lambda p: p.write_bytes("grid_size: 9  # caf\xe9\n".encode("latin-1")),
+    "checkpoint": write_checkpoint,
+    "hdf5": write_hdf5,
+    "nul_bytes": lambda p: p.write_bytes(b"\x00" * 64),
+    "list": lambda p: p.write_text("- grid_size\n- 9\n"),
+    "directory": lambda p: p.mkdir(),
+    "gone": lambda p: None,
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CONFIGS))
+def test_bad_config_file_is_one_config_error(tmp_path, kind):
+    path = tmp_path / "config.yaml"
+    BAD_CONFIGS[kind](path)
+    with pytest.raises(ConfigError) as e:
+        load_config([path])
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg, msg
+
+
+def test_bad_included_file_is_one_config_error(tmp_path):
+    (tmp_path / "inc.yaml").write_bytes(b"\x89HDF\r\n\x1a\n\xff\xfe")
+    (tmp_path / "main.yaml").write_text("include: inc.yaml\n")
+    with pytest.raises(ConfigError, match="inc.yaml"):
+        load_config([tmp_path / "main.yaml"])
+
+
+@pytest.mark.parametrize("kind", ["binary", "latin1", "checkpoint", "hdf5", "list", "directory", "gone"])
+def test_unreadable_run_config_on_resume_exits_2_and_keeps_the_run(data_dir, trained, tmp_path, monkeypatch,
+                                                                    capsys, kind):
+    runs = tmp_path / "runs"
+    run = runs / trained.name
+    shutil.copytree(trained, run)
+    (run / "config.yaml").unlink()
+    BAD_CONFIGS[kind](run / "config.yaml")
+    before = snapshot(run)
+    code, err = train_cli(monkeypatch, capsys, resume_sets(data_dir, runs))
+    assert_one_line_error(code, err, "config.yaml")
+    assert snapshot(run) == before
+
+
+def test_evaluate_with_unreadable_run_config_exits_2(trained, tmp_path, monkeypatch, capsys):
+    run = tmp_path / trained.name
+    shutil.copytree(trained, run)
+    BAD_CONFIGS["latin1"](run / "config.yaml")
+    code, err = evaluate_cli(monkeypatch, capsys, run)
+    assert_one_line_error(code, err, "config.yaml", "UTF-8")
+
+
+# ----------------------------------------------------------------------------- 2. checkpoints
+
+def save_other_objects(kind, path):
+    objects = {"tensor": torch.zeros(3), "list": [1, 2, 3], "dict_without_keys": {"a": 1},
+               "model_is_a_tensor": {"model": torch.zeros(2), "optimizer": {}, "step": 4,
+                                     "torch_rng": torch.get_rng_state()},
+               "step_is_a_string": None}
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"\x00" * 100)
+    elif kind == "step_is_a_string":
+        state = torch.load(path, weights_only=True)
+        state["step"] = "four"
+        torch.save(state, path)
+    else:
+        torch.save(objects[kind], path)
+
+
+CKPT_KINDS = ["empty", "garbage", "tensor", "list", "dict_without_keys", "model_is_a_tensor", "step_is_a_string"]
+
+
+@pytest.mark.parametrize("kind", CKPT_KINDS)
+def test_damaged_checkpoint_on_resume_exits_2(data_dir, trained, tmp_path, monkeypatch, capsys, kind):
+    runs = tmp_path / "runs"
+    run = runs / trained.name
+    shutil.copytree(trained, run)
+    save_other_objects(kind, run / "ckpt-last.pt")
+    before = snapshot(run)
+    code, err = train_cli(monkeypatch, capsys, resume_sets(data_dir, runs))
+    assert_one_line_error(code, err, "ckpt-last.pt")
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("kind", ["empty", "tensor", "dict_without_keys", "model_is_a_tensor"])
+def test_damaged_checkpoint_in_evaluate_exits_2(trained, tmp_path, monkeypatch, capsys, kind):
+    run = tmp_path / trained.name
+    shutil.copytree(trained, run)
+    save_other_objects(kind, run / "ckpt-last.pt")
+    code, err = evaluate_cli(monkeypatch, capsys, run, "--set", *EVAL_SET)
+    assert_one_line_error(code, err, "ckpt-last.pt")
+    assert not (run / "eval_result.npy").exists()
+
+
+def test_exception_without_message_still_gives_a_message():
+    assert utils.first_line(EOFError()) == "EOFError"
+    assert utils.first_line(ValueError("first\nsecond")) == "first"
+
+
+# ----------------------------------------------------------------------------- 3. splits
+
+@pytest.mark.parametrize("sets, word", [
+    ({"train_env_ratio": 0.0}, "no training task"),
+    ({"train_env_ratio": 1.0}, "no held-out test task"),
+    ({"grid_size": 2, "train_env_ratio": 0.9}, "no held-out test task"),   # 4 tasks: round(3.6) = 4 train
+    ({"grid_size": 2, "train_env_ratio": 0.1}, "no training task"),        # round(0.4) = 0
+    ({"train_env_ratio": 0.2, "val_env_ratio": 0.2}, "no training task"),  # every non-test task validates
+])
+def test_split_without_training_or_held_out_task_is_refused(sets, word):
+    with pytest.raises(ConfigError) as e:
+        load_config([ALG, ENV], sets)
+    assert word in str(e.value) and "train_env_ratio" in str(e.value)
+
+
+def test_script_refuses_empty_split_before_any_work(tmp_path, monkeypatch, capsys):
+    code, err = collect_cli(monkeypatch, capsys, ALG, ENV, "--set", "train_env_ratio=1.0", f"dataset_dir={tmp_path}")
+    assert_one_line_error(code, err, "train_env_ratio")
+    assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- 4. seeds
+
+@pytest.mark.parametrize("key", ["seed", "alg_seed", "env_split_seed", "eval_seed"])
+@pytest.mark.parametrize("value", [-1, 2**64, 10**30])
+def test_seeds_numpy_or_torch_refuse_are_config_errors(key, value):
+    with pytest.raises(ConfigError, match=key):
+        load_config([], {key: value})
+
+
+def test_largest_seed_works_everywhere():
+    big = 2**63 - 1
+    cfg = load_config([], {"seed": big, "alg_seed": big, "env_split_seed": big, "eval_seed": big})
+    utils.seed_everything(cfg["seed"])
+    np.random.default_rng([cfg["seed"] + 1, 0, 5])  # the test-stream batches use seed + 1
+    assert len(envs.task_split(cfg)) == 81
+
+
+# ----------------------------------------------------------------------------- 5. sizes
+
+def test_model_that_cannot_fit_is_refused_before_any_work(data_dir, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    code, err = train_cli(monkeypatch, capsys, cli_sets(data_dir, runs, extra=["tf_n_embd=65536"]))
+    assert_one_line_error(code, err, "needs about", "GB", "tf_n_embd")
+    assert not runs.exists()
+
+
+def test_in_memory_training_data_that_cannot_fit_is_refused(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(utils, "available_memory", lambda device: 50_000_000)  # the data is ~0.6 MB
+    monkeypatch.setattr(train, "check_memory", utils.check_memory)
+    monkeypatch.setattr(train, "memory_estimate", lambda *a, **k: {"model": 1})
+    code, err = train_cli(monkeypatch, capsys, cli_sets(data_dir, tmp_path / "runs", extra=["n_stream=4"]))
+    assert code == 0, err
+    monkeypatch.setattr(utils, "available_memory", lambda device: 100_000)
+    code, err = train_cli(monkeypatch, capsys, cli_sets(data_dir, tmp_path / "runs2"))
+    assert_one_line_error(code, err, "training data in memory", "num_workers")
+
+
+@pytest.mark.parametrize("sets", [["n_stream=1000000000"], ["total_source_timesteps=100000000000000"],
+                                  ["env=dark_key_to_door", "n_process=1000000", "backend=sb3"]])
+def test_collection_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch, capsys, sets):
+    code, err = collect_cli(monkeypatch, capsys, ALG, ENV, "--set", *sets, f"dataset_dir={tmp_path}")
+    assert_one_line_error(code, err, "needs about", "n_stream")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sets", [["eval_rollouts=1000000000"], ["eval_episodes=1000000000000"]])
+def test_evaluation_that_cannot_fit_is_refused_before_any_work(trained, tmp_path, monkeypatch, capsys, sets):
+    run = tmp_path / trained.name
+    shutil.copytree(trained, run)
+    code, err = evaluate_cli(monkeypatch, capsys, run, "--set", *sets, "device=cpu")
+    assert_one_line_error(code, err, "needs about", "eval_rollouts")
+    assert not (run / "eval_result.npy").exists()
+
+
+# ----------------------------------------------------------------------------- 7. damaged task groups
+
+def damage(path: Path):
+    """Damage three training tasks (2, 3, 4) of a history file in three ways."""
+    with h5py.File(path, "a") as f:
+        del f["2"]["rewards"]                                   # a dataset missing
+        del f["3"]["actions"]
+        f["3"]["actions"] = np.zeros((7, 3), dtype=np.int16)   # a wrong shape
+        chunk = f["4"]["states"].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:                              # a chunk that no longer decompresses
+        fh.seek(chunk.byte_offset)
+        fh.write(b"\xff" * chunk.size)
+
+
+@pytest.fixture
+def damaged_data(tmp_path):
+    cfg = make_cfg(tmp_path / "data", extra=["backend=batched", "n_process=1", "n_epochs=1"])
+    path = build_history_file(cfg)
+    damage(path)
+    return cfg, path
+
+
+def test_damaged_tasks_are_found(damaged_data):
+    cfg, path = damaged_data
+    header = history.read_header(path)
+    bad = history.damaged_tasks(path, header, header["done"])
+    assert sorted(bad) == [2, 3, 4]
+    assert "rewards" in bad[2] and "missing" in bad[2]
+    assert "actions" in bad[3] and "[7, 3]" in bad[3]
+    assert bad[4]  # h5py's read error, e.g. "Can't synchronously read data (filter returned failure ...)"
+    assert history.damaged_tasks(path, header, [0, 1, 5]) == {}
+
+
+def test_training_on_damaged_tasks_exits_2_before_any_step(damaged_data, tmp_path, monkeypatch, capsys):
+    cfg, path = damaged_data
+    runs = tmp_path / "runs"
+    sets = cli_sets(path.parent, runs, extra=["backend=batched", "n_process=1", "n_epochs=1"])
+    code, err = train_cli(monkeypatch, capsys, sets)
+    assert_one_line_error(code, err, "damaged", "task 2: rewards is missing", "collect.py")
+    assert not (run_path(make_cfg(path.parent, runs)) / "ckpt-last.pt").exists()
+
+
+def test_collect_repairs_damaged_tasks_and_keeps_the_others(damaged_data, capsys):
+    cfg, path = damaged_data
+    n = len(envs.task_list(cfg))
+    with h5py.File(path, "r") as f:
+        kept = {i: history.read_task(f, i) for i in (0, 1, 5, n - 1)}
+    collect.collect(cfg, path, list(range(n)))
+    out = capsys.readouterr().out
+    assert "3 damaged tasks will be collected again" in out and f"{n - 3} of {n} tasks already collected" in out
+    header = history.read_header(path)
+    assert header["done"] == list(range(n))
+    assert history.damaged_tasks(path, header, header["done"]) == {}
+    with h5py.File(path, "r") as f:
+        for i, arrays in kept.items():
+            again = history.read_task(f, i)
+            for name in history.FIELDS:
+                np.testing.assert_array_equal(arrays[name], again[name])
+        assert f["2"].attrs["backend"] == "batched" and f["0"].attrs["backend"] == "random"
+
+
+def test_merge_refuses_a_slice_with_damaged_tasks(damaged_data, tmp_path, monkeypatch, capsys):
+    cfg, path = damaged_data
+    sets = cli_sets(tmp_path / "out", extra=["backend=batched", "n_process=1", "n_epochs=1"])
+    code, err = collect_cli(monkeypatch, capsys, *config_files(), "--set", *sets, "--merge", path)
+    assert_one_line_error(code, err, "damaged", str(path))
+    assert not (tmp_path / "out" / path.name).exists()
+
+
+@pytest.mark.parametrize("attr, value", [("split", "{not json"), ("collection_config", "{}"),
+                                         ("collection_config", "[1, 2]"), ("format_version", "one")])
+def test_damaged_header_attributes_are_one_error(tmp_path, attr, value):
+    cfg = make_cfg(tmp_path)
+    path = build_history_file(cfg, task_indices=[0])
+    with h5py.File(path, "a") as f:
+        f.attrs[attr] = value
+    with pytest.raises(UserError, match="header"):
+        history.read_header(path)
+
+
+# ----------------------------------------------------------------------------- 8. output paths
+
+def test_file_in_place_of_the_run_directory_exits_2_before_any_work(data_dir, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    runs.write_text("not a directory")
+    code, err = train_cli(monkeypatch, capsys, cli_sets(data_dir, runs))
+    assert_one_line_error(code, err, "run directory", str(runs))
+    assert runs.read_text() == "not a directory"
+
+
+def test_file_in_place_of_the_dataset_directory_exits_2(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "datasets"
+    blocker.write_text("x")
+    code, err = collect_cli(monkeypatch, capsys, ALG, ENV, "--set", "grid_size=3", f"dataset_dir={blocker}")
+    assert_one_line_error(code, err, "dataset directory", str(blocker))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_read_only_run_directory_exits_2(data_dir, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    runs.chmod(0o555)
+    try:
+        code, err = train_cli(monkeypatch, capsys, cli_sets(data_dir, runs))
+    finally:
+        runs.chmod(0o755)
+    assert_one_line_error(code, err, "run directory")
+
+
+def test_unwritable_directory_is_found_by_the_probe(tmp_path, monkeypatch):
+    """What a read-only directory or file system does to the probe (simulated: tests may run as root)."""
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(utils.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(UserError, match="cannot write to run directory .*Permission denied"):
+        utils.ensure_writable_dir(tmp_path, "run directory")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    with pytest.raises(OSError):
+        with utils.atomic_write(path, "w") as f:
+            f.write("half")
+            raise OSError(28, "No space left on device")
+    assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_atomic_write_never_replaces_a_directory_or_device(tmp_path):
+    for path in (tmp_path, Path("/dev/null")):
+        with pytest.raises(UserError, match="not a regular file"):
+            with utils.atomic_write(path) as f:
+                f.write(b"x")
+    assert Path("/dev/null").is_char_device()
+
+
+def test_os_error_is_one_line_and_exit_2(monkeypatch, capsys):
+    def main():
+        raise OSError(28, "No space left on device", "/data/x.hdf5")
+    code, err = run_in_process(monkeypatch, capsys, "x.py", main, [])
+    assert_one_line_error(code, err, "No space left on device", "/data/x.hdf5")
+
+
+# ----------------------------------------------------------------------------- 9. evaluate.py checks first
+
+@pytest.mark.parametrize("problem", ["missing", "no_checkpoint", "damaged_checkpoint", "bad_plot_suffix",
+                                     "plot_is_a_directory", "plot_is_a_device"])
+def test_evaluate_checks_every_run_and_the_plot_before_evaluating(trained, tmp_path, monkeypatch, capsys, problem):
+    first, second = tmp_path / "a" / trained.name, tmp_path / "b" / trained.name
+    shutil.copytree(trained, first)
+    shutil.copytree(trained, second)
+    plot = tmp_path / "cmp.png"
+    if problem == "missing":
+        shutil.rmtree(second)
+    elif problem == "no_checkpoint":
+        (second / "ckpt-last.pt").unlink()
+    elif problem == "damaged_checkpoint":
+        (second / "ckpt-last.pt").write_bytes(b"")
+    elif problem == "bad_plot_suffix":
+        plot = tmp_path / "cmp.notaformat"
+    elif problem == "plot_is_a_device":
+        plot = Path("/dev/null")  # must never be replaced by a file
+    else:
+        plot = tmp_path / "plots"
+        plot.mkdir()
+    before = snapshot(first)
+    code, err = evaluate_cli(monkeypatch, capsys, first, second, "--plot", plot, "--set", *EVAL_SET)
+    assert_one_line_error(code, err)
+    assert snapshot(first) == before  # the first run was not evaluated
+
+
+def test_evaluate_creates_a_missing_plot_directory(trained, tmp_path, monkeypatch, capsys):
+    first, second = tmp_path / "a" / trained.name, tmp_path / "b" / trained.name
+    shutil.copytree(trained, first)
+    shutil.copytree(trained, second)
+    plot = tmp_path / "new" / "dir" / "cmp.pdf"
+    code, err = evaluate_cli(monkeypatch, capsys, first, second, "--plot", plot, "--set", *EVAL_SET)
+    assert code == 0, err
+    assert plot.read_bytes()[:4] == b"%PDF"
+    assert (first / "eval_summary.json").exists() and (second / "eval_summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- 10. pipeline --set
+
+def test_pipeline_accumulates_repeated_set(tmp_path):
+    """With only the last --set kept, the error would name n_stream, not the unknown key."""
+    proc = subprocess.run([sys.executable, "scripts/pipeline.py", "--set", "n_trasnit=10", f"dataset_dir={tmp_path}",
+                           "--set", "n_stream=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc.returncode, proc.stderr, "n_trasnit")
+    assert not any(tmp_path.iterdir())
+
+
+def test_pipeline_checks_output_directories_before_collecting(tmp_path):
+    blocker = tmp_path / "runs"
+    blocker.write_text("x")
+    proc = subprocess.run([sys.executable, "scripts/pipeline.py", "--seeds", "0", "--variants", "AD",
+                           "--set", f"dataset_dir={tmp_path}/data", "--set", f"run_dir={blocker}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc.returncode, proc.stderr, "run directory")
+    assert "collect.py" not in proc.stdout
+
+
+# ----------------------------------------------------------------------------- 11. orphaned workers
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # an exited orphan nobody reaps yet holds nothing
+
+
+@pytest.mark.parametrize("backend, sig", [("batched", signal.SIGKILL), ("sb3", signal.SIGKILL),
+                                         ("batched", signal.SIGTERM)], ids=["batched-kill9", "sb3-kill9", "batched-term"])
+def test_collection_workers_exit_when_the_parent_is_killed(tmp_path, backend, sig):
+    """Fault injection: kill the collection (-9, or plain kill) while its two worker processes train."""
+    proc = subprocess.Popen([sys.executable, "collect.py", str(ALG), str(ENV), "--set", f"backend={backend}",
+                             "n_process=2", "device=cpu", f"dataset_dir={tmp_path}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, workers = time.monotonic() + 120, []
+        while time.monotonic() < deadline and len(workers) < 2:
+            assert proc.poll() is None, "the collection ended before its workers started"
+            workers = [c for c in children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+            time.sleep(0.2)
+        assert len(workers) == 2, workers
+        time.sleep(3)  # let them get to work
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=30)[1]
+        if sig == signal.SIGTERM:  # a plain kill stops like Ctrl-C: one line, the lock released
+            assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err[-2000:]
+            assert not list(tmp_path.glob("*.lock"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.2)
+        left = [w for w in workers if alive(w)]
+        for w in left:
+            os.kill(w, signal.SIGKILL)
+        assert not left, "worker processes outlived their parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_pipeline_stage_stops_when_the_pipeline_is_killed(tmp_path):
+    """A stage left running after kill -9 of the pipeline would hold its dataset or run directory."""
+    proc = subprocess.Popen([sys.executable, "scripts/pipeline.py", "--seeds", "0", "--variants", "AD", "--set",
+                             f"dataset_dir={tmp_path}/data", f"run_dir={tmp_path}/runs", "device=cpu"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, stage = time.monotonic() + 120, []
+        while time.monotonic() < deadline and not stage:
+            assert proc.poll() is None, "the pipeline ended before its first stage started"
+            stage = [c for c in children(proc.pid) if b"collect.py" in Path(f"/proc/{c}/cmdline").read_bytes()]
+            time.sleep(0.2)
+        assert stage
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and alive(stage[0]):
+            time.sleep(0.2)
+        if alive(stage[0]):
+            os.kill(stage[0], signal.SIGKILL)
+            pytest.fail("collect.py outlived the pipeline")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------- 12. concurrent use
+
+HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from utils import locked; "
+        "cm = locked({path!r}, 'x'); cm.__enter__(); print('held', flush=True); time.sleep(120)")
+
+
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding the lock file `path`, as a running train.py or collect.py would."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT), path=str(path))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_run_directory_in_use_is_refused_then_free_after_a_kill(data_dir, trained, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    run = runs / trained.name
+    shutil.copytree(trained, run)
+    holder = hold_lock(run / ".lock")
+    try:
+        before = snapshot(run)
+        code, err = train_cli(monkeypatch, capsys, resume_sets(data_dir, runs))
+        assert_one_line_error(code, err, "in use", f"pid {holder.pid}", "training")
+        assert snapshot(run) == before
+    finally:
+        holder.kill()  # like kill -9: the lock file stays behind, the kernel drops the lock
+        holder.wait()
+    assert (run / ".lock").exists()
+    code, err = train_cli(monkeypatch, capsys, resume_sets(data_dir, runs))
+    assert code == 0, err
+    assert not (run / ".lock").exists()
+
+
+def test_same_evaluation_twice_at_once_is_refused_other_tags_and_training_are_not(trained, tmp_path, monkeypatch,
+                                                                                    capsys):
+    run = tmp_path / trained.name
+    shutil.copytree(trained, run)
+    holder = hold_lock(run / ".evaluation_keep.lock")  # an evaluate.py --tag keep at work
+    try:
+        before = snapshot(run)
+        code, err = evaluate_cli(monkeypatch, capsys, run, "--tag", "keep", "--set", *EVAL_SET)
+        assert_one_line_error(code, err, "in use", "evaluation keep")
+        assert snapshot(run) == before
+        with utils.claim_run_dir(run):  # a training at work does not block an evaluation
+            code, err = evaluate_cli(monkeypatch, capsys, run, "--tag", "drop", "--set", *EVAL_SET,
+                                     "eval_memory=drop")
+        assert code == 0, err
+        assert (run / "eval_summary_drop.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_dataset_in_use_is_refused(tmp_path, monkeypatch, capsys):
+    cfg = load_config([ALG, ENV], {"grid_size": 3, "dataset_dir": str(tmp_path)})
+    path = dataset_path(cfg)
+    holder = hold_lock(path.with_name(path.name + ".lock"))
+    try:
+        code, err = collect_cli(monkeypatch, capsys, ALG, ENV, "--set", "grid_size=3", f"dataset_dir={tmp_path}")
+        assert_one_line_error(code, err, "in use", str(path))
+        code, err = collect_cli(monkeypatch, capsys, ALG, ENV, "--set", "grid_size=3", f"dataset_dir={tmp_path}",
+                                "--merge", path)
+        assert code == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not path.exists()
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path):
+    with utils.locked(tmp_path / "l", "thing"):
+        with pytest.raises(UserError, match="thing is in use"):
+            with utils.locked(tmp_path / "l", "thing"):
+                pass
+    assert not (tmp_path / "l").exists()
+    with utils.locked(tmp_path / "l", "thing"):
+        pass
+
+
+# ----------------------------------------------------------------------------- 13. progress bar
+
+def test_collection_progress_counts_env_steps(tmp_path, monkeypatch, capsys):
+    """All tasks trained together finish at the very end: the bar must move with env steps."""
+    cfg = make_cfg(tmp_path)
+    path = dataset_path(cfg)
+    todo = list(range(len(envs.task_list(cfg))))
+    per_task = history.steps_per_stream(cfg) * cfg["n_stream"]
+    bars, seen = [], []
+
+    class Recorder(collect.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    def backend(cfg, indices, tasks, on_done, progress):
+        for _ in range(history.n_rollouts(cfg)):  # like the batched backend: every rollout of every task
+            progress(0, len(indices) * cfg["n_steps"] * cfg["n_stream"])
+            seen.append(bars[0].n)
+        on_done(random_histories(cfg, indices))
+        progress(len(indices), 0)
+
+    monkeypatch.setattr(collect, "tqdm", Recorder)
+    monkeypatch.setattr(collect, "run_backend", backend)
+    collect.collect(cfg, path, todo)
+    bar = bars[0]
+    assert bar.total == len(todo) * per_task and bar.n == bar.total
+    assert seen[0] > 0 and seen == sorted(seen)  # moving before any task finished
+    assert bar.unit == "step"
+    assert f"tasks={len(todo)}/{len(todo)}" in capsys.readouterr().err
