@@ -26,9 +26,9 @@ import numpy as np
 import env as envs
 from algorithm import history
 from model.ad import IGNORE, KIND_END, KIND_START, KIND_STEP
+from config.schema import COLLECTION_KEYS
 from utils import ConfigError, UserError
 
-ENV_KEYS = ("env", "grid_size", "horizon", "env_split_seed", "train_env_ratio", "val_env_ratio")
 FIELDS = ("states", "actions", "rewards", "dones")
 
 
@@ -75,11 +75,11 @@ def region_tokens(cfg: dict, stream: dict, a: int, b: int) -> list[dict]:
 
 def check_dataset_matches(path: Path, header: dict, cfg: dict):
     stored = header["collection_config"]
-    diff = [f"{k}={stored.get(k, 'missing')!r} (asked {cfg[k]!r})" for k in ENV_KEYS if stored.get(k) != cfg[k]]
+    diff = [f"{k}={stored.get(k, 'missing')!r} (asked {cfg[k]!r})" for k in COLLECTION_KEYS if stored.get(k) != cfg[k]]
     if diff:
-        raise ConfigError(f"{path} holds another environment setting: {', '.join(diff)}; "
-                          "use the env config the data was collected with (a file from before the "
-                          "validation split has no val_env_ratio: collect it again)")
+        raise ConfigError(f"{path} was collected with other settings: {', '.join(diff)}; "
+                          "use the env and algorithm configs the data was collected with (a file from before "
+                          "the validation split has no val_env_ratio: collect it again)")
     if header["split"] != envs.task_split(cfg):  # the stored split is the one training must respect
         raise ConfigError(f"{path} stores a train/val/test split that differs from the one its settings "
                           "give: the file was made by other code; collect it again into another dataset_dir")

@@ -112,8 +112,10 @@ SCHEMA: dict[str, Key] = {
         eval_greedy=(bool, False, "take the most likely action instead of sampling"),
         eval_temperature=(float, 0.5, "sample actions from softmax(logits / temperature); below 1 sharpens "
                           "the imitated PPO policy (measured: 99% vs 73% of optimal at 1.0)", {"min": 0.01}),
-        eval_markers=(str, "model", "two-region mode: where regions end: 'model' (token-type head) "
-                      "or 'interval' (every compress_interval steps)", {"choices": ("model", "interval")}),
+        eval_markers=(str, "interval", "two-region mode: where regions end: 'interval' (every compress_interval "
+                      "steps, as in the data: a region is one PPO rollout) or 'model' (the token-type head, by "
+                      "majority over the batch; measured recall of region ends 0.0, so every end was the forced "
+                      "one at n_transit // 2)", {"choices": ("model", "interval")}),
         eval_seed=(int, 0, "seed of the evaluation rollouts", SEED),
         eval_memory=(str, "keep", "memory ablation: 'keep' (normal); 'drop': no memory of earlier episodes "
                      "(window variants drop every token older than the current episode at each episode "

@@ -36,7 +36,7 @@ from utils import UserError, run_path  # noqa: E402
 # n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts)
 LADDERS = {
     "darkroom": {"AD": [10, 20, 40, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 20, 40]},
-    "dark_key_to_door": {"AD": [10, 25, 50, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 25, 50]},
+    "dark_key_to_door": {"AD": [10, 25, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 25]},
 }
 TARGETS_PER_STEP = 1600  # windows x steps per optimiser step, the same at every budget
 MAX_DEPTH = 40           # CompressedAD: deepest compression trained on (stage = n_transit // 2 steps)

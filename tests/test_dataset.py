@@ -159,7 +159,7 @@ def test_compress_interval_must_be_the_files_n_steps(data):
     d, _, _, path = data
     # a consistent config (compress_interval = n_steps = 10) for a file collected with n_steps = 20
     other = make_cfg(d, d / "runs", compressed=True, extra=["n_steps=10", "compress_interval=10"])
-    with pytest.raises(ConfigError, match="compress_interval=10"):
+    with pytest.raises(ConfigError, match="n_steps=20"):
         ADDataset(path, other)
 
 
@@ -201,3 +201,12 @@ def test_workers_reading_from_the_file_give_the_same_batches(data, compressed):
             assert torch.equal(r[k], s[k]) and torch.equal(r[k], m[k]), k
     assert ref[0]["kind"].shape == (4, 2 * N_STEPS + 4 if compressed else c["n_transit"])
     assert N_STREAM == 4
+
+
+def test_dataset_collected_with_other_data_keys_is_refused(tmp_path):
+    """Keys that describe the data (n_stream, total_source_timesteps, PPO settings, the split)
+    must match the file, not just the environment."""
+    path = build_history_file(make_cfg(tmp_path))
+    for extra in (["n_epochs=3"], ["source_lr=0.001"], ["val_env_ratio=0.3"]):
+        with pytest.raises(ConfigError, match=extra[0].split("=")[0]):
+            ADDataset(path, make_cfg(tmp_path, extra=extra))

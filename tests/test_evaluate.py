@@ -309,3 +309,11 @@ def test_temperature_sharpens_sampling():
     # p^2 / sum = [1, 4, 9, 16] / 30 -> cdf [0.033, 0.167, 0.467, 1.0]
     np.testing.assert_array_equal(sample_actions(logits, u, False, temperature=0.5), [1, 1, 2, 3, 3])
     np.testing.assert_array_equal(sample_actions(logits, u, False, temperature=1.0), [0, 1, 2, 3, 3])
+
+
+@pytest.mark.parametrize("key", ["env_split_seed=3", "val_env_ratio=0.3", "n_stream=2"])
+def test_evaluating_with_other_data_settings_is_refused(trained, monkeypatch, capsys, key):
+    """Another split would evaluate, and label 'test', tasks the run was trained on."""
+    code, err = evaluate_in_process(monkeypatch, capsys, [trained["AD"], "--set", key])
+    assert_one_line_error(code, err, key.split("=")[0], "drop these --set keys")
+    assert not (trained["AD"] / "eval_summary_x.json").exists()
