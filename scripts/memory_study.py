@@ -207,8 +207,9 @@ def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str
     for variant, budgets in ladders.items():
         for n in budgets:
             for seed in args.seeds:
-                sets = budget_overrides(variant, n, steps_in_stream) + [
-                    f"seed={seed}", f"run_dir={base}/ctx{n or 'default'}"] + args.set
+                # the study's run_dir comes last: a user's run_dir (in args.set) is its base
+                sets = budget_overrides(variant, n, steps_in_stream) + [f"seed={seed}"] + args.set + [
+                    f"run_dir={base}/ctx{n or 'default'}"]
                 configs = size["data"] + [setup["variants"][variant]]
                 cfg = train_config(configs, sets)  # every config checked before any work
                 plan[variant, n, seed] = (["train.py", *configs, "--set", *sets], cfg)

@@ -80,6 +80,7 @@ def test_tiny_memory_study_writes_one_row_per_variant_budget_seed(tmp_path):
     assert {(r["variant"], r["n_transit"]): r["context_tokens"] for r in rows} == {
         ("AD", 6): 6, ("AD", 12): 12, ("CompressedAD", 6): 8, ("CompressedAD", 12): 14}
     assert rows[0]["long_episodes"] == 4 * 24 // 6  # 4x the episodes of one 24-step training stream
+    assert {Path(r["run_dir"]).parent.name for r in rows} == {"ctx6", "ctx12"}  # one folder per budget
     table = (out / "memory_study.md").read_text()
     assert table.count("\n| AD |") == 2 and "IQM" in table
     assert (out / "memory_study.png").stat().st_size > 0
