@@ -16,7 +16,7 @@ then evaluated on the test tasks four ways (evaluate.py --tag):
 - `T1`: sampling at temperature 1.0 instead of the chosen eval_temperature.
 Output in {run_dir}/memory_study/{env}/: memory_study.json (one row per variant x budget x
 seed), memory_study.md (the table, with IQM and 95% stratified-bootstrap intervals) and
-memory_study.png. Rerunning reuses finished trainings; evaluations run again.
+memory_study.png. Rerunning reuses finished trainings and the evaluations made after them.
 """
 import json
 import subprocess
@@ -84,6 +84,18 @@ def run_jobs(jobs: list[tuple[str, list[str]]], n_parallel: int, log_dir: Path) 
                 sys.exit(proc.returncode)
             print(f"  done  {name} ({seconds[name] / 60:.1f} min)", flush=True)
     return seconds
+
+
+def evaluated(run_dir: Path, tag: str, n_episodes: int) -> bool:
+    """An evaluation of this checkpoint with this tag and length is on disk (a rerun reuses it)."""
+    summary, returns, ckpt = (run_dir / f"eval_summary_{tag}.json", run_dir / f"eval_result_{tag}.npy",
+                              run_dir / "ckpt-last.pt")
+    if not (summary.is_file() and returns.is_file()) or summary.stat().st_mtime < ckpt.stat().st_mtime:
+        return False
+    try:
+        return json.loads(summary.read_text())["n_episodes"] == n_episodes
+    except (ValueError, KeyError):
+        return False
 
 
 def load_eval(run_dir: Path, tag: str) -> tuple[dict, np.ndarray]:
@@ -223,7 +235,7 @@ def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str
     evals = []
     for tag, extra in EVALS.items():
         episodes = long_episodes if tag == "keep" else n_episodes
-        dirs = [str(d) for d in run_dirs.values()]
+        dirs = [str(d) for d in run_dirs.values() if not evaluated(d, tag, episodes)]
         for part in range(args.jobs):  # one evaluate.py per job slot and setting
             chunk = dirs[part::args.jobs]
             if chunk:
