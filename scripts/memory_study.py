@@ -40,8 +40,10 @@ LADDERS = {
 }
 TARGETS_PER_STEP = 1600  # windows x steps per optimiser step, the same at every budget
 MAX_DEPTH = 40           # CompressedAD: deepest compression trained on (stage = n_transit // 2 steps)
-EVALS = {"keep": [], "drop": ["eval_memory=drop"], "shuffle": ["eval_memory=shuffle"],
-         "T1": ["eval_temperature=1.0"]}
+EVALS = {"keep": {}, "drop": {"eval_memory": "drop"}, "shuffle": {"eval_memory": "shuffle"},
+         "T1": {"eval_temperature": 1.0}}  # tag -> the evaluation settings it changes
+SUMMARY_NAMES = {"eval_episodes": "n_episodes", "eval_memory": "memory", "eval_temperature": "temperature",
+                 "eval_split": "eval_split"}  # how eval_summary.json records them
 LENGTH_FACTOR = 4        # `keep` runs for this many times the episodes one training stream holds
 
 
@@ -86,14 +88,16 @@ def run_jobs(jobs: list[tuple[str, list[str]]], n_parallel: int, log_dir: Path) 
     return seconds
 
 
-def evaluated(run_dir: Path, tag: str, n_episodes: int) -> bool:
-    """An evaluation of this checkpoint with this tag and length is on disk (a rerun reuses it)."""
+def evaluated(run_dir: Path, tag: str, expected: dict) -> bool:
+    """An evaluation of this checkpoint with this tag and these summary values is on disk
+    (a rerun reuses it)."""
     summary, returns, ckpt = (run_dir / f"eval_summary_{tag}.json", run_dir / f"eval_result_{tag}.npy",
                               run_dir / "ckpt-last.pt")
     if not (summary.is_file() and returns.is_file()) or summary.stat().st_mtime < ckpt.stat().st_mtime:
         return False
     try:
-        return json.loads(summary.read_text())["n_episodes"] == n_episodes
+        done = json.loads(summary.read_text())
+        return all(done[k] == v for k, v in expected.items())
     except (ValueError, KeyError):
         return False
 
@@ -233,15 +237,17 @@ def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str
     run_jobs([(f"train_{v}_ctx{n}_seed{s}", argv) for (v, n, s), (argv, _) in plan.items()], args.jobs, out / "logs")
     run_dirs = {key: ROOT / run_path(cfg) for key, (_, cfg) in plan.items()}
     evals = []
-    for tag, extra in EVALS.items():
-        episodes = long_episodes if tag == "keep" else n_episodes
-        dirs = [str(d) for d in run_dirs.values() if not evaluated(d, tag, episodes)]
+    for tag, changes in EVALS.items():
+        settings = {"eval_episodes": long_episodes if tag == "keep" else n_episodes, "eval_memory": "keep",
+                    "eval_temperature": data_cfg["eval_temperature"], "eval_split": data_cfg["eval_split"]} | changes
+        expected = {SUMMARY_NAMES[k]: v for k, v in settings.items()}
+        dirs = [str(d) for d in run_dirs.values() if not evaluated(d, tag, expected)]
         for part in range(args.jobs):  # one evaluate.py per job slot and setting
             chunk = dirs[part::args.jobs]
             if chunk:
                 evals.append((f"eval_{tag}_{part}", ["evaluate.py", *chunk, "--tag", tag, "--plot",
-                                                     str(out / "logs" / f"comparison_{tag}_{part}.png"), "--set",
-                                                     f"eval_episodes={episodes}", *extra, *args.set]))
+                                                     str(out / "logs" / f"comparison_{tag}_{part}.png"),
+                                                     "--set", *args.set, *(f"{k}={v}" for k, v in settings.items())]))
     run_jobs(evals, args.jobs, out / "logs")
     rows = [study_row(v, s, cfg, run_dirs[v, n, s], n_episodes) for (v, n, s), (_, cfg) in plan.items()]
     groups = {}
