@@ -142,8 +142,9 @@ class LatentMemory:
             return latents[self.perm.to(latents.device)]
         return latents
 
-    def start_episode(self):
+    def start_episode(self) -> bool:
         """Nothing to do: the ablation acts at each compression, not at episode starts."""
+        return False
 
     @torch.no_grad()
     def step(self, token: dict) -> torch.Tensor:

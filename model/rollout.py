@@ -17,7 +17,8 @@ reference): outputs, and so sampled actions, are the same.
 
 Memory ablation (`eval_memory`, to show whether a variant's memory carries the learning):
 'drop' (and 'zero') makes the window variants drop every token older than the current
-episode at each episode start (with rotary positions dropping is the same as masking);
+episode at each episode start (with rotary positions dropping is the same as masking), and
+the new episode's first token carries no previous action or reward, as at a history's start;
 'shuffle' swaps those older tokens for the ones of a rollout on another task. CompressedAD
 applies its ablation to the latents after every compression (model/compressed.py).
 """
@@ -101,12 +102,15 @@ class SlidingWindow:
         self.ctx, self.n_transit, self.slide = ctx, n_transit, slide
         self.memory, self.perm = memory, perm
 
-    def start_episode(self):
-        """Memory ablation: what the new episode may see of the earlier ones."""
+    def start_episode(self) -> bool:
+        """Memory ablation: what the new episode may see of the earlier ones; True when it
+        sees nothing of them."""
         if self.memory in ("drop", "zero"):
             self.ctx.drop_oldest(len(self.ctx))
-        elif self.memory == "shuffle":
+            return True
+        if self.memory == "shuffle":
             self.ctx.permute_rows(self.perm.to(self.ctx.device))
+        return False
 
     def step(self, token: dict):
         if len(self.ctx) + 1 > self.n_transit:
@@ -129,14 +133,16 @@ class TwoRegions:
         self.prev_len = 0  # tokens of the previous region incl. its markers
         self.cur_steps = 0
 
-    def start_episode(self):
+    def start_episode(self) -> bool:
         """Memory ablation: 'drop' starts afresh with one open region; 'shuffle' swaps rows
         (every row has the same region layout, so the markers stay consistent)."""
         if self.memory in ("drop", "zero"):
             self.ctx.drop_oldest(len(self.ctx))
             self._open_first_region()
-        elif self.memory == "shuffle":
+            return True
+        if self.memory == "shuffle":
             self.ctx.permute_rows(self.perm.to(self.ctx.device))
+        return False
 
     def step(self, token: dict):
         action_logits, type_logits = self.ctx.append(token)
@@ -229,7 +235,10 @@ def _rollout(model, cfg, task_indices, n_episodes, n_rollouts, seed, greedy, use
     for ep in range(n_episodes):
         states, new_episode = env.reset(), np.ones(B, dtype=np.int64)
         if ep > 0:
-            policy.start_episode()
+            if policy.start_episode():
+                # nothing of the last episode, not even its last action and reward: the first
+                # token looks like the start of a history
+                prev_action, prev_reward = np.full(B, n_actions), np.zeros(B, dtype=np.float32)
         for _ in range(cfg["horizon"]):
             token = {"kind": np.full(B, KIND_STEP), "state": envs.state_index(cfg, states),
                      "prev_action": prev_action, "prev_reward": prev_reward, "new_episode": new_episode}

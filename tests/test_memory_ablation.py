@@ -70,9 +70,10 @@ def recorded(monkeypatch, cfg, model=None):
 
         def start_episode():
             before = {k: v.clone() for k, v in ctx.tokens.items()} if hasattr(ctx, "tokens") else None
-            real_start()
+            forgot = real_start()
             after = {k: v.clone() for k, v in ctx.tokens.items()} if hasattr(ctx, "tokens") else None
             log["starts"].append((before, after))
+            return forgot
 
         policy.step, policy.start_episode = step, start_episode
         made.append((ctx, policy))
@@ -111,6 +112,8 @@ def test_window_memory_off_logits_equal_a_fresh_context(data_dir, monkeypatch, v
     if variant == "two-region":
         assert (start["kind"][:, 0] == KIND_START).all()
     assert (start["kind"][:, offset] == KIND_STEP).all() and (start["new_episode"][:, offset] == 1).all()
+    # not even the last action and reward of the previous episode: as at a history's start
+    assert (start["prev_action"][:, offset] == envs.n_actions(cfg)).all() and not start["prev_reward"].any()
     with torch.no_grad():
         fresh_logits = model(start)[0][:, -1]
     torch.testing.assert_close(log["logits"][t], fresh_logits, atol=1e-4, rtol=1e-4)
