@@ -198,6 +198,9 @@ def plot_study(path: Path, rows: list[dict], title: str):
     ppo = rows[0]["ppo_episodes_to_80"]
     if ppo is not None:
         ax2.axhline(ppo, color="k", linestyle=":", label="source PPO")
+    if all(r["episodes_to_80"] is None for r in rows):  # nothing to draw on a log axis
+        ax2.text(0.5, 0.5, "no run reached 80% of optimal", ha="center", transform=ax2.transAxes)
+        ax2.set_xlim(min(r["context_tokens"] for r in rows), max(r["context_tokens"] for r in rows))
     for ax, label in ((ax1, f"% of optimal, episode {rows[0]['n_episodes']}"), (ax2, "episodes to 80% of optimal")):
         ax.set_xscale("log")
         ax.set_xlabel("context tokens attended (log)")
