@@ -34,7 +34,7 @@ from algorithm.history import steps_per_stream  # noqa: E402
 from utils import UserError, run_path  # noqa: E402
 
 # n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts).
-# Dark Key-to-Door stops at 250: evaluating a 1,000-step window on its 62 test tasks x 10
+# Dark Key-to-Door stops at 250: evaluating a 1,000-step window on its 63 test tasks x 10
 # rollouts is estimated at 23.6 GB (the re-encoding's attention weights) and is refused on 24 GB.
 LADDERS = {
     "darkroom": {"AD": [10, 20, 40, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 20, 40]},
