@@ -61,6 +61,7 @@ def test_tiny_run_writes_table_timings_and_plot_under_run_dir(tmp_path):
     assert (out / "AD-tworegion-darkroom-seed0" / "eval_summary.json").exists()
 
 
+@pytest.mark.slow  # 80 s: 4 trainings and 8 evaluation processes
 def test_tiny_memory_study_writes_one_row_per_variant_budget_seed(tmp_path):
     sets = ["grid_size=3", "horizon=6", "n_steps=12", "batch_size=12", "n_stream=4", "n_process=1",
             "test_stream_ratio=0.25", "total_source_timesteps=96", "train_env_ratio=0.7", "n_latent=2",
