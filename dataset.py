@@ -80,13 +80,11 @@ def check_dataset_matches(path: Path, header: dict, cfg: dict):
         raise ConfigError(f"{path} was collected with other settings: {', '.join(diff)}; "
                           "use the env and algorithm configs the data was collected with (a file from before "
                           "the validation split has no val_env_ratio: collect it again)")
+    # (compress_interval needs no check of its own: the config requires it to equal n_steps,
+    # which is compared with the file above)
     if header["split"] != envs.task_split(cfg):  # the stored split is the one training must respect
         raise ConfigError(f"{path} stores a train/val/test split that differs from the one its settings "
                           "give: the file was made by other code; collect it again into another dataset_dir")
-    if cfg["use_compressed_context"] and cfg["compress_interval"] != stored["n_steps"]:
-        raise ConfigError(f"compress_interval={cfg['compress_interval']} but {path} was collected with "
-                          f"n_steps={stored['n_steps']}: a region is one PPO rollout, set "
-                          f"compress_interval={stored['n_steps']}")
 
 
 class ADDataset:
