@@ -7,11 +7,13 @@ context is kept depends on the variant:
   `slide` steps), so the context holds between n_transit - slide + 1 and n_transit tokens,
   all lengths that training windows cover.
 - two-region (`use_compressed_context`): [<compress> previous region </compress>
-  <compress> current region]. A region ends when the token-type head predicts
-  `</compress>` for the majority of rollouts (`eval_markers: model`) or after
+  <compress> current region]. Each rollout ends its own region when the token-type head
+  predicts `</compress>` after its step (`eval_markers: model`), or after
   `compress_interval` steps (`eval_markers: interval`); it is also forced to end after
-  n_transit // 2 steps, so the context never exceeds n_transit steps plus 4 markers. Then
-  the previous region is dropped.
+  n_transit // 2 steps. Then that rollout's previous region is dropped and its
+  </compress> and a new <compress> are added, so the context never exceeds n_transit
+  steps plus 3 markers. Rollouts whose regions end at different steps hold different
+  numbers of tokens: `Context` pads them (see there).
 With `use_cache=False` every step re-encodes the whole context instead (the slow
 reference): outputs, and so sampled actions, are the same.
 
@@ -32,12 +34,19 @@ TOKEN_FIELDS = ("kind", "state", "prev_action", "prev_reward", "new_episode")
 
 
 class Context:
-    """The token history of a batch of rollouts (preallocated) and the KV cache encoding it."""
+    """The token history of a batch of rollouts (preallocated) and the KV cache encoding it.
+
+    Rows may hold different numbers of tokens (two-region rollouts whose regions end at
+    different steps): a shorter row is padded on the left with tokens that nothing attends
+    to, and its positions count only its own tokens, so a row's outputs are the same as if
+    it ran alone."""
 
     def __init__(self, model, batch: int, capacity: int, device, use_cache: bool = True):
         self.model, self.device, self.use_cache = model, device, use_cache
         self.buf = {k: torch.zeros(batch, capacity, dtype=torch.float32 if k == "prev_reward" else torch.long,
                                    device=device) for k in TOKEN_FIELDS}
+        self.pad = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.ragged = False  # some row holds padding
         self.length, self.capacity = 0, capacity
         self.cache = model.new_cache(batch, capacity, device) if use_cache else None
         self.max_tokens = 0
@@ -49,37 +58,105 @@ class Context:
     def tokens(self) -> dict:
         return {k: v[:, :self.length] for k, v in self.buf.items()}
 
+    def row_tokens(self, row: int) -> dict:
+        """The tokens of one rollout, without its padding."""
+        real = ~self.pad[row, :self.length]
+        return {k: v[row, :self.length][real] for k, v in self.buf.items()}
+
+    def _attention(self, start: int, n: int):
+        return padded_attention(self.pad[:, :start + n], start) if self.ragged else (None, None)
+
     @torch.no_grad()
     def append(self, new: dict):
         """Add tokens (B, L) and return the model's outputs at them."""
         n = new["kind"].shape[1]
         for k in TOKEN_FIELDS:
             self.buf[k][:, self.length:self.length + n] = new[k]
-        self.length += n
+        self.pad[:, self.length:self.length + n] = False
+        start, self.length = self.length, self.length + n
         self.max_tokens = max(self.max_tokens, self.length)
         if self.use_cache:
-            return self.model(new, cache=self.cache)
-        action_logits, type_logits = self.model(self.tokens)
+            mask, pos = self._attention(start, n)
+            return self.model(new, cache=self.cache, mask=mask, pos=pos)
+        mask, pos = self._attention(0, self.length)
+        action_logits, type_logits = self.model(self.tokens, mask=mask, pos=pos)
         return action_logits[:, -n:], None if type_logits is None else type_logits[:, -n:]
 
     @torch.no_grad()
     def permute_rows(self, perm: torch.Tensor):
         """Row r takes the context of row perm[r] (memory ablation 'shuffle')."""
-        kept = {k: v[perm, :self.length].clone() for k, v in self.buf.items()}
-        self.drop_oldest(self.length)
-        if kept["kind"].shape[1]:
-            self.append(kept)
+        self._replace({k: v[perm, :self.length] for k, v in self.buf.items()}, self.pad[perm, :self.length])
 
     @torch.no_grad()
     def drop_oldest(self, n: int):
-        kept = {k: v[:, n:self.length].clone() for k, v in self.buf.items()}
-        self.length -= n
+        self._replace({k: v[:, n:self.length] for k, v in self.buf.items()}, self.pad[:, n:self.length])
+
+    @torch.no_grad()
+    def replace_rows(self, which: np.ndarray, rows: list[dict]):
+        """Give the rows where `which` is True these tokens (one dict of 1-D fields each) and
+        encode them; the other rows keep their tokens and cache. Every row stays aligned to
+        the right, padded on the left."""
+        others = torch.as_tensor(~which, device=self.device)
+        longest_other = int((~self.pad[others, :self.length]).sum(1).max()) if others.any() else 0
+        width = max(max(len(r["kind"]) for r in rows), longest_other)
+        kept = min(width, self.length)  # the others' last `kept` columns hold all their tokens
+        old = slice(self.length - kept, self.length)
+        moved = {k: v[:, old].clone() for k, v in self.buf.items()}
+        moved_pad = self.pad[:, old].clone()
+        if self.use_cache:
+            moved_k, moved_v = self.cache.k[:, :, :, old].clone(), self.cache.v[:, :, :, old].clone()
+        self.length = width
+        for k in TOKEN_FIELDS:
+            self.buf[k][:, width - kept:width] = moved[k]
+        self.pad[:, :width - kept] = True
+        self.pad[:, width - kept:width] = moved_pad
+        if self.use_cache:
+            self.cache.k[:, :, :, width - kept:width], self.cache.v[:, :, :, width - kept:width] = moved_k, moved_v
+            self.cache.length = width
+        index = torch.as_tensor(np.flatnonzero(which), device=self.device)
+        new = {k: torch.zeros(len(rows), width, dtype=self.buf[k].dtype, device=self.device) for k in TOKEN_FIELDS}
+        new_pad = torch.ones(len(rows), width, dtype=torch.bool, device=self.device)
+        for i, row in enumerate(rows):
+            n = len(row["kind"])
+            for k in TOKEN_FIELDS:
+                new[k][i, width - n:] = row[k]
+            new_pad[i, width - n:] = False
+        for k in TOKEN_FIELDS:
+            self.buf[k][index, :width] = new[k]
+        self.pad[index, :width] = new_pad
+        self.ragged = bool(self.pad[:, :width].any())
+        self.max_tokens = max(self.max_tokens, width)
+        if self.use_cache:  # encode the new rows alone, then put their keys and values in place
+            cache = self.model.new_cache(len(rows), width, self.device)
+            mask, pos = padded_attention(new_pad, 0)
+            self.model(new, cache=cache, mask=mask, pos=pos)
+            self.cache.k[:, index, :, :width], self.cache.v[:, index, :, :width] = cache.k, cache.v
+
+    def _replace(self, kept: dict, pad: torch.Tensor):
+        """Hold exactly these tokens and re-encode them (see model/ad.py on why not just
+        slice the cache)."""
+        kept, pad = {k: v.clone() for k, v in kept.items()}, pad.clone()
+        self.length = kept["kind"].shape[1]
         for k in TOKEN_FIELDS:
             self.buf[k][:, :self.length] = kept[k]
-        if self.use_cache:  # re-encode what is kept (see model/ad.py on why not just slice)
+        self.pad[:, :self.length] = pad
+        self.ragged = bool(pad.any())
+        if self.use_cache:
             self.cache.length = 0
             if self.length:
-                self.model(kept, cache=self.cache)
+                mask, pos = self._attention(0, self.length)
+                self.model(kept, cache=self.cache, mask=mask, pos=pos)
+
+
+def padded_attention(pad: torch.Tensor, start: int):
+    """(mask, positions) for the tokens from column `start` of rows with this padding (B, L)
+    attending to every real token before them; positions count a row's real tokens only."""
+    real, L = ~pad, pad.shape[1]
+    pos = (real.long().cumsum(1) - 1).clamp(min=0)[:, start:]
+    causal = torch.ones(L - start, L, dtype=torch.bool, device=pad.device).tril(start)
+    itself = torch.zeros_like(causal)
+    itself[torch.arange(L - start), start + torch.arange(L - start)] = True  # a padding query must see something
+    return ((real[:, None, :] & causal) | itself)[:, None], pos
 
 
 def _marker(kind: int, batch: int, device) -> dict:
@@ -119,58 +196,72 @@ class SlidingWindow:
 
 
 class TwoRegions:
-    """Two-region context; counts region lengths and how many region ends were forced."""
+    """Two-region context, one region decision per rollout; counts region lengths and where
+    the region ends came from (the token-type head, or forced by the budget)."""
 
     def __init__(self, ctx: Context, n_transit: int, interval: int, markers: str, memory: str = "keep", perm=None):
         self.ctx, self.n_transit, self.interval, self.markers = ctx, n_transit, interval, markers
         self.memory, self.perm = memory, perm
         self.batch = ctx.buf["kind"].shape[0]
-        self.region_lengths, self.forced_ends = [], 0
-        self._open_first_region()
+        self.region_lengths, self.forced_ends, self.head_ends = [], 0, 0
+        self._open_first_regions()
 
-    def _open_first_region(self):
+    def _open_first_regions(self):
+        self.ctx.drop_oldest(len(self.ctx))
         self.ctx.append(_marker(KIND_START, self.batch, self.ctx.device))
-        self.prev_len = 0  # tokens of the previous region incl. its markers
-        self.cur_steps = 0
+        self.prev_len = np.zeros(self.batch, dtype=np.int64)  # per row: previous region's tokens incl. markers
+        self.cur_steps = np.zeros(self.batch, dtype=np.int64)  # per row: steps in the current region
 
     def start_episode(self) -> bool:
-        """Memory ablation: 'drop' starts afresh with one open region; 'shuffle' swaps rows
-        (every row has the same region layout, so the markers stay consistent)."""
+        """Memory ablation: 'drop' starts afresh with one open region; 'shuffle' gives each
+        row another row's context, with its region layout."""
         if self.memory in ("drop", "zero"):
-            self.ctx.drop_oldest(len(self.ctx))
-            self._open_first_region()
+            self._open_first_regions()
             return True
         if self.memory == "shuffle":
             self.ctx.permute_rows(self.perm.to(self.ctx.device))
+            self.prev_len, self.cur_steps = self.prev_len[self.perm.numpy()], self.cur_steps[self.perm.numpy()]
         return False
 
     def step(self, token: dict):
         action_logits, type_logits = self.ctx.append(token)
         self.cur_steps += 1
-        if self._region_ends(type_logits[:, -1]):
-            self._close_region()
+        ends = self._region_ends(type_logits[:, -1])
+        if ends.any():
+            self._close_regions(ends)
         return action_logits[:, -1]
 
-    def _region_ends(self, type_logits) -> bool:
+    def _region_ends(self, type_logits) -> np.ndarray:
+        """Per rollout: does its current region end with this step?"""
         if self.markers == "interval":
             return self.cur_steps >= self.interval
-        if self.cur_steps >= self.n_transit // 2:  # the region's share of the budget is spent
-            self.forced_ends += 1
-            return True
-        return bool((type_logits.argmax(-1) == KIND_END).float().mean() > 0.5)
+        predicted = (type_logits.argmax(-1) == KIND_END).cpu().numpy()
+        forced = ~predicted & (self.cur_steps >= self.n_transit // 2)  # the region's share of the budget is spent
+        self.head_ends += int(predicted.sum())
+        self.forced_ends += int(forced.sum())
+        return predicted | forced
 
-    def _close_region(self):
-        device = self.ctx.device
-        self.ctx.append(_marker(KIND_END, self.batch, device))
-        if self.prev_len:
-            self.ctx.drop_oldest(self.prev_len)
-        self.prev_len = len(self.ctx)
-        self.region_lengths.append(self.cur_steps)
-        self.cur_steps = 0
-        self.ctx.append(_marker(KIND_START, self.batch, device))
+    def _close_regions(self, ends: np.ndarray):
+        """Each ending row: its previous region dropped, </compress>, <compress>."""
+        end, start = (_marker(kind, 1, self.ctx.device) for kind in (KIND_END, KIND_START))
+        rows = []
+        for r in np.flatnonzero(ends):
+            row = {k: torch.cat([v[self.prev_len[r]:], end[k][0]]) for k, v in self.ctx.row_tokens(r).items()}
+            self.prev_len[r] = len(row["kind"])
+            rows.append({k: torch.cat([v, start[k][0]]) for k, v in row.items()})
+            self.region_lengths.append(int(self.cur_steps[r]))
+        self.cur_steps[ends] = 0
+        self.ctx.replace_rows(ends, rows)
+
+    def stats(self) -> dict:
+        lengths = np.array(self.region_lengths)
+        return {"region_lengths_mean": float(lengths.mean()) if len(lengths) else None,
+                "region_lengths_equal_interval": float((lengths == self.interval).mean()) if len(lengths) else None,
+                "region_ends_from_head": self.head_ends, "forced_region_ends": self.forced_ends}
 
 
-def make_policy_context(model, cfg: dict, batch: int, device, use_cache: bool = True, n_rollouts: int = 1):
+def make_policy_context(
+model, cfg: dict, batch: int, device, use_cache: bool = True, n_rollouts: int = 1):
     """(object with .max_tokens, policy with .step(token) -> action logits and .start_episode())."""
     memory, perm = cfg["eval_memory"], other_task_rows(batch, n_rollouts)
     if cfg["model"] == "CompressedAD":
@@ -256,6 +347,5 @@ def _rollout(model, cfg, task_indices, n_episodes, n_rollouts, seed, greedy, use
     if hasattr(policy, "depth"):
         stats["compression_depth_reached"] = policy.depth
     if isinstance(policy, TwoRegions):
-        stats |= {"region_lengths_mean": float(np.mean(policy.region_lengths)) if policy.region_lengths else None,
-                  "forced_region_ends": policy.forced_ends}
+        stats |= policy.stats()
     return returns, stats

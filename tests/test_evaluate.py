@@ -136,21 +136,23 @@ def test_two_region_context_bound_and_region_drops(data_dir, monkeypatch, marker
     cfg = make_cfg(data_dir, compressed=True, extra=[f"eval_markers={markers}", f"n_transit={n_transit}"])
     model = sensitive_model(cfg, seed=1)
     lengths, drops = [], []
-    real_step, real_drop = rollout_mod.TwoRegions.step, rollout_mod.Context.drop_oldest
+    real_step, real_close = rollout_mod.TwoRegions.step, rollout_mod.TwoRegions._close_regions
 
     def step(self, token):
         out = real_step(self, token)
-        kinds = self.ctx.tokens["kind"][0].tolist()
-        assert layout_ok(kinds), kinds
+        for r in range(self.batch):  # every rollout keeps its own regions
+            kinds = self.ctx.row_tokens(r)["kind"].tolist()
+            assert layout_ok(kinds), kinds
         lengths.append(len(self.ctx))
         return out
 
-    def drop_oldest(self, n):
-        drops.append(n)
-        return real_drop(self, n)
+    def close_regions(self, ends):
+        if ends[0] and self.prev_len[0]:  # row 0's previous region goes
+            drops.append(int(self.prev_len[0]))
+        return real_close(self, ends)
 
     monkeypatch.setattr(rollout_mod.TwoRegions, "step", step)
-    monkeypatch.setattr(rollout_mod.Context, "drop_oldest", drop_oldest)
+    monkeypatch.setattr(rollout_mod.TwoRegions, "_close_regions", close_regions)
     n_episodes = 10
     _, stats = rollout(model, cfg, envs.tasks_of_split(cfg, "test"), n_episodes, 2, seed=0)
     assert stats["max_context_tokens"] <= n_transit + 4
@@ -158,12 +160,91 @@ def test_two_region_context_bound_and_region_drops(data_dir, monkeypatch, marker
     assert len(drops) >= 2 and all(d >= 3 for d in drops)  # whole regions (steps + 2 markers) go
     if markers == "interval":
         assert stats["region_lengths_mean"] == N_STEPS
-        assert stats["max_context_tokens"] == 2 * N_STEPS + 4  # = n_transit + 4 here
+        # [<c> previous region </c> <c> current region]: a region's </c> is added once its
+        # previous region is gone, so the most tokens attended are n_transit + 3 here
+        assert stats["max_context_tokens"] == 2 * N_STEPS + 3
         assert len(drops) == n_episodes * HORIZON // N_STEPS - 1
         assert set(drops) == {N_STEPS + 2}
     else:
         assert 1 <= stats["region_lengths_mean"] <= n_transit // 2
         assert stats["forced_region_ends"] >= 0
+
+
+def random_tokens(cfg, n: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"kind": torch.full((n,), KIND_STEP), "state": torch.randint(0, envs.n_state_tokens(cfg), (n,), generator=g),
+            "prev_action": torch.randint(0, envs.n_actions(cfg) + 1, (n,), generator=g),
+            "prev_reward": torch.randint(0, 2, (n,), generator=g).float(),
+            "new_episode": torch.randint(0, 2, (n,), generator=g)}
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_padded_rows_give_the_outputs_of_each_row_alone(data_dir, use_cache):
+    """Rollouts whose regions end at different steps hold different numbers of tokens; a
+    row's outputs must not depend on the padding that lines it up with the others, nor on
+    another row's tokens being replaced."""
+    cfg = make_cfg(data_dir, compressed=True)
+    model = sensitive_model(cfg).eval()
+    rows = [random_tokens(cfg, n, seed=n) for n in (3, 9, 6)]
+    ctx = rollout_mod.Context(model, 3, 32, "cpu", use_cache)
+    ctx.replace_rows(np.ones(3, dtype=bool), rows)
+    assert ctx.ragged and len(ctx) == 9
+    alone = [rollout_mod.Context(model, 1, 32, "cpu", use_cache) for _ in rows]
+    for a, row in zip(alone, rows):
+        a.append({k: v[None] for k, v in row.items()})
+
+    def check_next_tokens(seed):
+        new = [random_tokens(cfg, 3, seed=seed + i) for i in range(3)]
+        for i in range(3):
+            together = ctx.append({k: torch.stack([t[k][i:i + 1] for t in new]) for k in new[0]})[0]
+            for r, a in enumerate(alone):
+                torch.testing.assert_close(together[r], a.append({k: v[None, i:i + 1] for k, v in new[r].items()})[0][0],
+                                           atol=1e-4, rtol=1e-4)
+
+    check_next_tokens(100)
+    assert all(torch.equal(ctx.row_tokens(1)[k][:9], rows[1][k]) for k in rows[1])
+    # row 1 (the longest) starts over with 2 tokens: the others keep theirs, shifted left
+    fresh = random_tokens(cfg, 2, seed=7)
+    ctx.replace_rows(np.array([False, True, False]), [fresh])
+    alone[1] = rollout_mod.Context(model, 1, 32, "cpu", use_cache)
+    alone[1].append({k: v[None] for k, v in fresh.items()})
+    assert len(ctx) == 6 + 3
+    check_next_tokens(200)
+
+
+def test_each_rollout_ends_its_own_regions(data_dir, monkeypatch):
+    """eval_markers=model: one decision per rollout, not a vote over the batch. A head that
+    says </compress> for row 0 only ends row 0's regions."""
+    cfg = make_cfg(data_dir, compressed=True, extra=["eval_markers=model", "n_transit=40"])
+    model = sensitive_model(cfg)
+    real_forward = type(model).forward
+
+    def row0_ends_every_5th_step(self, tokens, cache=None, mask=None, pos=None, compute_loss=False):
+        action_logits, type_logits = real_forward(self, tokens, cache, mask, pos, compute_loss)
+        type_logits = torch.zeros_like(type_logits)
+        type_logits[..., KIND_STEP] = 1.0
+        steps_in_region = (policy.cur_steps[0] + 1) if policy is not None else 0
+        if steps_in_region and steps_in_region % 5 == 0:
+            type_logits[0, -1, KIND_END] = 2.0
+        return action_logits, type_logits
+
+    policy = None
+    real_make = rollout_mod.make_policy_context
+
+    def make(*a, **kw):
+        nonlocal policy
+        ctx, policy = real_make(*a, **kw)
+        return ctx, policy
+
+    monkeypatch.setattr(type(model), "forward", row0_ends_every_5th_step)
+    monkeypatch.setattr(rollout_mod, "make_policy_context", make)
+    _, stats = rollout(model, cfg, envs.tasks_of_split(cfg, "test")[:1], 4, 2, seed=0)
+    n_steps = 4 * cfg["horizon"]
+    # row 0: a region every 5 steps, from the head; row 1: only the forced ends at n_transit // 2
+    assert stats["region_ends_from_head"] == n_steps // 5
+    assert stats["forced_region_ends"] == n_steps // (cfg["n_transit"] // 2)
+    kinds = [policy.ctx.row_tokens(r)["kind"] for r in range(2)]
+    assert (kinds[0] == KIND_STEP).sum() < (kinds[1] == KIND_STEP).sum()
 
 
 def test_ad_window_slides_within_bounds(data_dir, monkeypatch):

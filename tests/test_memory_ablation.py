@@ -65,7 +65,7 @@ def recorded(monkeypatch, cfg, model=None):
         def step(token):
             logits = real_step(token)
             log["logits"].append(logits.clone())
-            log["lengths"].append(int((ctx.tokens["kind"][0] == KIND_STEP).sum()) if hasattr(ctx, "tokens") else None)
+            log["lengths"].append(int((ctx.row_tokens(0)["kind"] == KIND_STEP).sum()) if hasattr(ctx, "tokens") else None)
             return logits
 
         def start_episode():
