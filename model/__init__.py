@@ -36,4 +36,7 @@ def memory_estimate(cfg: dict, n_state_tokens: int, n_actions: int, batch: int, 
         return {"parameters, gradients and optimiser state": 16 * n_params, "activations": batch * act}
     layers, tokens = runs[0]
     kv_cache = 2 * layers * tokens * E * 4
-    return {"parameters": 4 * n_params, "KV cache and activations": batch * (kv_cache + act // layers)}
+    # a rollout re-encodes its context a chunk of rows at a time (model/rollout.py)
+    from model.rollout import rows_per_encoding
+    encoding = min(batch, rows_per_encoding(H, tokens)) * act // layers
+    return {"parameters": 4 * n_params, "KV cache": batch * kv_cache, "re-encoding": encoding}

@@ -101,6 +101,21 @@ def test_cached_rollout_equals_uncached(data_dir, monkeypatch, variant):
     assert not torch.allclose(l1[0], l1[HORIZON])
 
 
+@pytest.mark.parametrize("variant", ["AD", "two_region_model"])
+def test_reencoding_a_row_at_a_time_changes_nothing(data_dir, monkeypatch, variant):
+    """Long windows re-encode their context a chunk of rows at a time to bound memory; the
+    outputs must be those of one pass over all rows."""
+    compressed, extra = VARIANTS[variant]
+    cfg = make_cfg(data_dir, compressed=compressed, extra=extra)
+    model = sensitive_model(cfg)
+    _, _, l_all, a_all = recorded_rollout(monkeypatch, model, cfg, use_cache=True)
+    monkeypatch.setattr(rollout_mod, "ENCODING_BYTES", 1)  # one row per chunk
+    assert rollout_mod.rows_per_encoding(4, 10) == 1
+    _, _, l_rows, a_rows = recorded_rollout(monkeypatch, model, cfg, use_cache=True)
+    torch.testing.assert_close(l_rows, l_all, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(a_rows, a_all)
+
+
 def test_same_seed_same_returns_other_seed_other_actions(data_dir, monkeypatch):
     cfg = make_cfg(data_dir)
     model = sensitive_model(cfg)
