@@ -75,6 +75,8 @@ SCHEMA: dict[str, Key] = {
         compress_interval=(int, 80, "steps per compression region; must equal the n_steps the data "
                            "was collected with", {"min": 1}),
         token_type_loss_weight=(float, 0.1, "weight of the token-type loss in compressed mode", {"min": 0.0}),
+        region_end_weight=(float, 1.0, "compressed mode: class weight of the region end in the token-type loss "
+                           "(one token per region, so the head can settle on never predicting it)", {"min": 0.0}),
         state_embedding=(str, "factored", "'factored': sum of per-coordinate embeddings (generalises to "
                          "held-out goal cells); 'cell': one learned vector per grid cell",
                          {"choices": ("factored", "cell")}),

@@ -222,7 +222,10 @@ class AD(nn.Module):
         metrics = {"loss_action": loss_action.item(), "acc_action": acc_action}
         total = loss_action
         if self.config.compressed:
-            loss_type, acc_type = _ce_and_acc(type_logits, batch["next_kind"])
+            # a region end is one token in a region's length: weighting it keeps the head from
+            # settling on "never" (recall 0.0 on darkroom at the default weight 1)
+            weight = torch.tensor([1.0, 1.0, self.region_end_weight], device=type_logits.device)
+            loss_type, acc_type = _ce_and_acc(type_logits, batch["next_kind"], weight)
             total = total + self.token_type_loss_weight * loss_type
             # accuracy alone hides a head that never predicts the rare region end: report its recall too
             ends = batch["next_kind"] == KIND_END
@@ -231,7 +234,7 @@ class AD(nn.Module):
                         "recall_region_end": recall_end}
         return total, metrics
 
-    token_type_loss_weight = 0.1  # set from the config by build_model
+    token_type_loss_weight, region_end_weight = 0.1, 1.0  # set from the config by build_model
 
     def new_cache(self, batch: int, capacity: int, device) -> KVCache:
         return KVCache(self.config, batch, capacity, device, next(self.parameters()).dtype)
@@ -240,9 +243,9 @@ class AD(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _ce_and_acc(logits, targets):
+def _ce_and_acc(logits, targets, weight=None):
     flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
-    loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE)
+    loss = F.cross_entropy(flat_logits, flat_targets, weight=weight, ignore_index=IGNORE)
     valid = flat_targets != IGNORE
     acc = (flat_logits.argmax(-1)[valid] == flat_targets[valid]).float().mean().item() if valid.any() else math.nan
     return loss, acc
@@ -250,5 +253,5 @@ def _ce_and_acc(logits, targets):
 
 def build_model(cfg: dict, n_state_tokens: int, n_actions: int) -> AD:
     model = AD(ModelConfig.from_config(cfg, n_state_tokens, n_actions))
-    model.token_type_loss_weight = cfg["token_type_loss_weight"]
+    model.token_type_loss_weight, model.region_end_weight = cfg["token_type_loss_weight"], cfg["region_end_weight"]
     return model

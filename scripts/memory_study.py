@@ -16,7 +16,8 @@ then evaluated on the test tasks four ways (evaluate.py --tag):
 - `T1`: sampling at temperature 1.0 instead of the chosen eval_temperature.
 Output in {run_dir}/memory_study/{env}/: memory_study.json (one row per variant x budget x
 seed), memory_study.md (the table, with IQM and 95% stratified-bootstrap intervals) and
-memory_study.png. Rerunning reuses finished trainings and the evaluations made after them.
+memory_study.png. Rerunning reuses finished trainings and the evaluations made after them;
+a run with other --variants, --budgets or --seeds adds its rows to the ones already there.
 """
 import json
 import subprocess
@@ -148,6 +149,16 @@ def study_row(variant: str, seed: int, cfg: dict, run_dir: Path, n_episodes: int
             "train_seconds": train["seconds"], "hardware": train["hardware"], "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)}
 
 
+def earlier_rows(path: Path, plan: dict) -> list[dict]:
+    """Rows an earlier study run wrote here for other variants, budgets or seeds (so
+    `--variants`, `--budgets` and `--seeds` add to one table); rows of this plan are redone."""
+    if not path.is_file():
+        return []
+    planned = {(v, cfg["n_transit"], seed) for (v, _, seed), (_, cfg) in plan.items()}
+    return [r for r in json.loads(path.read_text()) if (r["variant"], r["n_transit"], r["seed"]) not in planned
+            and (ROOT / r["run_dir"] / "eval_summary_keep.json").is_file()]
+
+
 def group_iqm(run_dirs: list[Path], tag: str, episode: int) -> str:
     loaded = [load_eval(d, tag) for d in run_dirs]
     scores = report.fraction_scores([s for s, _ in loaded], [r for _, r in loaded], episode)
@@ -254,13 +265,16 @@ def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str
                                                      str(out / "logs" / f"comparison_{tag}_{part}.png"),
                                                      "--set", *args.set, *(f"{k}={v}" for k, v in settings.items())]))
     run_jobs(evals, args.jobs, out / "logs")
-    rows = [study_row(v, s, cfg, run_dirs[v, n, s], n_episodes) for (v, n, s), (_, cfg) in plan.items()]
+    rows = earlier_rows(out / "memory_study.json", plan) + [
+        study_row(v, s, cfg, run_dirs[v, n, s], n_episodes) for (v, n, s), (_, cfg) in plan.items()]
+    rows.sort(key=lambda r: (r["variant"], r["n_transit"], r["seed"]))
     groups = {}
-    for (v, n, s) in plan:
-        groups.setdefault((v, plan[v, n, s][1]["n_transit"]), []).append(run_dirs[v, n, s])
+    for r in rows:
+        groups.setdefault((r["variant"], r["n_transit"]), []).append(ROOT / r["run_dir"])
     (out / "memory_study.json").write_text(json.dumps(rows, indent=1) + "\n")
     table = study_table(rows, groups, n_episodes)
     (out / "memory_study.md").write_text(table + "\n")
-    plot_study(out / "memory_study.png", rows, f"{args.env}: held-out test tasks, seeds {args.seeds}")
+    seeds = sorted({r["seed"] for r in rows})
+    plot_study(out / "memory_study.png", rows, f"{args.env}: held-out test tasks, seeds {seeds}")
     print(f"\n{table}\n\n{len(rows)} rows in {(time.perf_counter() - tic) / 60:.1f} min: {out / 'memory_study.json'}, "
           f"{out / 'memory_study.md'}, {out / 'memory_study.png'}")
