@@ -236,7 +236,8 @@ def _train(cfg: dict):
         print(f"{run_dir} already finished {start} steps; nothing to do (evaluate with python evaluate.py {run_dir})")
         return run_dir
     # DDP all-reduces gradients through hooks on forward(), so the loss goes through it
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=model.ddp_find_unused_parameters)
     train_set, loader, test_loader = make_loaders(cfg, rank, world, start, pin=device.type == "cuda")
     use_bf16 = device.type == "cuda"
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
