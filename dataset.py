@@ -93,7 +93,7 @@ def check_dataset_matches(path: Path, header: dict, cfg: dict):
 class ADDataset:
     """Windows of learning histories of training tasks; `part` picks train or held-out streams."""
 
-    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=None):
+    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=False):
         self.path, self.cfg, self.part = Path(path), cfg, part
         header = history.read_header(self.path)
         check_dataset_matches(self.path, header, cfg)
@@ -137,7 +137,7 @@ class ADDataset:
             self.per_stream = self.T - cfg["n_transit"] + 1
         if self.per_stream < 1:
             raise UserError(f"{self.path}: streams of {self.T} steps are too short for a sample")
-        self.in_memory = bool(in_memory)  # all tasks read at once: only for small files (tests)
+        self.in_memory = in_memory  # every task read at once: only for small files (tests)
         self._data, self._pid = None, None
 
     def __len__(self):
@@ -228,7 +228,7 @@ class CompressedADDataset(ADDataset):
     encoder recursively (its latents are its own input), which training exercises up to d.
     """
 
-    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=None):
+    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=False):
         from model.compressed import stage_len
         super().__init__(path, {**cfg, "use_compressed_context": False}, part, task_indices, in_memory)
         self.cfg = cfg

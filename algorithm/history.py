@@ -145,7 +145,9 @@ def read_header(path: Path) -> dict:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
             groups = list(f.keys())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
+        if journal.journal_path(path).exists():  # opened in the instant a running append rewrote its metadata
+            raise UserError(f"{path} is being appended to by a running collect.py: retry when it is done") from None
         raise UserError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0]}): "
                         "move it away (or delete it) and rerun collect.py to recollect") from None
     missing = [k for k in ("format_version", "config", "collection_config", "tasks", "split") if k not in attrs]
