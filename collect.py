@@ -72,7 +72,7 @@ def collect(cfg: dict, path: Path, indices: list[int]):
 
 def _collect(cfg: dict, path: Path, indices: list[int]):
     tasks, split = envs.task_list(cfg), envs.task_split(cfg)
-    history.remove_stale_tmp(path)  # left by a run killed while writing; the file itself is intact
+    history.recover(path)  # finish or undo the append of a run killed while writing
     if path.exists():
         header = history.read_header(path)
         history.check_matches(path, header, cfg)

@@ -10,13 +10,16 @@ model/ad.py for the token fields):
   query position of the region (and region k-1's tokens play the "no previous region yet"
   case of the first rollout).
 
-The file is opened lazily in the process that reads it, so DataLoader workers each get
-their own handle. With `num_workers=0` the training tasks are read into memory once
-(fast); with workers, windows are read from the file on demand, so memory does not grow
-with the number of workers.
+Memory is bounded by the model, not the dataset: windows are read from the file on
+demand (with DataLoader workers or without), through a handful of open tasks (`_Tasks`,
+least recently used first out) with a small chunk cache each; the held-out streams are
+read only when a test batch needs them; and `BucketSampler` computes each batch from a
+lazy permutation instead of holding an epoch's indices. The file is opened lazily in the
+process that reads it, so DataLoader workers each get their own handle.
 """
 import os
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import h5py
@@ -90,7 +93,7 @@ def check_dataset_matches(path: Path, header: dict, cfg: dict):
 class ADDataset:
     """Windows of learning histories of training tasks; `part` picks train or held-out streams."""
 
-    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=None):
+    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=False):
         self.path, self.cfg, self.part = Path(path), cfg, part
         header = history.read_header(self.path)
         check_dataset_matches(self.path, header, cfg)
@@ -134,22 +137,22 @@ class ADDataset:
             self.per_stream = self.T - cfg["n_transit"] + 1
         if self.per_stream < 1:
             raise UserError(f"{self.path}: streams of {self.T} steps are too short for a sample")
-        self.in_memory = cfg["num_workers"] == 0 if in_memory is None else in_memory
+        self.in_memory = in_memory  # every task read at once: only for small files (tests)
         self._data, self._pid = None, None
 
     def __len__(self):
         return len(self.tasks) * len(self.streams) * self.per_stream
 
     def _load(self):
-        """Per-task arrays (in memory) or h5py datasets (lazy); opened once per process."""
+        """{task: {field: array-like}}: arrays (in_memory) or the file's datasets, read on
+        demand; opened once per process (a DataLoader worker opens its own)."""
         if self._pid == os.getpid():
             return self._data
-        f = h5py.File(self.path, "r")
         if self.in_memory:
-            self._data = {i: {k: f[str(i)][k][()] for k in FIELDS} for i in self.tasks}
-            f.close()
+            with h5py.File(self.path, "r") as f:
+                self._data = {i: {k: f[str(i)][k][()] for k in FIELDS} for i in self.tasks}
         else:
-            self._data = {i: {k: f[str(i)][k] for k in FIELDS} for i in self.tasks}
+            self._data = _Tasks(self.path)
         self._pid = os.getpid()
         return self._data
 
@@ -170,6 +173,27 @@ class ADDataset:
         parts = (region_tokens(self.cfg, one, self.region_starts[k - 1], self.region_ends[k - 1])
                  + region_tokens(self.cfg, one, self.region_starts[k], self.region_ends[k]))
         return concat_tokens(parts)
+
+
+class _Tasks:
+    """task -> {field: h5py dataset}, keeping at most KEEP tasks open: an open dataset
+    holds its index and up to CACHE_BYTES of decompressed chunks, so memory stays flat
+    however many tasks the file has."""
+    KEEP, CACHE_BYTES = 64, 64 * 1024
+
+    def __init__(self, path: Path):
+        self.file = h5py.File(path, "r", rdcc_nbytes=self.CACHE_BYTES)
+        self.keep, self.open = self.KEEP, OrderedDict()
+
+    def __getitem__(self, task: int) -> dict:
+        if task in self.open:
+            self.open.move_to_end(task)
+        else:
+            group = self.file[str(task)]
+            self.open[task] = {k: group[k] for k in FIELDS}
+            if len(self.open) > self.keep:
+                self.open.popitem(last=False)
+        return self.open[task]
 
 
 class _StreamView:
@@ -204,7 +228,7 @@ class CompressedADDataset(ADDataset):
     encoder recursively (its latents are its own input), which training exercises up to d.
     """
 
-    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=None):
+    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=False):
         from model.compressed import stage_len
         super().__init__(path, {**cfg, "use_compressed_context": False}, part, task_indices, in_memory)
         self.cfg = cfg
@@ -246,45 +270,94 @@ class CompressedADDataset(ADDataset):
                 "recent": step_tokens(self.cfg, one, a, a + self.cfg["n_transit"])}
 
 
+class LazyPermutation:
+    """A pseudo-random permutation of range(n) computed element by element, so an epoch of
+    hundreds of millions of windows needs no index array: a 4-round Feistel network over
+    the smallest even number of bits that holds n, applied again to values past n (cycle
+    walking, at most ~4 times on average) so that it maps range(n) onto itself."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, key):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        self.keys = np.random.default_rng(key).integers(0, 2 ** 63, self.ROUNDS, dtype=np.uint64)
+
+    def __call__(self, i) -> np.ndarray:
+        x = self._encrypt(np.atleast_1d(np.asarray(i, dtype=np.uint64)))
+        out = x >= self.n
+        while out.any():
+            x[out] = self._encrypt(x[out])
+            out = x >= self.n
+        return x.astype(np.int64)
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix(right ^ key) & self.mask)
+        return (left << half) | right
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit moves every output bit (uint64, wrapping)."""
+    z = z * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
 class BucketSampler:
     """Batches of one compression depth each, shuffled within and across depth buckets.
 
+    An epoch cuts each depth bucket, in a shuffled order, into batches (one partial batch
+    per bucket unless drop_last), and shuffles the batches of all buckets together.
     Deterministic under `seed`; `set_epoch` reshuffles; under DDP each rank takes every
     world_size-th batch of the epoch, so the shards are disjoint and together cover every
     index once per epoch (ranks may get one batch more or less; training counts steps,
-    not epochs, so nothing waits on that). Works with DataLoader workers: the sampler runs
-    in the main process and only hands index lists to the workers.
+    not epochs, so nothing waits on that). Nothing of size of an epoch is held: batch j is
+    computed from lazy permutations of the batch order and of its bucket (memory does not
+    grow with the dataset). Works with DataLoader workers: the sampler runs in the main
+    process and only hands index lists to the workers.
     """
 
     def __init__(self, dataset: CompressedADDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False):
-        self.buckets = dataset.depth_ranges()
+        buckets = list(dataset.depth_ranges().values())
+        self.starts = np.array([r.start for r in buckets], dtype=np.int64)
+        self.sizes = np.array([len(r) for r in buckets], dtype=np.int64)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch = 0
+        per_bucket = self.sizes // batch_size if drop_last else -(-self.sizes // batch_size)
+        self.first_batch = np.concatenate([[0], np.cumsum(per_bucket)])  # bucket d's batches: first_batch[d]..[d+1]
+        self.n_batches = int(self.first_batch[-1])  # in the epoch, all ranks
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
+        self._order = self._permutation(self.n_batches, -1)
 
-    def _epoch_batches(self) -> list[np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        batches = []
-        for d, indices in self.buckets.items():
-            idx = np.arange(indices.start, indices.stop)
-            if self.shuffle:
-                idx = rng.permutation(idx)
-            for i in range(0, len(idx), self.batch_size):
-                if len(idx) - i >= self.batch_size or not self.drop_last:
-                    batches.append(idx[i:i + self.batch_size])
-        order = rng.permutation(len(batches)) if self.shuffle else np.arange(len(batches))
-        return [batches[i] for i in order[self.rank::self.world_size]]
+    def _permutation(self, n: int, bucket: int):
+        if not self.shuffle:
+            return lambda i: np.atleast_1d(np.asarray(i, dtype=np.int64))
+        return LazyPermutation(n, [self.seed, self.epoch, bucket + 1])
+
+    def batch(self, j: int) -> list[int]:
+        """This rank's j-th batch of the epoch."""
+        b = int(self._order(self.rank + j * self.world_size)[0])  # the batch's place among all buckets
+        d = int(np.searchsorted(self.first_batch, b, side="right") - 1)
+        k = b - int(self.first_batch[d])  # its place in bucket d
+        positions = np.arange(k * self.batch_size, min((k + 1) * self.batch_size, int(self.sizes[d])))
+        return (self.starts[d] + self._permutation(int(self.sizes[d]), d)(positions)).tolist()
 
     def __iter__(self):
-        for batch in self._epoch_batches():
-            yield batch.tolist()
+        for j in range(len(self)):
+            yield self.batch(j)
 
     def __len__(self):
-        return len(self._epoch_batches())
+        return max(0, -(-(self.n_batches - self.rank) // self.world_size))
 
 
 class BucketBatches:
@@ -294,24 +367,19 @@ class BucketBatches:
         self.sampler, self.start, self.stop = sampler, start, stop
 
     def __iter__(self):
-        step, epoch = 0, 0
-        while step < self.stop:
-            self.sampler.set_epoch(epoch)
-            batches = self.sampler._epoch_batches()
-            if not batches:
-                raise UserError(f"rank {self.sampler.rank} gets no batch: an epoch has fewer batches than "
-                                f"world_size={self.sampler.world_size}; use a smaller train_batch_size or "
-                                "fewer processes")
-            if step + len(batches) <= self.start:  # this epoch was done before the resume
-                step += len(batches)
-            else:
-                for batch in batches:
-                    if step >= self.stop:
-                        return
-                    if step >= self.start:
-                        yield batch.tolist()
-                    step += 1
-            epoch += 1
+        per_epoch = len(self.sampler)  # the same every epoch
+        if per_epoch == 0:
+            raise UserError(f"rank {self.sampler.rank} gets no batch: an epoch has fewer batches than "
+                            f"world_size={self.sampler.world_size}; use a smaller train_batch_size or "
+                            "fewer processes")
+        epoch, j = divmod(self.start, per_epoch)
+        for _ in range(self.start, self.stop):
+            if j == per_epoch:
+                epoch, j = epoch + 1, 0
+            if j == 0 or self.sampler.epoch != epoch:
+                self.sampler.set_epoch(epoch)
+            yield self.sampler.batch(j)
+            j += 1
 
     def __len__(self):
         return self.stop - self.start

@@ -85,7 +85,7 @@ def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
               "generator": torch.Generator()}
     if cfg["model"] == "CompressedAD":
         train_set = CompressedADDataset(path, cfg, part="train")
-        test_set = CompressedADDataset(path, cfg, part="test", in_memory=True)
+        test_set = CompressedADDataset(path, cfg, part="test")
         train_batches = BucketBatches(BucketSampler(train_set, bs, seed=cfg["seed"], rank=rank, world_size=world),
                                       start, cfg["train_timesteps"])
         test_batches = BucketBatches(BucketSampler(test_set, bs, seed=cfg["seed"] + 1), 0, 4)
@@ -94,7 +94,7 @@ def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
                 DataLoader(test_set, batch_sampler=test_batches, collate_fn=collate_compressed_batch,
                            generator=torch.Generator()))
     train_set = ADDataset(path, cfg, part="train")
-    test_set = ADDataset(path, cfg, part="test", in_memory=True)
+    test_set = ADDataset(path, cfg, part="test")
     return (train_set,
             DataLoader(train_set, batch_sampler=StepBatches(len(train_set), bs, cfg["seed"], rank, start,
                                                             cfg["train_timesteps"]), **common),
@@ -139,16 +139,11 @@ def resume(ckpt: Path, model, opt, device) -> int:
 
 def check_fits(cfg: dict, device):
     """Refuse sizes that cannot fit before building anything (the model is sized on the meta device)."""
-    header = history.read_header(dataset_path(cfg))  # also: a missing dataset stops here, before any work
-    cc = header["collection_config"]
-    n_train = sum(s == "train" for s in header["split"])
+    history.read_header(dataset_path(cfg))  # a missing dataset stops here, before any work
     parts = memory_estimate(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg), cfg["train_batch_size"],
                             training=True)
+    # (the data needs no share: windows are read from the file on demand, see dataset.py)
     check_memory("training", parts, device, "use a smaller tf_n_embd, tf_n_layer, n_transit or train_batch_size")
-    if cfg["num_workers"] == 0:  # the training tasks are read into memory (see dataset.py)
-        data = n_train * history.steps_per_stream(cc) * cc["n_stream"] * (4 * envs.state_dim(cfg) + 7)
-        check_memory("training", {"training data in memory": data}, "cpu",
-                     "set num_workers >= 1 to read windows from the file instead")
 
 
 @torch.no_grad()
@@ -236,7 +231,8 @@ def _train(cfg: dict):
         print(f"{run_dir} already finished {start} steps; nothing to do (evaluate with python evaluate.py {run_dir})")
         return run_dir
     # DDP all-reduces gradients through hooks on forward(), so the loss goes through it
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=model.ddp_find_unused_parameters)
     train_set, loader, test_loader = make_loaders(cfg, rank, world, start, pin=device.type == "cuda")
     use_bf16 = device.type == "cuda"
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731

@@ -5,22 +5,23 @@ Layout (DESIGN.md): file attrs `format_version`, `config` (resolved config, JSON
 one group per task named by its index, attrs `task` (JSON), `split`, `backend`; time-major
 datasets of shape (T, n_stream, ...).
 
-Crash safety: a task group is only ever written into a copy of the file, which then
-atomically replaces the original (`os.replace`). A collection killed at any moment
-leaves the previous complete file (plus a stale `.tmp` that the next run removes), so a
-group that exists is a finished task. A group damaged afterwards (a dataset missing, a
-wrong shape, a chunk that no longer decompresses) is found by `damaged_tasks`: training
-refuses it and collect.py collects it again. One collection writes a file at a time
-(`lock`).
+Crash safety: finished tasks are appended in place through a write-ahead journal
+(`algorithm/journal.py`), so an append costs what it writes, and a collection killed at
+any moment leaves the file as it was before or after a whole append: a group that exists
+is a finished task. The next open (`recover`, called by collect.py and `read_header`)
+finishes or undoes an append that a dead process left. A group damaged afterwards (a
+dataset missing, a wrong shape, a chunk that no longer decompresses) is found by
+`damaged_tasks`: training refuses it and collect.py collects it again. One collection
+writes a file at a time (`lock`).
 """
 import json
 import os
-import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from algorithm import journal
 from utils import UserError, collection_config, first_line, locked
 
 FORMAT_VERSION = 1
@@ -88,24 +89,21 @@ def create_if_missing(path: Path, cfg: dict, tasks: list, split: list):
         f.attrs["collection_config"] = json.dumps(collection_config(cfg), sort_keys=True)
         f.attrs["tasks"] = json.dumps(tasks)
         f.attrs["split"] = json.dumps(split)
+    journal.journal_path(path).unlink(missing_ok=True)  # one left beside a file since deleted is not ours
     os.replace(tmp, path)
 
 
 def append_tasks(path: Path, results: dict, tasks: list, split: list, backend: str, replace=()):
-    """Add finished tasks {index: arrays} to the file, atomically (see module doc). A group
-    already there is kept, unless its index is in `replace` (a damaged task collected again)."""
-    path, tmp = Path(path), _tmp(Path(path))
-    shutil.copyfile(path, tmp)
-    with h5py.File(tmp, "a") as f:
+    """Add finished tasks {index: arrays} to the file as one crash-safe append (see module
+    doc). A group already there is kept, unless its index is in `replace` (a damaged task
+    collected again: its old bytes stay in the file, unreferenced)."""
+    with journal.appending(path) as fobj, h5py.File(fobj, "r+") as f:
         for index, h in sorted(results.items()):
             if str(index) in f:
                 if index not in replace:  # already there (e.g. a merge input): keep the first
                     continue
                 del f[str(index)]
             _write_group(f, index, h, tasks[index], split[index], backend)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def lock(path: Path):
@@ -114,10 +112,26 @@ def lock(path: Path):
     return locked(path.with_name(path.name + ".lock"), f"dataset {path}")
 
 
-def remove_stale_tmp(path: Path):
-    tmp = _tmp(Path(path))
-    if tmp.exists():
-        tmp.unlink()
+def recover(path: Path):
+    """Finish or undo an append that a killed collection left (journal.recover), and remove
+    the `.tmp` copy that versions before the journal left."""
+    _tmp(Path(path)).unlink(missing_ok=True)
+    journal.recover(path)
+
+
+def _recover_for_reader(path: Path):
+    """A reader finishes an append that a killed collection left; a running collection
+    (holding the lock) finishes its own, and until then the file's old part is intact."""
+    if not journal.journal_path(path).exists():
+        return
+    try:
+        with lock(path):
+            journal.recover(path)
+    except UserError:
+        pass  # a collection is writing the file right now
+    except OSError as e:
+        raise UserError(f"{path}: cannot finish the append a killed collection left ({e.strerror or e}): "
+                        "rerun the collect.py command with write access to the dataset directory") from None
 
 
 def read_header(path: Path) -> dict:
@@ -126,11 +140,14 @@ def read_header(path: Path) -> dict:
     if not path.exists():
         raise UserError(f"dataset not found: {path}; collect it first with python collect.py "
                         "<algorithm.yaml> <env.yaml> (same configs and --set as here)")
+    _recover_for_reader(path)
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
             groups = list(f.keys())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
+        if journal.journal_path(path).exists():  # opened in the instant a running append rewrote its metadata
+            raise UserError(f"{path} is being appended to by a running collect.py: retry when it is done") from None
         raise UserError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0]}): "
                         "move it away (or delete it) and rerun collect.py to recollect") from None
     missing = [k for k in ("format_version", "config", "collection_config", "tasks", "split") if k not in attrs]
@@ -167,7 +184,7 @@ def damaged_tasks(path: Path, header: dict, indices, read_data: bool = True) -> 
     (read_data) data that cannot be read back, e.g. a chunk that does not decompress.
     Reading every chunk costs about as much as loading the data once; a file is
     checked once per process."""
-    st = os.stat(path)  # the file is only ever replaced, never changed in place: a new file has a new inode
+    st = os.stat(path)  # every append changes the size and mtime (and merge/recollection the inode)
     key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, tuple(indices), read_data)
     if key not in _checked:
         _checked[key] = _damaged_tasks(path, header, indices, read_data)

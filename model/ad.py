@@ -150,6 +150,8 @@ class AD(nn.Module):
     `prev_action` (n_actions = none), `prev_reward`, `new_episode` (0/1), and for training
     the targets `action` and `next_kind` (IGNORE where there is none).
     """
+    # every training step uses every parameter, so DDP need not search the graph for unused ones
+    ddp_find_unused_parameters = False
 
     def __init__(self, c: ModelConfig):
         super().__init__()

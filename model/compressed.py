@@ -51,6 +51,10 @@ class CompressionEncoder(nn.Module):
 
 
 class CompressedAD(AD):
+    # a batch of compression depth 0 does not run the encoder; under DDP the other rank's
+    # batch may, so DDP must find the unused parameters of each step (and reduce zeros for them)
+    ddp_find_unused_parameters = True
+
     def __init__(self, c: ModelConfig, n_latent: int, enc_n_layer: int, grad_rounds: int):
         super().__init__(c)
         self.encoder = CompressionEncoder(c, n_latent, enc_n_layer)

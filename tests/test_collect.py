@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import env as envs
+from algorithm import journal
 from algorithm.history import DTYPES, FIELDS, read_header, read_task, steps_per_stream
 from utils import UserError, collection_config, dataset_path, load_config, parse_set
 
@@ -221,14 +222,17 @@ def test_kill_and_resume(tmp_path):
         kept = read_task(f, first)
         for i in header["done"]:
             read_task(f, i)
-    # a kill during a write leaves a half-written copy next to the file
-    tmp_of(path).write_bytes(b"half-written copy")
+    # a kill during an append leaves its journal and new bytes past the file's old end
+    journal._begin(path, path.stat().st_size)
+    with open(path, "ab") as fh:
+        fh.write(b"half-written task" * 100)
+    tmp_of(path).write_bytes(b"half-written copy")  # what versions before the journal left
 
     proc2 = run(cmd(tmp_path, sets))
     assert_ok(proc2)
     assert f"{k} of {n_tasks} tasks already collected, {n_tasks - k} to go" in proc2.stdout
     assert f"collected {n_tasks - k} tasks" in proc2.stdout
-    assert not tmp_of(path).exists()
+    assert not tmp_of(path).exists() and not path.with_name(path.name + ".journal").exists()
     final = read_header(path)
     assert final["done"] == list(range(n_tasks))
     with h5py.File(path, "r") as f:

@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader
 
 import env as envs
 import train
-from dataset import BucketBatches, BucketSampler, CompressedADDataset, collate_compressed_batch
+from dataset import BucketBatches, BucketSampler, CompressedADDataset, LazyPermutation, collate_compressed_batch
 from fixtures_history import ALG, ENV, N_STREAM, T, build_history_file, cli_sets
 from model import build, rollout as rollout_mod
 from model.ad import KVCache, _ce_and_acc
 from model.compressed import CompressedAD, LatentMemory
 from model.rollout import rollout, sample_actions
-from utils import ConfigError, load_config, parse_set, run_path
+from utils import ConfigError, UserError, load_config, parse_set, run_path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_COMPRESSED = ROOT / "config/model/ad_compressed_dr.yaml"
@@ -354,28 +354,47 @@ def test_bucket_batches_resume_equals_the_tail_of_an_uninterrupted_run(small, ra
         assert list(resumed) == whole[start:], start
 
 
-class LoopGuard(Exception):
-    pass
-
-
-def test_bucket_batches_with_no_batch_for_this_rank_stop_with_an_error(data, monkeypatch):
+def test_bucket_batches_with_no_batch_for_this_rank_stop_with_an_error(data):
     _, cfg, path, train_tasks = data
     ds = CompressedADDataset(path, cfg, task_indices=train_tasks[:1])
     sampler = BucketSampler(ds, 1000, seed=0, rank=3, world_size=4)  # 3 batches per epoch, 4 ranks
     assert len(sampler) == 0
-    calls = []
-    real = BucketSampler._epoch_batches
-
-    def guarded(self):
-        calls.append(1)
-        if len(calls) > 100:
-            raise LoopGuard("BucketBatches kept drawing empty epochs")
-        return real(self)
-
-    monkeypatch.setattr(BucketSampler, "_epoch_batches", guarded)
-    with pytest.raises(Exception) as err:  # a clear error, e.g. "too few batches for world_size"
+    with pytest.raises(UserError, match="world_size=4"):
         next(iter(BucketBatches(sampler, 0, 5)))
-    assert not isinstance(err.value, LoopGuard)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_lazy_permutation_is_a_permutation_that_the_key_decides(n):
+    perm = LazyPermutation(n, [3, 0])
+    values = perm(np.arange(n))
+    assert sorted(values.tolist()) == list(range(n))
+    assert [int(perm(i)[0]) for i in range(min(n, 50))] == values[:50].tolist()  # element by element
+    if n >= 64:
+        assert values.tolist() != list(range(n))
+        assert LazyPermutation(n, [3, 1])(np.arange(n)).tolist() != values.tolist()
+        assert LazyPermutation(n, [3, 0])(np.arange(n)).tolist() == values.tolist()
+
+
+class HugeBuckets:
+    """A dataset's depth buckets as large as a real one can get (10^11 windows), no data."""
+    def depth_ranges(self):
+        return {d: range(d * 10 ** 10, (d + 1) * 10 ** 10 - d) for d in range(10)}
+
+
+def test_bucket_sampler_does_not_materialise_an_epoch():
+    """The old sampler permuted every index of an epoch (442 M windows: 8 GB); this one
+    must draw batches of a 10^11-window epoch in a few KB, across epochs and ranks."""
+    import tracemalloc
+    tracemalloc.start()
+    sampler = BucketSampler(HugeBuckets(), 16, seed=0, rank=1, world_size=2)
+    batches = list(BucketBatches(sampler, 10 ** 9, 10 ** 9 + 20))  # resumed deep into the run
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1_000_000, peak
+    assert len(sampler) == sum(-(-len(r) // 16) for r in HugeBuckets().depth_ranges().values()) // 2
+    for b in batches:
+        assert len(b) == 16 and len({i // 10 ** 10 for i in b}) == 1  # one depth each
+    assert len({tuple(b) for b in batches}) == 20
 
 
 # ----------------------------------------------------------------------------- collate

@@ -210,3 +210,30 @@ def test_dataset_collected_with_other_data_keys_is_refused(tmp_path):
     for extra in (["n_epochs=3"], ["source_lr=0.001"], ["val_env_ratio=0.3"]):
         with pytest.raises(ConfigError, match=extra[0].split("=")[0]):
             ADDataset(path, make_cfg(tmp_path, extra=extra))
+
+
+@pytest.mark.parametrize("part", ["train", "test"])
+def test_windows_are_read_on_demand_through_a_few_open_tasks(data, part, monkeypatch):
+    """Memory does not grow with the file: reading windows of every task keeps at most
+    KEEP tasks open, far less than loading the tasks (the old num_workers=0 default)."""
+    import tracemalloc
+    from dataset import _Tasks
+    _, cfg, _, path = data
+    in_memory = ADDataset(path, cfg, part=part, in_memory=True)
+    tracemalloc.start()
+    in_memory._load()
+    all_tasks = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    monkeypatch.setattr(_Tasks, "KEEP", 3)
+    ds = ADDataset(path, cfg, part=part)  # the default, as train.py builds both parts
+    per_task = len(ds) // len(ds.tasks)
+    tracemalloc.start()
+    for t in range(len(ds.tasks)):  # a window of every task, in order
+        window = ds[t * per_task + 3]
+        assert len(window["action"]) == cfg["n_transit"]
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(ds.tasks) > 10 and held < all_tasks / 4, (held, all_tasks)
+    tasks = ds._load()
+    assert isinstance(tasks, _Tasks) and list(tasks.open) == ds.tasks[-3:]  # the least recently used went first
+    np.testing.assert_array_equal(tasks[ds.tasks[-1]]["actions"][:, 0], read_stream(path, ds.tasks[-1], 0)["actions"])

@@ -1,4 +1,5 @@
-"""The learning-history HDF5 file: markers, schema, crash-safe appends, header checks, merge."""
+"""The learning-history HDF5 file: markers, schema, crash-safe appends (killed at every write),
+appends that cost what they write, header checks, merge."""
 import json
 import os
 import subprocess
@@ -10,10 +11,9 @@ import numpy as np
 import pytest
 
 import env as envs
-from algorithm import history
+from algorithm import history, journal
 from algorithm.history import (DTYPES, FIELDS, append_tasks, check_history, check_matches, compress_markers,
-                               create_if_missing, merge, read_header, read_task, remove_stale_tmp,
-                               steps_per_stream)
+                               create_if_missing, merge, read_header, read_task, recover, steps_per_stream)
 from utils import UserError, collection_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +51,10 @@ def tmp_of(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+def journal_of(path: Path) -> Path:
+    return path.with_name(path.name + ".journal")
+
+
 # ----------------------------------------------------------------------------- markers
 
 @pytest.mark.parametrize("T,n_steps,S", [(17, 5, 3), (160, 80, 4), (6, 2, 1), (9, 3, 2)])
@@ -84,7 +88,7 @@ def test_round_trip(tmp_path):
     cfg = small_cfg()
     path = tmp_path / "sub" / "h.hdf5"
     results = new_file(path, cfg, indices=(0, 4, 7))
-    assert not tmp_of(path).exists()
+    assert not tmp_of(path).exists() and not journal_of(path).exists()
     tasks, split = envs.task_list(cfg), envs.task_split(cfg)
 
     header = read_header(path)
@@ -190,9 +194,8 @@ def test_append_failing_while_writing_leaves_original_intact(tmp_path, monkeypat
         append_tasks(path, {1: fake_history(cfg, 1), 2: fake_history(cfg, 2)}, envs.task_list(cfg),
                      envs.task_split(cfg), "sb3")
     assert calls == [1, 2]
-    _assert_intact(path, before, [0])
-    remove_stale_tmp(path)
-    assert not tmp_of(path).exists()
+    _assert_intact(path, before, [0])  # the whole append is undone, task 1 too
+    assert not journal_of(path).exists()
 
     monkeypatch.setattr(history, "_write_group", real_write_group)
     append_tasks(path, {1: fake_history(cfg, 1), 2: fake_history(cfg, 2)}, envs.task_list(cfg),
@@ -200,25 +203,25 @@ def test_append_failing_while_writing_leaves_original_intact(tmp_path, monkeypat
     assert read_header(path)["done"] == [0, 1, 2]
 
 
-def test_append_failing_at_replace_leaves_original_intact(tmp_path, monkeypatch):
+def test_append_dying_after_its_journal_is_finished_by_the_next_reader(tmp_path, monkeypatch):
     cfg = small_cfg()
     path = tmp_path / "h.hdf5"
     new_file(path, cfg, indices=(0, 5))
     before = path.read_bytes()
 
-    def no_replace(*a, **kw):
-        raise OSError("killed before rename")
+    def no_apply(*a, **kw):
+        raise OSError("killed before the metadata reached the file")
 
-    monkeypatch.setattr(history.os, "replace", no_replace)
-    with pytest.raises(OSError, match="killed before rename"):
+    monkeypatch.setattr(journal, "_apply", no_apply)
+    with pytest.raises(OSError, match="killed before"):
         append_tasks(path, {6: fake_history(cfg, 6)}, envs.task_list(cfg), envs.task_split(cfg), "sb3")
     monkeypatch.undo()
-    _assert_intact(path, before, [0, 5])
-    # the written copy is the stale tmp file; the next run removes it
-    assert tmp_of(path).exists()
-    remove_stale_tmp(path)
-    assert not tmp_of(path).exists()
-    _assert_intact(path, before, [0, 5])
+    assert journal_of(path).exists()
+    assert path.read_bytes()[:len(before)] == before  # the old part untouched: only new bytes after it
+    assert read_header(path)["done"] == [0, 5, 6]  # the reader finished the committed append
+    assert not journal_of(path).exists()
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(read_task(f, 6)["actions"], fake_history(cfg, 6)["actions"])
 
 
 CRASH_SCRIPT = r"""
@@ -250,21 +253,136 @@ def test_process_dying_mid_append_leaves_readable_file(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(ROOT), str(path)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 9, proc.stderr
-    _assert_intact(path, before, [1])
-    assert tmp_of(path).exists()  # the half-written copy
-    remove_stale_tmp(path)
-    assert not tmp_of(path).exists()
+    assert journal_of(path).exists()
+    assert len(path.read_bytes()) > len(before)  # task 3 reached the disk past the old end ...
+    assert path.read_bytes()[:len(before)] == before  # ... and nothing before it changed
+    with h5py.File(path, "r") as f:  # readable as it is, without recovery: task 3 is not in it
+        assert sorted(f.keys()) == ["1"]
+    recover(path)
+    assert not journal_of(path).exists()
     _assert_intact(path, before, [1])
 
 
-def test_remove_stale_tmp_only_touches_tmp(tmp_path):
+class _KillAt:
+    """`os` for algorithm/journal.py that exits like kill -9 at its k-th write, fsync,
+    truncate or unlink (k=None: count them)."""
+    POINTS = ("write", "pwrite", "fsync", "ftruncate", "unlink")
+
+    def __init__(self, k):
+        self.k, self.n = k, 0
+
+    def __getattr__(self, name):
+        real = getattr(os, name)
+        if name not in self.POINTS:
+            return real
+
+        def point(*a, **kw):
+            self.n += 1
+            if self.n == self.k:
+                os._exit(9)
+            return real(*a, **kw)
+        return point
+
+
+def _append_in_child(path, cfg, k) -> int:
+    """Run one append of tasks 3 and 4 in a forked child killed at I/O point k; its exit code."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            journal.os = _KillAt(k)
+            append_tasks(path, {3: fake_history(cfg, 3), 4: fake_history(cfg, 4)}, envs.task_list(cfg),
+                         envs.task_split(cfg), "sb3")
+            os._exit(0)
+        finally:
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_append_killed_at_every_write_is_all_or_nothing(tmp_path):
+    """kill -9 at each I/O point of an append, then the next open: the file is the state
+    before the append (byte for byte) or after it (both tasks, their data exact)."""
+    cfg = small_cfg()
+    path, fresh = tmp_path / "h.hdf5", tmp_path / "fresh.hdf5"
+    new_file(fresh, cfg, indices=(1,))
+    before = fresh.read_bytes()
+    outcomes, k = [], 1
+    while True:
+        path.write_bytes(before)
+        code = _append_in_child(path, cfg, k)
+        done = read_header(path)["done"]  # a reader recovers first
+        assert not journal_of(path).exists()
+        if done == [1]:
+            assert path.read_bytes() == before, k
+        else:
+            assert done == [1, 3, 4], (k, done)
+            with h5py.File(path, "r") as f:
+                for i in (1, 3, 4):
+                    np.testing.assert_array_equal(read_task(f, i)["states"], fake_history(cfg, i)["states"])
+        outcomes.append(done == [1, 3, 4])
+        if code == 0:
+            break
+        assert code == 9, code
+        k += 1
+    assert k > 20  # the append was killed at each of its k - 1 points ...
+    assert not outcomes[0] and outcomes[-1] and outcomes[-2]  # ... undone early, finished late
+
+
+def _bytes_written_by_one_append(path, cfg, index) -> int:
+    written = []
+    real_write, real_pwrite = os.write, os.pwrite
+
+    class Count:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def write(self, fd, data):
+            written.append(len(data))
+            return real_write(fd, data)
+
+        def pwrite(self, fd, data, offset):
+            written.append(len(data))
+            return real_pwrite(fd, data, offset)
+
+    journal.os = Count()
+    try:
+        append_tasks(path, {index: fake_history(cfg, index)}, envs.task_list(cfg), envs.task_split(cfg), "sb3")
+    finally:
+        journal.os = os
+    return sum(written)
+
+
+def test_append_costs_what_it_writes_not_the_file_size(tmp_path):
+    cfg = small_cfg(grid_size=9)  # 81 tasks
+    path = tmp_path / "h.hdf5"
+    new_file(path, cfg, indices=(0,))
+    early = _bytes_written_by_one_append(path, cfg, 1)
+    new_file(path, cfg, indices=range(2, 60))
+    size = path.stat().st_size
+    late = _bytes_written_by_one_append(path, cfg, 60)
+    one_task = path.stat().st_size - size
+    assert size > 20 * one_task
+    # the task's own bytes plus a few metadata pages (twice: journal and file), however big the file
+    assert late < one_task + 6 * journal.PAGE and abs(late - early) < 3 * journal.PAGE, (early, late, one_task)
+
+
+def test_journal_left_by_a_deleted_file_is_not_applied_to_a_new_one(tmp_path):
+    cfg = small_cfg()
+    path = tmp_path / "h.hdf5"
+    new_file(path, cfg, indices=(0,))
+    journal._begin(path, 10)  # a journal of a run killed mid-append ...
+    path.unlink()  # ... whose file the user then deleted
+    new_file(path, cfg, indices=(1,))
+    assert read_header(path)["done"] == [1]
+
+
+def test_recover_removes_a_tmp_copy_of_older_versions_and_only_that(tmp_path):
     path = tmp_path / "h.hdf5"
     path.write_bytes(b"keep me")
     tmp_of(path).write_bytes(b"half written")
-    remove_stale_tmp(path)
+    recover(path)
     assert not tmp_of(path).exists() and path.read_bytes() == b"keep me"
-    remove_stale_tmp(path)  # nothing to remove: no error
-    remove_stale_tmp(tmp_path / "absent.hdf5")
+    recover(path)  # nothing to remove: no error
+    recover(tmp_path / "absent.hdf5")
 
 
 # ----------------------------------------------------------------------------- read_header errors

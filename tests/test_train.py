@@ -237,15 +237,63 @@ def test_missing_dataset_exits_2(tmp_path, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- DDP
 
-def test_ddp_two_processes_gloo_on_cpu(data_dir, tmp_path):
-    runs = tmp_path / "runs"
+MODEL_COMPRESSED_AD = ROOT / "config/model/ad_compressed_dr.yaml"
+# a tiny CompressedAD: stages of 10..20 steps, depths 0..2 (tests/test_compressed.py's sizes)
+COMPRESSED_AD_SETS = ["n_transit=40", "n_latent=4", "enc_n_layer=1", "max_compression_depth=2",
+                      "grad_compression_rounds=1"]
+DDP_VARIANTS = {  # name: (run directory, model config, extra --set, two-region)
+    "AD": ("AD-darkroom-seed0", None, [], False),
+    "two_region": ("AD-tworegion-darkroom-seed0", None, [], True),
+    "CompressedAD": ("CompressedAD-darkroom-seed0", MODEL_COMPRESSED_AD, COMPRESSED_AD_SETS, False),
+}
+DDP_SETS = ["train_timesteps=4", "ckpt_interval=2", "eval_interval=2", "test_interval=2"]
+
+# train.py under torchrun, every rank dying like kill -9 when it is about to run step DIE_AT
+DYING_TRAIN = r"""
+import os, sys
+sys.path.insert(0, os.environ["TOOLKIT_ROOT"])
+import train
+real, die_at = train.lr_at, int(os.environ["DIE_AT"])
+def dying_lr_at(step, cfg):
+    if step == die_at:
+        os._exit(9)
+    return real(step, cfg)
+train.lr_at = dying_lr_at
+train.main()
+"""
+
+
+def ddp_configs(variant: str) -> list[str]:
+    _, model, _, two_region = DDP_VARIANTS[variant]
+    files = config_files(two_region)
+    return [str(c) for c in (files[:2] + [model] if model else files)]
+
+
+def torchrun_train(variant: str, data_dir, runs, script=None, extra=(), env=None):
     torchrun = Path(sys.executable).with_name("torchrun")
-    sets = cli_sets(data_dir, runs, extra=["train_timesteps=4", "ckpt_interval=2", "eval_interval=2",
-                                           "test_interval=2"])
-    proc = run_script([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-                       *[str(c) for c in config_files()], "--set", *sets], timeout=300)
+    _, _, sets, two_region = DDP_VARIANTS[variant]
+    args = cli_sets(data_dir, runs, two_region, extra=DDP_SETS + sets + list(extra))
+    return run_script([str(torchrun), "--standalone", "--nproc_per_node=2", str(script or ROOT / "train.py"),
+                       *ddp_configs(variant), "--set", *args], timeout=300, env=env)
+
+
+def compressed_ad_depths(data_dir, rank: int) -> list[int]:
+    """The compression depth of each of a tiny DDP CompressedAD run's batches on `rank`."""
+    from dataset import BucketBatches, BucketSampler, CompressedADDataset
+    cfg = train.load_config(ddp_configs("CompressedAD"), train.parse_set(
+        cli_sets(data_dir, extra=DDP_SETS + COMPRESSED_AD_SETS)))
+    data = CompressedADDataset(train.dataset_path(cfg), cfg)
+    batches = BucketBatches(BucketSampler(data, cfg["train_batch_size"], seed=cfg["seed"], rank=rank, world_size=2),
+                            0, cfg["train_timesteps"])
+    return [data.depth_of(b[0]) for b in batches]
+
+
+@pytest.mark.parametrize("variant", list(DDP_VARIANTS))
+def test_ddp_two_processes_gloo_on_cpu(data_dir, tmp_path, variant):
+    runs = tmp_path / "runs"
+    proc = torchrun_train(variant, data_dir, runs)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    run_dir = runs / "AD-darkroom-seed0"
+    run_dir = runs / DDP_VARIANTS[variant][0]
     state = torch.load(run_dir / "ckpt-last.pt", weights_only=True)
     assert state["step"] == 4
     assert "world size 2" in proc.stdout + proc.stderr
@@ -253,3 +301,26 @@ def test_ddp_two_processes_gloo_on_cpu(data_dir, tmp_path):
     assert [s for s, _ in tags["train/loss_action"]] == [2, 4]
     assert all(math.isfinite(v) for _, v in tags["train/loss_action"])
     assert np.isfinite(np.concatenate([v.flatten().numpy() for v in state["model"].values()])).all()
+    if variant == "CompressedAD":  # not vacuous: a rank trains a batch that skips the encoder, then another step
+        depths = [compressed_ad_depths(data_dir, r) for r in (0, 1)]
+        assert any(0 in d[:-1] for d in depths) and any(x > 0 for d in depths for x in d), depths
+
+
+@pytest.mark.slow  # three torchrun runs: ~40 s on 2 cores
+@pytest.mark.parametrize("variant", ["AD", "CompressedAD"])
+def test_ddp_resume_after_kill_gives_the_same_parameters(data_dir, tmp_path, variant):
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert torchrun_train(variant, data_dir, a).returncode == 0
+    dying = tmp_path / "dying_train.py"
+    dying.write_text(DYING_TRAIN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOOLKIT_ROOT=str(ROOT), DIE_AT="3")
+    killed = torchrun_train(variant, data_dir, b, script=dying, env=env)
+    assert killed.returncode != 0
+    run_dir = DDP_VARIANTS[variant][0]
+    assert torch.load(b / run_dir / "ckpt-last.pt", weights_only=True)["step"] == 2  # the rerun redoes step 3
+    resumed = torchrun_train(variant, data_dir, b)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    sa, sb = (torch.load(r / run_dir / "ckpt-last.pt", weights_only=True) for r in (a, b))
+    assert sa["step"] == sb["step"] == 4
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
