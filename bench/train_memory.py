@@ -77,9 +77,11 @@ def last_scalar(run_dir: Path, tag: str) -> float | None:
     return acc.Scalars(tag)[-1].value if tag in acc.Tags()["scalars"] else None
 
 
-def train_once(code: Path, variant: str, size: int, args, run_root: Path) -> dict:
+def train_once(code: Path, variant: str, size: int, cache_mb: int | None, args, run_root: Path) -> dict:
     model_cfg, extra = VARIANTS[variant]
-    runs = run_root / f"{code.name}-{variant}-x{size}"
+    runs = run_root / f"{code.name}-{variant}-x{size}-cache{cache_mb}"
+    if cache_mb is not None:
+        extra = extra + [f"data_cache_mb={cache_mb}"]
     sets = data_sets(size, args.streams, Path(args.dir)) + extra + [
         f"train_timesteps={args.steps}", f"log_interval={max(1, args.steps // 4)}",
         f"test_interval={max(1, args.steps // 2)}", "eval_interval=0", f"ckpt_interval={args.steps}",
@@ -98,6 +100,7 @@ def train_once(code: Path, variant: str, size: int, args, run_root: Path) -> dic
     path = dataset_path(cfg)
     windows = re.search(r"([\d,]+) training windows", runs.with_suffix(".log").read_text())
     return {"bench": "train_memory", "code": args.labels[str(code)], "variant": variant, "size": f"{size}x",
+            "data_cache_mb": cache_mb,
             "tasks": len(envs.task_list(cfg)), "streams": args.streams, "file_mb": round(path.stat().st_size / 1e6, 1),
             "training_windows": int(windows.group(1).replace(",", "")) if windows else None, "steps": args.steps,
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
@@ -114,6 +117,8 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads of train.py")
     p.add_argument("--before", default=None, help="a copy of the old code (e.g. git archive 12d493f) "
                    "to measure in the same run")
+    p.add_argument("--cache-mb", type=int, nargs="+", default=[0, 1024],
+                   help="data_cache_mb values of this code to measure side by side (the old code has none)")
     p.add_argument("--dir", default=None, help="where the datasets go (default: a temporary directory); "
                    "reused when they exist")
     args = p.parse_args()
@@ -125,9 +130,14 @@ def main():
         rows = []
         for variant in args.variants:
             for size in args.sizes:
-                for code in codes:  # interleaved: this, before, this, before, ...
-                    rows.append(train_once(code, variant, size, args, Path(tmp)))
+                runs = [(ROOT, mb) for mb in args.cache_mb] + [(c, None) for c in codes[1:]]
+                for code, cache_mb in runs:  # interleaved: this (each budget), before, this, ...
+                    rows.append(train_once(code, variant, size, cache_mb, args, Path(tmp)))
                     print(json.dumps(rows[-1]), flush=True)
+    for r in rows:  # "this" at each budget is its own code line in the ratios
+        r["code"] = r["code"] if r["data_cache_mb"] is None else f"{r['code']}_cache{r['data_cache_mb']}"
+    args.labels = {f"this_cache{mb}": f"this_cache{mb}" for mb in args.cache_mb} | (
+        {"before": "before"} if args.before else {})
     pick = {(r["code"], r["variant"], r["size"]): r for r in rows}
     lo, hi = f"{min(args.sizes)}x", f"{max(args.sizes)}x"
     ratios = {"bench": "train_memory", "result": "ratios"}
@@ -135,12 +145,13 @@ def main():
         for v in args.variants:
             ratios[f"{code}_{v}_peak_rss_{hi}_over_{lo}"] = round(pick[code, v, hi]["peak_rss_mb"]
                                                                   / pick[code, v, lo]["peak_rss_mb"], 2)
-    if args.before:
+    others = [c for c in args.labels if c != f"this_cache{args.cache_mb[0]}"]
+    for other in others:  # the first budget (the default) against the rest and the old code
         for v in args.variants:
             for s in args.sizes:
-                a, b = pick["this", v, f"{s}x"], pick["before", v, f"{s}x"]
+                a, b = pick[f"this_cache{args.cache_mb[0]}", v, f"{s}x"], pick[other, v, f"{s}x"]
                 if a["targets_per_second"] and b["targets_per_second"]:
-                    ratios[f"{v}_targets_per_second_this_over_before_{s}x"] = round(
+                    ratios[f"{v}_targets_per_second_cache{args.cache_mb[0]}_over_{other}_{s}x"] = round(
                         a["targets_per_second"] / b["targets_per_second"], 2)
     print(json.dumps(ratios), flush=True)
 

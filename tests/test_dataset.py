@@ -213,9 +213,11 @@ def test_dataset_collected_with_other_data_keys_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("part", ["train", "test"])
-def test_windows_are_read_on_demand_through_a_few_open_tasks(data, part, monkeypatch):
+@pytest.mark.parametrize("budget", ["three tasks", "none"])
+def test_windows_are_read_on_demand_within_a_memory_budget(data, part, budget, monkeypatch):
     """Memory does not grow with the file: reading windows of every task keeps at most
-    KEEP tasks open, far less than loading the tasks (the old num_workers=0 default)."""
+    three tasks (by the data_cache_mb budget, or KEEP open datasets with a budget of 0),
+    far less than loading every task."""
     import tracemalloc
     from dataset import _Tasks
     _, cfg, _, path = data
@@ -224,8 +226,13 @@ def test_windows_are_read_on_demand_through_a_few_open_tasks(data, part, monkeyp
     in_memory._load()
     all_tasks = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
+    task_bytes = sum(a.nbytes for a in in_memory._load()[in_memory.tasks[0]].values())
     monkeypatch.setattr(_Tasks, "KEEP", 3)
     ds = ADDataset(path, cfg, part=part)  # the default, as train.py builds both parts
+    ds.cfg = {**cfg, "data_cache_mb": 0}
+    if budget == "three tasks":
+        monkeypatch.setattr(ds, "_load", lambda: ds._data)
+        ds._data = _Tasks(path, int(3.5 * task_bytes))
     per_task = len(ds) // len(ds.tasks)
     tracemalloc.start()
     for t in range(len(ds.tasks)):  # a window of every task, in order
