@@ -246,6 +246,30 @@ def test_token_type_loss_weight_is_applied(data, weight):
         assert type_grad > 0.0
 
 
+def test_region_end_weight_weighs_the_region_end_targets(data):
+    """The token-type loss is a weighted mean: region-end targets count region_end_weight
+    times, every other target once."""
+    cfgs, path = data
+    batch = sample_batch(cfgs["two_region"], path)
+    assert (batch["next_kind"] == KIND_END).any()
+    losses = {}
+    for w in (1.0, 10.0):
+        cfg = dict(cfgs["two_region"], region_end_weight=w)
+        torch.manual_seed(0)
+        model = build_model(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+        with torch.no_grad():
+            _, type_logits = model(batch)
+        targets = batch["next_kind"].reshape(-1)
+        valid = targets != -100
+        per_token = F.cross_entropy(type_logits.reshape(-1, 3)[valid], targets[valid], reduction="none")
+        weights = torch.where(targets[valid] == KIND_END, w, 1.0)
+        with torch.no_grad():
+            _, metrics = model.loss(batch)
+        assert metrics["loss_token_type"] == pytest.approx(((per_token * weights).sum() / weights.sum()).item(), rel=1e-5)
+        losses[w] = metrics["loss_token_type"]
+    assert losses[1.0] != pytest.approx(losses[10.0])
+
+
 def test_standard_mode_has_no_token_type_head_or_metrics(data):
     cfgs, path = data
     cfg = cfgs["standard"]
