@@ -156,6 +156,20 @@ class ADDataset:
         self._pid = os.getpid()
         return self._data
 
+    def data_mb(self) -> float:
+        """What holding every task of this dataset in memory takes (data_cache_mb)."""
+        with h5py.File(self.path, "r") as f:
+            first = f[str(self.tasks[0])]
+            per_task = sum(first[k].size * first[k].dtype.itemsize for k in FIELDS)
+        return per_task * len(self.tasks) / 2**20
+
+    def reading_hint(self) -> str | None:
+        """A line for users whose tasks outnumber the open ones the file path keeps."""
+        if self.cfg["data_cache_mb"] or self.in_memory or len(self.tasks) <= _Tasks.KEEP:
+            return None
+        return (f"note: windows of {len(self.tasks)} tasks are read from the file through {_Tasks.KEEP} open "
+                f"ones; --set data_cache_mb={int(self.data_mb()) + 1} holds them in memory instead (faster)")
+
     def locate(self, index: int) -> tuple[int, int, int]:
         """index -> (task, stream, position): window start, or region k in compressed mode."""
         per_task = len(self.streams) * self.per_stream

@@ -242,6 +242,8 @@ def _train(cfg: dict):
         writer = SummaryWriter(str(run_dir))
         print(f"{run_dir}: {model.num_params():,} parameters, {len(train_set):,} training windows, "
               f"device {device}, world size {world}, steps {start}..{cfg['train_timesteps']}")
+        if hint := train_set.reading_hint():
+            print(hint)
     val_tasks = envs.tasks_of_split(cfg, "val")  # eval/ curves guide choices: never the test tasks
     bar = tqdm(total=cfg["train_timesteps"], initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
     tic, targets = time.perf_counter(), 0

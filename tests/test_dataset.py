@@ -244,3 +244,16 @@ def test_windows_are_read_on_demand_within_a_memory_budget(data, part, budget, m
     tasks = ds._load()
     assert isinstance(tasks, _Tasks) and list(tasks.open) == ds.tasks[-3:]  # the least recently used went first
     np.testing.assert_array_equal(tasks[ds.tasks[-1]]["actions"][:, 0], read_stream(path, ds.tasks[-1], 0)["actions"])
+
+def test_many_tasks_read_from_the_file_get_a_hint_with_the_memory_they_need(data, monkeypatch):
+    from dataset import _Tasks
+    _, cfg, _, path = data
+    monkeypatch.setattr(_Tasks, "KEEP", 3)
+    ds = ADDataset(path, cfg)
+    loaded = ADDataset(path, cfg, in_memory=True)
+    need = sum(a.nbytes for t in loaded._load().values() for a in t.values()) / 2**20
+    assert ds.data_mb() == pytest.approx(need)
+    assert f"data_cache_mb={int(need) + 1}" in ds.reading_hint()
+    assert ADDataset(path, {**cfg, "data_cache_mb": 64}).reading_hint() is None
+    monkeypatch.setattr(_Tasks, "KEEP", 10**6)
+    assert ADDataset(path, cfg).reading_hint() is None
