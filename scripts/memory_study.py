@@ -13,7 +13,8 @@ then evaluated on the test tasks four ways (evaluate.py --tag):
 - `drop`: memory switched off (eval_memory=drop: window variants forget every earlier
   episode at each episode start; CompressedAD decodes without its latents);
 - `shuffle`: the memory of a rollout on another task (eval_memory=shuffle);
-- `T1`: sampling at temperature 1.0 instead of the chosen eval_temperature.
+- `T1`: sampling at temperature 1.0 instead of the chosen eval_temperature (where 1.0 is
+  the chosen one, `keep` gives these numbers).
 Output in {run_dir}/memory_study/{env}/: memory_study.json (one row per variant x budget x
 seed), memory_study.md (the table, with IQM and 95% stratified-bootstrap intervals) and
 memory_study.png. Rerunning reuses finished trainings and the evaluations made after them;
@@ -124,6 +125,11 @@ def context_bytes(cfg: dict, tokens: int) -> int:
     return kv + (cfg["n_latent"] * cfg["tf_n_embd"] * 4 if cfg["model"] == "CompressedAD" else 0)
 
 
+def t1_tag(cfg: dict) -> str:
+    """The evaluation at temperature 1.0: `keep` itself where 1.0 is the chosen temperature."""
+    return "keep" if cfg["eval_temperature"] == 1.0 else "T1"
+
+
 def study_row(variant: str, seed: int, cfg: dict, run_dir: Path, n_episodes: int) -> dict:
     keep, keep_r = load_eval(run_dir, "keep")
     final, to80 = curve_metrics(keep, keep_r, n_episodes)
@@ -131,7 +137,7 @@ def study_row(variant: str, seed: int, cfg: dict, run_dir: Path, n_episodes: int
     drop, drop_r = load_eval(run_dir, "drop")
     final_off, to80_off = curve_metrics(drop, drop_r, n_episodes)
     final_shuffle, _ = curve_metrics(*load_eval(run_dir, "shuffle"), n_episodes)
-    final_t1, to80_t1 = curve_metrics(*load_eval(run_dir, "T1"), n_episodes)
+    final_t1, to80_t1 = curve_metrics(*load_eval(run_dir, t1_tag(cfg)), n_episodes)
     first, _ = curve_metrics(keep, keep_r, 1)
     train = json.loads((run_dir / "train_summary.json").read_text())
     return {"variant": variant, "seed": seed, "n_transit": cfg["n_transit"],
@@ -254,6 +260,8 @@ def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str
     run_dirs = {key: ROOT / run_path(cfg) for key, (_, cfg) in plan.items()}
     evals = []
     for tag, changes in EVALS.items():
+        if tag == "T1" and t1_tag(data_cfg) == "keep":  # the chosen temperature is 1.0
+            continue
         settings = {"eval_episodes": long_episodes if tag == "keep" else n_episodes, "eval_memory": "keep",
                     "eval_temperature": data_cfg["eval_temperature"], "eval_split": data_cfg["eval_split"]} | changes
         expected = {SUMMARY_NAMES[k]: v for k, v in settings.items()}
