@@ -36,7 +36,9 @@ from utils import (UserError, atomic_write, check_memory, claim_run_dir, config_
 # evaluated, not what is learned.
 RESUME_FREE_KEYS = tuple(k for k, spec in SCHEMA.items() if spec.section in ("evaluation", "run")) + (
     "num_workers", "log_interval", "test_interval", "eval_interval", "ckpt_interval", "n_process",
-    "backend", "task_chunk")
+    "backend", "task_chunk", "data_cache_mb")
+# keys added after runs were saved: the value those runs were trained with
+KEYS_ADDED_LATER = {"region_end_weight": 1.0}
 
 
 def lr_at(step: int, cfg: dict) -> float:
@@ -108,8 +110,10 @@ def check_resumable(run_dir: Path, cfg: dict):
     except UserError as e:
         raise UserError(f"{run_dir} holds a checkpoint but its config.yaml cannot be read ({e}); restore "
                         "config.yaml or move the run away") from None
+    saved = KEYS_ADDED_LATER | saved
+    unused = () if cfg["use_compressed_context"] else ("region_end_weight",)  # only the two-region loss reads it
     diff = [f"{k}={saved.get(k)!r} (now {cfg[k]!r})" for k in cfg
-            if k not in RESUME_FREE_KEYS and saved.get(k) != cfg[k]]
+            if k not in RESUME_FREE_KEYS + unused and saved.get(k) != cfg[k]]
     if diff:
         raise UserError(f"{run_dir} holds a run with other settings: {', '.join(diff)}; use those "
                         "settings to resume, another seed or run_dir, or move the run away")

@@ -179,6 +179,21 @@ def test_finished_run_is_not_retrained_and_free_keys_may_change(data_dir, tmp_pa
     assert ckpt.stat().st_mtime_ns == before
 
 
+def test_runs_saved_before_a_key_existed_resume_with_the_value_they_used(data_dir, tmp_path):
+    """region_end_weight came later (runs before it trained with 1): a two-region run saved
+    without it is another setting than the new default; plain AD does not read it."""
+    from utils import UserError
+    cfg = make_cfg(data_dir, tmp_path / "runs")
+    old = {k: v for k, v in cfg.items() if k not in ("region_end_weight", "data_cache_mb")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    train.check_resumable(tmp_path, cfg)
+    two_region = {**cfg, "use_compressed_context": True}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**old, "use_compressed_context": True}))
+    with pytest.raises(UserError, match="region_end_weight=1.0"):
+        train.check_resumable(tmp_path, two_region)
+    train.check_resumable(tmp_path, {**two_region, "region_end_weight": 1.0})
+
+
 def test_resume_with_another_config_is_refused(data_dir, tmp_path):
     runs = tmp_path / "runs"
     cfg = make_cfg(data_dir, runs, extra=["train_timesteps=4", "eval_interval=0"])
