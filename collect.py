@@ -54,7 +54,7 @@ def check_fits(cfg: dict, n_tasks: int):
     backend cuts chunks of tasks to what fits, but never below one task per worker)."""
     from algorithm.batched_ppo import bytes_per_task
     device = pick_device(cfg["device"])
-    one = bytes_per_task(cfg, sum(envs.state_cardinalities(cfg)))
+    one = bytes_per_task(cfg, sum(envs.state_cardinalities(cfg) or [envs.state_dim(cfg)]))
     workers = 1 if device.type == "cuda" and cfg["backend"] == "batched" else min(cfg["n_process"], n_tasks)
     check_memory("collection", {f"one task of {cfg['n_stream']} streams x {history.steps_per_stream(cfg)} steps "
                                 f"in each of {workers} process(es)": one * workers,

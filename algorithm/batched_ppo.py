@@ -11,7 +11,8 @@ between tasks.
 
 What follows SB3 PPO (2.x) exactly:
 - observations: each MultiDiscrete dimension one-hot encoded and concatenated
-  (darkroom [g, g], key-to-door [g, g, 2]), as `preprocess_obs` does;
+  (the family's MultiDiscrete space: darkroom [g, g], key-to-door [g, g, 2]), as
+  `preprocess_obs` does;
 - network: separate policy and value MLPs, 64-64 tanh each, a linear action head
   (logits of a categorical) and a linear value head; orthogonal init with gain sqrt(2)
   for hidden layers, 0.01 for the action head, 1 for the value head, zero biases;
@@ -368,8 +369,12 @@ class ObsEncoder:
 
 
 def observation_nvec(cfg: dict, tasks: list) -> list:
-    """The sizes SB3 one-hot encodes: read from the gym env's MultiDiscrete space."""
-    return envs.make_gym_env(cfg, tasks[0]).observation_space.nvec.tolist()
+    """The sizes SB3 one-hot encodes: the family's MultiDiscrete observation space."""
+    nvec = envs.state_cardinalities(cfg)
+    if nvec is None:
+        raise NotImplementedError(f"env={cfg['env']}: the batched PPO learner reads MultiDiscrete states only; "
+                                  "use backend: sb3 for a continuous observation space")
+    return nvec
 
 
 # ----------------------------------------------------------------------------- one chunk

@@ -8,7 +8,9 @@ the source PPO learner's problem is Markov; the key and door positions stay hidd
 import gymnasium as gym
 import numpy as np
 
+import env
 from env.darkroom import MOVES, N_ACTIONS, start_position
+from env.family import Family
 
 
 def tasks(grid_size: int) -> list[dict]:
@@ -33,13 +35,17 @@ def _rewards(pos, key, door, has_key, opened):
     return on_key.astype(np.float32) + on_door.astype(np.float32), has_key, opened | on_door
 
 
+def observation_space(grid_size: int) -> gym.spaces.MultiDiscrete:
+    return gym.spaces.MultiDiscrete([grid_size, grid_size, 2])  # (x, y, has_key)
+
+
 class DarkKeyToDoorEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, key=(0, 0), door=(1, 1), grid_size: int = 9, horizon: int = 50):
         self.key, self.door = np.asarray(key, dtype=np.int64), np.asarray(door, dtype=np.int64)
         self.grid_size, self.horizon = grid_size, horizon
-        self.observation_space = gym.spaces.MultiDiscrete([grid_size, grid_size, 2])
+        self.observation_space = observation_space(grid_size)
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
 
     def _obs(self):
@@ -89,3 +95,26 @@ class BatchedDarkKeyToDoor:
         rewards, self.has_key, self.opened = _rewards(self.pos, self.keys, self.doors, self.has_key, self.opened)
         dones = np.full(self.n, self.t >= self.horizon)
         return self._obs(), rewards, dones
+
+
+class DarkKeyToDoor(Family):
+    name, gym_id, gym_class = "dark_key_to_door", "DarkKeyToDoor-v0", DarkKeyToDoorEnv
+
+    def tasks(self, cfg):
+        return tasks(cfg["grid_size"])
+
+    def optimal_return(self, cfg, task):
+        return optimal_return(task, cfg["grid_size"], cfg["horizon"])
+
+    def n_actions(self, cfg):
+        return N_ACTIONS
+
+    def observation_space(self, cfg):
+        return observation_space(cfg["grid_size"])
+
+    def make_batched_env(self, cfg, tasks):
+        return BatchedDarkKeyToDoor([t["key"] for t in tasks], [t["door"] for t in tasks],
+                                    cfg["grid_size"], cfg["horizon"])
+
+
+env.register(DarkKeyToDoor())
