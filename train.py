@@ -213,7 +213,7 @@ def _train(cfg: dict):
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
-        print(f"{run_dir}: {model.num_params():,} parameters, {len(train_set):,} training windows, "
+        print(f"{run_dir}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_set):,} training windows, "
               f"device {device}, world size {world}, steps {start}..{cfg['train_timesteps']}")
         if hint := train_set.reading_hint():
             print(hint)

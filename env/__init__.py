@@ -6,7 +6,9 @@ Everything here is a pure function of the config, so collection, training and ev
 agree on which task index is which goal and which tasks are held out. Nothing outside
 env/ names a family.
 """
+import importlib
 import math
+import pkgutil
 
 import gymnasium as gym
 import numpy as np
@@ -104,6 +106,9 @@ def make_batched_env(cfg: dict, tasks: list[dict]):
     return family(cfg).make_batched_env(cfg, tasks)
 
 
-from env import dark_key_to_door, darkroom  # noqa: E402,F401  (the built-in families register themselves)
+# every module of env/ is imported, and each family module registers itself: adding a family
+# is adding its module
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 GYM_IDS = {name: f.gym_id for name, f in FAMILIES.items()}  # the built-in families' gym ids

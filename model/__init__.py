@@ -1,8 +1,14 @@
 """Model variants: one module each (model/ad.py: AD and two-region AD, model/compressed.py:
 CompressedAD), each registering a `Variant` (model/variant.py) under its config name."""
+import importlib
+import pkgutil
+
 from model.variant import VARIANTS, Variant, register, variant_of  # noqa: F401
-import model.ad  # noqa: E402,F401  (registers AD)
-import model.compressed  # noqa: E402,F401  (registers CompressedAD)
+
+# every module of model/ is imported, and each variant module registers itself: adding a
+# variant is adding its module
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build(cfg: dict, inputs: dict):
