@@ -90,7 +90,7 @@ import torch
 import env as envs
 from algorithm.history import compress_markers, n_rollouts, steps_per_stream
 from algorithm.sb3_ppo import task_seed
-from utils import UserError, available_memory, exit_with_parent, pick_device
+from utils import ConfigError, UserError, available_memory, exit_with_parent, pick_device
 
 HIDDEN = 64
 ADAM_EPS = 1e-5  # SB3's default for Adam
@@ -372,8 +372,8 @@ def observation_nvec(cfg: dict, tasks: list) -> list:
     """The sizes SB3 one-hot encodes: the family's MultiDiscrete observation space."""
     nvec = envs.state_cardinalities(cfg)
     if nvec is None:
-        raise NotImplementedError(f"env={cfg['env']}: the batched PPO learner reads MultiDiscrete states only; "
-                                  "use backend: sb3 for a continuous observation space")
+        raise ConfigError(f"env={cfg['env']} has a continuous observation space and backend=batched reads "
+                          "MultiDiscrete states only; set backend=sb3")
     return nvec
 
 

@@ -174,3 +174,65 @@ def test_the_new_names_are_config_choices_and_the_old_ones_are_refused_without_t
     files = [config_file(tmp_path / "corridor.yaml", DATA), config_file(tmp_path / "memoryless.yaml", TRAIN)]
     code, err = run_in_process(monkeypatch, capsys, "train.py", train.main, files)
     assert code == 2 and "model='Memoryless'" in err and "'AD'" in err and len(err.strip().splitlines()) == 1
+
+
+class BatchedPointLine:
+    """A point on [-1, 1] moved by 0.25 per step; reward 1 within 0.2 of the goal."""
+
+    def __init__(self, goals, horizon: int):
+        self.goals, self.horizon = np.asarray(goals, dtype=np.float32), horizon
+
+    def reset(self):
+        self.pos, self.t = np.zeros(len(self.goals), dtype=np.float32), 0
+        return self.pos[:, None].copy()
+
+    def step(self, actions):
+        self.pos = np.clip(self.pos + 0.25 * MOVES[np.asarray(actions)], -1.0, 1.0).astype(np.float32)
+        self.t += 1
+        rewards = (np.abs(self.pos - self.goals) < 0.2).astype(np.float32)
+        return self.pos[:, None].copy(), rewards, np.full(len(self.goals), self.t >= self.horizon)
+
+
+class PointLine(Corridor):
+    """A continuous-state family: the observation space is a Box, so the model projects the state."""
+    name = "point_line"
+
+    def tasks(self, cfg):
+        return [{"goal": float(g)} for g in np.linspace(-1, 1, cfg["grid_size"])]
+
+    def optimal_return(self, cfg, task):
+        steps = max(0, math.ceil((abs(task["goal"]) - 0.2) / 0.25 - 1e-9))
+        return float(max(0, cfg["horizon"] - steps + 1) if steps else cfg["horizon"])
+
+    def observation_space(self, cfg):
+        return gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def make_batched_env(self, cfg, tasks):
+        return BatchedPointLine([t["goal"] for t in tasks], cfg["horizon"])
+
+
+def test_a_continuous_state_family_is_embedded_by_a_learned_projection(monkeypatch, tmp_path):
+    """AD (sliding window) on a Box observation space: trained and evaluated in context. (The
+    data are random-policy histories: the batched PPO learner reads MultiDiscrete states only.)"""
+    from fixtures_history import build_history_file
+    from utils import load_config, parse_set
+    monkeypatch.setitem(envs.FAMILIES, "point_line", PointLine())
+    sets = DATA + [s for s in TRAIN if not s.startswith("model=")] + [
+        "env=point_line", "tf_n_layer=1", "tf_n_head=2", f"dataset_dir={tmp_path / 'data'}", f"run_dir={tmp_path}"]
+    cfg = load_config([], parse_set(sets))
+    assert envs.model_inputs(cfg) == {"n_actions": 3, "state_dim": 1}
+    build_history_file(cfg)
+    run = train.train(cfg)
+    model = variants.build(cfg, envs.model_inputs(cfg))
+    assert not hasattr(model, "state_emb") and model.state_proj.in_features == 1
+    summary, returns, _ = evaluate.evaluate_run(run, {})
+    assert returns.shape == (len(summary["tasks"]), 3) and summary["max_context_tokens"] == 12
+
+
+def test_collecting_a_continuous_family_with_the_batched_learner_is_refused_in_one_line(monkeypatch, tmp_path,
+                                                                                        capsys):
+    monkeypatch.setitem(envs.FAMILIES, "point_line", PointLine())
+    sets = DATA + ["env=point_line", f"dataset_dir={tmp_path}"]
+    code, err = run_in_process(monkeypatch, capsys, "collect.py", collect.main, ["--set", *sets])
+    assert code == 2 and "backend=sb3" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # before any work
