@@ -9,23 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 import env
-from env.darkroom import MOVES, N_ACTIONS, start_position
-from env.family import Family
-
-
-def tasks(grid_size: int) -> list[dict]:
-    cells = [[x, y] for x in range(grid_size) for y in range(grid_size)]
-    return [{"key": k, "door": d} for k in cells for d in cells]
-
-
-def optimal_return(task: dict, grid_size: int, horizon: int) -> float:
-    start = start_position(grid_size)
-    to_key = int(np.abs(np.array(task["key"]) - start).sum())
-    to_door = int(np.abs(np.array(task["door"]) - np.array(task["key"])).sum())
-    # the first reward can come no earlier than step max(1, d): "stay" counts as a step
-    t_key = max(1, to_key)
-    t_door = t_key + to_door
-    return float((t_key <= horizon) + (t_door <= horizon))
+from env.darkroom import MOVES, N_ACTIONS, Darkroom, start_position
 
 
 def _rewards(pos, key, door, has_key, opened):
@@ -97,17 +81,22 @@ class BatchedDarkKeyToDoor:
         return self._obs(), rewards, dones
 
 
-class DarkKeyToDoor(Family):
+class DarkKeyToDoor(Darkroom):
+    """Darkroom's moves, with a (key, door) pair per task."""
     name, gym_id, gym_class = "dark_key_to_door", "DarkKeyToDoor-v0", DarkKeyToDoorEnv
 
     def tasks(self, cfg):
-        return tasks(cfg["grid_size"])
+        cells = [[x, y] for x in range(cfg["grid_size"]) for y in range(cfg["grid_size"])]
+        return [{"key": k, "door": d} for k in cells for d in cells]
 
     def optimal_return(self, cfg, task):
-        return optimal_return(task, cfg["grid_size"], cfg["horizon"])
-
-    def n_actions(self, cfg):
-        return N_ACTIONS
+        start = start_position(cfg["grid_size"])
+        to_key = int(np.abs(np.array(task["key"]) - start).sum())
+        to_door = int(np.abs(np.array(task["door"]) - np.array(task["key"])).sum())
+        # the first reward can come no earlier than step max(1, d): "stay" counts as a step
+        t_key = max(1, to_key)
+        t_door = t_key + to_door
+        return float((t_key <= cfg["horizon"]) + (t_door <= cfg["horizon"]))
 
     def observation_space(self, cfg):
         return observation_space(cfg["grid_size"])

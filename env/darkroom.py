@@ -15,18 +15,8 @@ N_ACTIONS = 5
 MOVES = np.array([[0, 0], [0, 1], [0, -1], [-1, 0], [1, 0]], dtype=np.int64)
 
 
-def tasks(grid_size: int) -> list[dict]:
-    return [{"goal": [x, y]} for x in range(grid_size) for y in range(grid_size)]
-
-
 def start_position(grid_size: int) -> np.ndarray:
     return np.array([grid_size // 2, grid_size // 2], dtype=np.int64)
-
-
-def optimal_return(task: dict, grid_size: int, horizon: int) -> float:
-    # walking straight there takes d steps; every step from the d-th on is on the goal
-    d = int(np.abs(np.array(task["goal"]) - start_position(grid_size)).sum())
-    return float(min(horizon, max(0, horizon - d + 1)))
 
 
 def observation_space(grid_size: int) -> gym.spaces.MultiDiscrete:
@@ -85,10 +75,13 @@ class Darkroom(Family):
     name, gym_id, gym_class = "darkroom", "Darkroom-v0", DarkroomEnv
 
     def tasks(self, cfg):
-        return tasks(cfg["grid_size"])
+        g = cfg["grid_size"]
+        return [{"goal": [x, y]} for x in range(g) for y in range(g)]
 
     def optimal_return(self, cfg, task):
-        return optimal_return(task, cfg["grid_size"], cfg["horizon"])
+        # walking straight there takes d steps; every step from the d-th on is on the goal
+        d = int(np.abs(np.array(task["goal"]) - start_position(cfg["grid_size"])).sum())
+        return float(min(cfg["horizon"], max(0, cfg["horizon"] - d + 1)))
 
     def n_actions(self, cfg):
         return N_ACTIONS
