@@ -28,8 +28,8 @@ import numpy as np
 
 import env as envs
 from algorithm import history
-from model.tokens import KIND_END, KIND_START, KIND_STEP, concat_tokens, marker_token, previous_step, step_tokens as \
-    make_step_tokens, with_targets
+from model import tokens
+from model.tokens import KIND_END, KIND_START, KIND_STEP, concat_tokens, marker_token
 from config.schema import COLLECTION_KEYS
 from utils import ConfigError, UserError
 
@@ -41,9 +41,9 @@ def step_tokens(cfg: dict, stream: dict, a: int, b: int) -> dict:
     built by model/tokens.py, as rollouts build theirs."""
     lo = max(a - 1, 0)  # one step earlier for the previous action/reward/done
     actions = np.asarray(stream["actions"][lo:b]).astype(np.int64)
-    prev = previous_step(actions, stream["rewards"][lo:b], stream["dones"][lo:b], a == 0, envs.n_actions(cfg))
+    prev = tokens.previous_step(actions, stream["rewards"][lo:b], stream["dones"][lo:b], a == 0, envs.n_actions(cfg))
     state = envs.state_token(cfg, np.asarray(stream["states"][a:b]))
-    return with_targets(make_step_tokens(state, *prev), actions[-(b - a):])
+    return tokens.with_targets(tokens.step_tokens(state, *prev), actions[-(b - a):])
 
 
 def region_tokens(cfg: dict, stream: dict, a: int, b: int) -> list[dict]:

@@ -153,9 +153,10 @@ class Transformer(nn.Module):
 class AD(nn.Module):
     """Causal transformer over a learning history; predicts the action of every step token.
 
-    A token batch is a dict of (B, L) tensors: `kind` (KIND_*), `state` (state index),
-    `prev_action` (n_actions = none), `prev_reward`, `new_episode` (0/1), and for training
-    the targets `action` and `next_kind` (IGNORE where there is none).
+    `tokens` is a dict of (B, L) tensors: `kind` (KIND_*), `state` (state index, or a
+    (B, L, state_dim) float vector), `prev_action` (n_actions = none), `prev_reward`,
+    `new_episode` (0/1); `targets` for training: `action` and `next_kind` (IGNORE where there
+    is none).
     """
     # every training step uses every parameter, so DDP need not search the graph for unused ones
     ddp_find_unused_parameters = False

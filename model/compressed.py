@@ -210,6 +210,9 @@ class LatentMemory:
         """Nothing to do: the ablation acts at each compression, not at episode starts."""
         return False
 
+    def stats(self) -> dict:
+        return {"compression_depth_reached": self.depth}
+
     @torch.no_grad()
     def step(self, token: dict) -> torch.Tensor:
         if len(self.recent) + 1 > self.n_transit:

@@ -42,11 +42,10 @@ class Context:
 
     def __init__(self, model, batch: int, capacity: int, device, use_cache: bool = True):
         self.model, self.device, self.use_cache = model, device, use_cache
-        state_dim = model.config.state_dim  # a continuous state is a float vector per token
         self.buf = {k: torch.zeros(batch, capacity, dtype=torch.long, device=device) for k in TOKEN_FIELDS}
         self.buf["prev_reward"] = self.buf["prev_reward"].float()
-        if state_dim:
-            self.buf["state"] = torch.zeros(batch, capacity, state_dim, device=device)
+        if model.config.state_dim:  # a continuous state is a float vector per token
+            self.buf["state"] = torch.zeros(batch, capacity, model.config.state_dim, device=device)
         self.pad = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.ragged = False  # some row holds padding
         self.length, self.capacity = 0, capacity
@@ -361,8 +360,6 @@ def _rollout(model, cfg, task_indices, n_episodes, n_rollouts, seed, greedy, use
             progress(1)
     model.train(was_training)
     stats = {"max_context_tokens": ctx.max_tokens}
-    if hasattr(policy, "depth"):
-        stats["compression_depth_reached"] = policy.depth
-    if hasattr(policy, "stats"):
+    if hasattr(policy, "stats"):  # what a variant's memory reports besides its size
         stats |= policy.stats()
     return returns, stats
