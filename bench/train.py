@@ -144,6 +144,12 @@ def stack(samples: list[dict]):
     return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
 
 
+def training_loss(model, batch: dict):
+    """The loss train.py computes on a batch of token dicts with their targets."""
+    from model.ad import split_targets
+    return model(*split_targets(batch))[1]
+
+
 def make_batches(variant: str, cfg: dict, batch_size: int, n_batches: int, seed: int) -> list[dict]:
     import numpy as np
     import env as envs
@@ -330,8 +336,7 @@ class TrainVariant:
 
     def _step(self, batch):
         import torch
-        from model.ad import split_targets
-        _, loss = self.model(*split_targets(batch))
+        loss = training_loss(self.model, batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
@@ -358,7 +363,7 @@ class TrainVariant:
         b = self.batches[0]
         return {"peak_mem_mb": peak, "memory_measure": how, "n_params": self.model.num_params(),
                 "tokens_per_sample": int(b["state"].shape[1]),
-                "activation_mb": saved_activation_mb(self.model, lambda: self.model(*split_targets(b))[1])}
+                "activation_mb": saved_activation_mb(self.model, lambda: training_loss(self.model, b))}
 
 
 def main():
