@@ -28,7 +28,8 @@ import numpy as np
 
 import env as envs
 from algorithm import history
-from model.ad import IGNORE, KIND_END, KIND_START, KIND_STEP
+from model import tokens
+from model.tokens import KIND_END, KIND_START, KIND_STEP, concat_tokens, marker_token
 from config.schema import COLLECTION_KEYS
 from utils import ConfigError, UserError
 
@@ -36,37 +37,13 @@ FIELDS = ("states", "actions", "rewards", "dones")
 
 
 def step_tokens(cfg: dict, stream: dict, a: int, b: int) -> dict:
-    """Tokens of steps [a, b) of one stream ({field: (T, ...) array-like})."""
+    """Tokens of steps [a, b) of one stream ({field: (T, ...) array-like}), with targets;
+    built by model/tokens.py, as rollouts build theirs."""
     lo = max(a - 1, 0)  # one step earlier for the previous action/reward/done
-    states = np.asarray(stream["states"][a:b])
     actions = np.asarray(stream["actions"][lo:b]).astype(np.int64)
-    rewards = np.asarray(stream["rewards"][lo:b]).astype(np.float32)
-    dones = np.asarray(stream["dones"][lo:b])
-    n_actions = envs.n_actions(cfg)
-    if a == 0:  # the very first step of a history has no previous step
-        prev_action = np.concatenate([[n_actions], actions[:-1]])
-        prev_reward = np.concatenate([[0.0], rewards[:-1]]).astype(np.float32)
-        new_episode = np.concatenate([[1], dones[:-1]])
-    else:
-        prev_action, prev_reward, new_episode = actions[:-1], rewards[:-1], dones[:-1]
-    n = b - a
-    return {"kind": np.full(n, KIND_STEP, dtype=np.int64),
-            "state": envs.state_index(cfg, states),
-            "prev_action": prev_action.astype(np.int64),
-            "prev_reward": prev_reward.astype(np.float32),
-            "new_episode": new_episode.astype(np.int64),
-            "action": actions[-n:].astype(np.int64),
-            "next_kind": np.full(n, KIND_STEP, dtype=np.int64)}
-
-
-def marker_token(kind: int, next_kind: int = IGNORE) -> dict:
-    return {"kind": np.array([kind]), "state": np.array([0]), "prev_action": np.array([0]),
-            "prev_reward": np.array([0.0], dtype=np.float32), "new_episode": np.array([0]),
-            "action": np.array([IGNORE]), "next_kind": np.array([next_kind])}
-
-
-def concat_tokens(parts: list[dict]) -> dict:
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    prev = tokens.previous_step(actions, stream["rewards"][lo:b], stream["dones"][lo:b], a == 0, envs.n_actions(cfg))
+    state = envs.state_token(cfg, np.asarray(stream["states"][a:b]))
+    return tokens.with_targets(tokens.step_tokens(state, *prev), actions[-(b - a):])
 
 
 def region_tokens(cfg: dict, stream: dict, a: int, b: int) -> list[dict]:
@@ -91,9 +68,11 @@ def check_dataset_matches(path: Path, header: dict, cfg: dict):
 
 
 class ADDataset:
-    """Windows of learning histories of training tasks; `part` picks train or held-out streams."""
+    """Windows of learning histories of training tasks; `part` picks train or held-out streams;
+    `two_region` picks two-region samples (default: the config's use_compressed_context)."""
 
-    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=False):
+    def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=False,
+                 two_region: bool | None = None):
         self.path, self.cfg, self.part = Path(path), cfg, part
         header = history.read_header(self.path)
         check_dataset_matches(self.path, header, cfg)
@@ -122,7 +101,7 @@ class ADDataset:
             self.T = first["actions"].shape[0]
             has_markers = "compress_markers" in first
             markers = first["compress_markers"][:, 0] if has_markers else None
-        self.compressed = cfg["use_compressed_context"]
+        self.compressed = cfg["use_compressed_context"] if two_region is None else two_region
         if self.compressed and not has_markers:
             warnings.warn(f"{self.path} has no compress_markers: FALLING BACK TO STANDARD AD WINDOWS "
                           "(use_compressed_context is ignored for this data)", stacklevel=2)
@@ -255,8 +234,7 @@ class CompressedADDataset(ADDataset):
 
     def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=False):
         from model.compressed import stage_len
-        super().__init__(path, {**cfg, "use_compressed_context": False}, part, task_indices, in_memory)
-        self.cfg = cfg
+        super().__init__(path, cfg, part, task_indices, in_memory, two_region=False)
         self.stage_max = stage_len(cfg["n_transit"])
         self.stage_min = max(1, self.stage_max // 2)
         starts = [self.T - (d * self.stage_max + cfg["n_transit"]) + 1 for d in range(cfg["max_compression_depth"] + 1)]
@@ -293,6 +271,21 @@ class CompressedADDataset(ADDataset):
             a += int(length)
         return {"compression_depth": d, "stages": stages,
                 "recent": step_tokens(self.cfg, one, a, a + self.cfg["n_transit"])}
+
+
+class StepBatches:
+    """Batch of dataset indices for each step: a pure function of (seed, rank, step), so a
+    resumed run draws exactly the batches the uninterrupted run would have drawn."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, start: int, stop: int):
+        self.n, self.batch_size, self.seed, self.rank, self.start, self.stop = n, batch_size, seed, rank, start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield np.random.default_rng([self.seed, self.rank, step]).integers(0, self.n, self.batch_size).tolist()
+
+    def __len__(self):
+        return self.stop - self.start
 
 
 class LazyPermutation:

@@ -41,11 +41,11 @@ def load_run(run_dir: Path, overrides: dict):
                         "run's data settings and split: drop these --set keys")
     device = pick_device(cfg["device"])
     n_rows = len(eval_task_indices(cfg)) * cfg["eval_rollouts"]
-    parts = memory_estimate(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg), n_rows, training=False)
+    parts = memory_estimate(cfg, envs.model_inputs(cfg), n_rows, training=False)
     parts["returns"] = n_rows * cfg["eval_episodes"] * 4
     check_memory(f"evaluating {run_dir}", parts, device,
                  "use fewer eval_rollouts, eval_episodes or tasks, or a smaller model")
-    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(device)
+    model = build(cfg, envs.model_inputs(cfg)).to(device)
     state = load_checkpoint(ckpt, device)
     try:
         model.load_state_dict(state["model"])

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import env as envs
-from dataset import ADDataset, BucketBatches, BucketSampler, CompressedADDataset, collate_compressed_batch
+from dataset import StepBatches  # noqa: F401  (its home moved to dataset.py; tests use train.StepBatches)
 from algorithm import history
-from model import build, memory_estimate
+from model import build, memory_estimate, variant_of
 from model.rollout import rollout
 from config.schema import SCHEMA
 from utils import (UserError, atomic_write, check_memory, claim_run_dir, config_arg_parser, dataset_path, first_line,
@@ -50,21 +50,6 @@ def lr_at(step: int, cfg: dict) -> float:
     return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-class StepBatches:
-    """Batch of dataset indices for each step: a pure function of (seed, rank, step), so a
-    resumed run draws exactly the batches the uninterrupted run would have drawn."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int, start: int, stop: int):
-        self.n, self.batch_size, self.seed, self.rank, self.start, self.stop = n, batch_size, seed, rank, start, stop
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            yield np.random.default_rng([self.seed, self.rank, step]).integers(0, self.n, self.batch_size).tolist()
-
-    def __len__(self):
-        return self.stop - self.start
-
-
 def to_device(batch, device):
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
@@ -73,35 +58,22 @@ def to_device(batch, device):
     return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
 
 
-def count_targets(batch: dict) -> int:
-    actions = batch["recent"]["action"] if "recent" in batch else batch["action"]
-    return int((actions >= 0).sum())
+def count_targets(targets: dict) -> int:
+    return int((targets["action"] >= 0).sum())
 
 
 def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
-    """Training and held-out-stream loaders; batches depend only on (seed, rank, step)."""
-    path, bs, workers = dataset_path(cfg), cfg["train_batch_size"], cfg["num_workers"]
+    """Training and held-out-stream loaders of (tokens, targets); batches depend only on (seed, rank, step)."""
+    variant, path, bs, workers = variant_of(cfg), dataset_path(cfg), cfg["train_batch_size"], cfg["num_workers"]
+    train_set, test_set = variant.dataset(path, cfg, "train"), variant.dataset(path, cfg, "test")
+    train_batches = variant.batches(train_set, bs, cfg["seed"], rank, world, start, cfg["train_timesteps"])
+    test_batches = variant.batches(test_set, bs, cfg["seed"] + 1, 0, 1, 0, 4)
     # own generator: iterating a DataLoader draws a seed, which must not shift the global
     # RNG (dropout) differently in a resumed run than in an uninterrupted one
-    common = {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0,
-              "generator": torch.Generator()}
-    if cfg["model"] == "CompressedAD":
-        train_set = CompressedADDataset(path, cfg, part="train")
-        test_set = CompressedADDataset(path, cfg, part="test")
-        train_batches = BucketBatches(BucketSampler(train_set, bs, seed=cfg["seed"], rank=rank, world_size=world),
-                                      start, cfg["train_timesteps"])
-        test_batches = BucketBatches(BucketSampler(test_set, bs, seed=cfg["seed"] + 1), 0, 4)
-        return (train_set,
-                DataLoader(train_set, batch_sampler=train_batches, collate_fn=collate_compressed_batch, **common),
-                DataLoader(test_set, batch_sampler=test_batches, collate_fn=collate_compressed_batch,
-                           generator=torch.Generator()))
-    train_set = ADDataset(path, cfg, part="train")
-    test_set = ADDataset(path, cfg, part="test")
     return (train_set,
-            DataLoader(train_set, batch_sampler=StepBatches(len(train_set), bs, cfg["seed"], rank, start,
-                                                            cfg["train_timesteps"]), **common),
-            DataLoader(test_set, batch_sampler=StepBatches(len(test_set), bs, cfg["seed"] + 1, 0, 0, 4),
-                       generator=torch.Generator()))
+            DataLoader(train_set, batch_sampler=train_batches, collate_fn=variant.collate, num_workers=workers,
+                       pin_memory=pin, persistent_workers=workers > 0, generator=torch.Generator()),
+            DataLoader(test_set, batch_sampler=test_batches, collate_fn=variant.collate, generator=torch.Generator()))
 
 
 def check_resumable(run_dir: Path, cfg: dict):
@@ -144,8 +116,7 @@ def resume(ckpt: Path, model, opt, device) -> int:
 def check_fits(cfg: dict, device):
     """Refuse sizes that cannot fit before building anything (the model is sized on the meta device)."""
     history.read_header(dataset_path(cfg))  # a missing dataset stops here, before any work
-    parts = memory_estimate(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg), cfg["train_batch_size"],
-                            training=True)
+    parts = memory_estimate(cfg, envs.model_inputs(cfg), cfg["train_batch_size"], training=True)
     # (the data needs no share: windows are read from the file on demand, see dataset.py)
     check_memory("training", parts, device, "use a smaller tf_n_embd, tf_n_layer, n_transit or train_batch_size")
 
@@ -154,9 +125,11 @@ def check_fits(cfg: dict, device):
 def test_losses(model, loader, device, autocast) -> dict:
     model.eval()
     sums, n = {}, 0
-    for batch in loader:
+    for tokens, targets in loader:
+        tokens, targets = to_device(tokens, device), to_device(targets, device)
         with autocast():
-            _, metrics = model.loss(to_device(batch, device))
+            logits, _ = model(tokens)
+            metrics = model.metrics(tokens, logits, targets)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
@@ -218,7 +191,7 @@ def _train(cfg: dict):
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     seed_everything(cfg["seed"])
-    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(device)
+    model = build(cfg, envs.model_inputs(cfg)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                             betas=(0.9, 0.95))
     run_dir = run_path(cfg)
@@ -236,7 +209,7 @@ def _train(cfg: dict):
         return run_dir
     # DDP all-reduces gradients through hooks on forward(), so the loss goes through it
     ddp_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, find_unused_parameters=model.ddp_find_unused_parameters)
+        model, find_unused_parameters=variant_of(cfg).find_unused_parameters)
     train_set, loader, test_loader = make_loaders(cfg, rank, world, start, pin=device.type == "cuda")
     use_bf16 = device.type == "cuda"
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
@@ -244,35 +217,36 @@ def _train(cfg: dict):
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
-        print(f"{run_dir}: {model.num_params():,} parameters, {len(train_set):,} training windows, "
+        print(f"{run_dir}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_set):,} training windows, "
               f"device {device}, world size {world}, steps {start}..{cfg['train_timesteps']}")
         if hint := train_set.reading_hint():
             print(hint)
     val_tasks = envs.tasks_of_split(cfg, "val")  # eval/ curves guide choices: never the test tasks
     bar = tqdm(total=cfg["train_timesteps"], initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
-    tic, targets = time.perf_counter(), 0
+    tic, n_targets = time.perf_counter(), 0
     step = start
-    for batch in loader:
+    for tokens, targets in loader:
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = to_device(batch, device)
+        tokens, targets = to_device(tokens, device), to_device(targets, device)
         with autocast():
-            loss, metrics = ddp_model(batch, compute_loss=True)
+            logits, loss = ddp_model(tokens, targets)
+            metrics = model.metrics(tokens, logits, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         step += 1
-        targets += count_targets(batch)
+        n_targets += count_targets(targets)
         if rank == 0:
             bar.update(1)
             if step % cfg["log_interval"] == 0 or step == cfg["train_timesteps"]:
                 for k, v in metrics.items():
                     writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/targets_per_second", targets * world / (time.perf_counter() - tic), step)
+                writer.add_scalar("train/targets_per_second", n_targets * world / (time.perf_counter() - tic), step)
                 bar.set_postfix(loss=f"{metrics['loss_action']:.3f}", acc=f"{metrics['acc_action']:.2f}")
             if step % cfg["test_interval"] == 0 or step == cfg["train_timesteps"]:
                 for k, v in test_losses(model, test_loader, device, autocast).items():

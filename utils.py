@@ -119,7 +119,7 @@ def _coerce(key: str, value, origin: str):
     spec = SCHEMA[key]
     allowed = spec.type.__name__
     bad = ConfigError(f"{key}={value!r} ({origin}): expected {allowed}" +
-                      (f", one of {list(spec.choices)}" if spec.choices else ""))
+                      (f", one of {list(spec.allowed())}" if spec.allowed() else ""))
     if spec.type is bool:
         if not isinstance(value, bool):
             raise bad
@@ -153,7 +153,7 @@ def _coerce(key: str, value, origin: str):
         if isinstance(value, (bool, dict, list)) or value is None:
             raise bad
         value = str(value)
-    if spec.choices and value not in spec.choices:
+    if spec.allowed() and value not in spec.allowed():
         raise bad
     if spec.min is not None and value < spec.min:
         raise ConfigError(f"{key}={value} ({origin}): must be >= {spec.min}")
@@ -188,19 +188,8 @@ def load_config(paths: list, overrides: dict | None = None) -> dict:
 
 def check_combinations(cfg: dict):
     """Combinations of individually valid values that cannot work together."""
-    if cfg["model"] == "CompressedAD" and cfg["use_compressed_context"]:
-        raise ConfigError("use_compressed_context=true is the two-region mode of model: AD; "
-                          "CompressedAD compresses with its encoder instead: set one of them")
-    if cfg["use_compressed_context"]:
-        if cfg["n_transit"] < 2 * cfg["compress_interval"]:
-            raise ConfigError(
-                f"n_transit={cfg['n_transit']} is smaller than two regions "
-                f"(2 x compress_interval = {2 * cfg['compress_interval']}); the two-region "
-                f"context needs n_transit >= {2 * cfg['compress_interval']}")
-        if cfg["compress_interval"] != cfg["n_steps"]:
-            raise ConfigError(
-                f"compress_interval={cfg['compress_interval']} differs from n_steps={cfg['n_steps']}: "
-                "a region is one PPO rollout, so set compress_interval to the collection's n_steps")
+    from model import variant_of  # here, not at the top: the model package imports utils
+    variant_of(cfg).check_config(cfg)
     if cfg["tf_n_embd"] % cfg["tf_n_head"]:
         raise ConfigError(f"tf_n_embd={cfg['tf_n_embd']} must be divisible by tf_n_head={cfg['tf_n_head']}")
     if (cfg["tf_n_embd"] // cfg["tf_n_head"]) % 2:
@@ -239,7 +228,7 @@ def config_help() -> str:
         if spec.section != section:
             section = spec.section
             lines.append(f"\n{section} keys:")
-        choices = f" {{{','.join(spec.choices)}}}" if spec.choices else ""
+        choices = f" {{{','.join(spec.allowed())}}}" if spec.allowed() else ""
         lines.append(f"  {key} ({spec.type.__name__}{choices}, default {spec.default!r}): {spec.help}")
     return "\n".join(lines)
 
@@ -460,9 +449,9 @@ def dataset_path(cfg: dict) -> Path:
 
 
 def run_name(cfg: dict) -> str:
-    """{model}-{env}-seed{seed}; two-region AD is 'AD-tworegion' so it never resumes a plain AD run."""
-    model = "AD-tworegion" if cfg["use_compressed_context"] else cfg["model"]
-    return f"{model}-{cfg['env']}-seed{cfg['seed']}"
+    """{prefix}-{env}-seed{seed}: the prefix is the variant's (two-region AD: 'AD-tworegion')."""
+    from model import variant_of
+    return f"{variant_of(cfg).run_prefix(cfg)}-{cfg['env']}-seed{cfg['seed']}"
 
 
 def run_path(cfg: dict) -> Path:

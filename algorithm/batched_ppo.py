@@ -11,7 +11,8 @@ between tasks.
 
 What follows SB3 PPO (2.x) exactly:
 - observations: each MultiDiscrete dimension one-hot encoded and concatenated
-  (darkroom [g, g], key-to-door [g, g, 2]), as `preprocess_obs` does;
+  (the family's MultiDiscrete space: darkroom [g, g], key-to-door [g, g, 2]), as
+  `preprocess_obs` does;
 - network: separate policy and value MLPs, 64-64 tanh each, a linear action head
   (logits of a categorical) and a linear value head; orthogonal init with gain sqrt(2)
   for hidden layers, 0.01 for the action head, 1 for the value head, zero biases;
@@ -89,7 +90,7 @@ import torch
 import env as envs
 from algorithm.history import compress_markers, n_rollouts, steps_per_stream
 from algorithm.sb3_ppo import task_seed
-from utils import UserError, available_memory, exit_with_parent, pick_device
+from utils import ConfigError, UserError, available_memory, exit_with_parent, pick_device
 
 HIDDEN = 64
 ADAM_EPS = 1e-5  # SB3's default for Adam
@@ -368,8 +369,12 @@ class ObsEncoder:
 
 
 def observation_nvec(cfg: dict, tasks: list) -> list:
-    """The sizes SB3 one-hot encodes: read from the gym env's MultiDiscrete space."""
-    return envs.make_gym_env(cfg, tasks[0]).observation_space.nvec.tolist()
+    """The sizes SB3 one-hot encodes: the family's MultiDiscrete observation space."""
+    nvec = envs.state_cardinalities(cfg)
+    if nvec is None:
+        raise ConfigError(f"env={cfg['env']} has a continuous observation space and backend=batched reads "
+                          "MultiDiscrete states only; set backend=sb3")
+    return nvec
 
 
 # ----------------------------------------------------------------------------- one chunk

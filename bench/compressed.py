@@ -108,6 +108,12 @@ def processed_tokens(batch: dict) -> int:
     return sum(int(s["state"].numel()) for s in batch["compression_stages"]) + int(batch["recent"]["state"].numel())
 
 
+def training_loss(model, batch: dict):
+    """The loss train.py computes on a collate_compressed_batch batch."""
+    from model.compressed import split_compressed_batch
+    return model(*split_compressed_batch(batch))[1]
+
+
 class BucketVariant:
     def __init__(self, spec: dict):
         import numpy as np
@@ -144,7 +150,7 @@ class BucketVariant:
         self.sample_depths = sorted(it["compression_depth"] for items in samples for it in items)
         self.batches = [to_device(b, self.device) for b in self.batches]
         torch.manual_seed(spec["seed"])
-        self.model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(self.device).train()
+        self.model = build(cfg, envs.model_inputs(cfg)).to(self.device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                      betas=(0.9, 0.95))
         self.memory = memory_tracker(self.device)
@@ -154,7 +160,7 @@ class BucketVariant:
 
     def _step(self, batch):
         import torch
-        loss, _ = self.model(batch, compute_loss=True)
+        loss = training_loss(self.model, batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
@@ -171,7 +177,7 @@ class BucketVariant:
 
     def finish(self) -> dict:
         peak, how = self.memory()
-        act = [saved_activation_mb(self.model, lambda b=b: self.model(b, compute_loss=True)[0]) for b in self.batches]
+        act = [saved_activation_mb(self.model, lambda b=b: training_loss(self.model, b)) for b in self.batches]
         return {"peak_mem_mb": peak, "memory_measure": how, "activation_mb_mean": statistics.mean(act),
                 "activation_mb_max": max(act), "collate_ms_per_batch": self.collate_ms,
                 "real_tokens_per_pass": self.real_tokens, "processed_tokens_per_pass": self.processed,
@@ -263,7 +269,7 @@ class RolloutVariant:
             cfg = load_config(BASE + [AD], {"device": spec["device"], "n_transit": h})
         self.cfg, self.device, self.h, self.k = cfg, pick_device(cfg["device"]), h, k
         torch.manual_seed(spec["seed"])
-        self.model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(self.device).eval()
+        self.model = build(cfg, envs.model_inputs(cfg)).to(self.device).eval()
         tasks = envs.tasks_of_split(cfg, "test")[:spec["goals"]]
         goals = [envs.task_list(cfg)[i] for i in tasks for _ in range(spec["rollouts"])]
         self.env = envs.make_batched_env(cfg, goals)
@@ -328,8 +334,8 @@ class RolloutVariant:
         import numpy as np
         import torch
         import env as envs
-        from model.ad import KIND_STEP
         from model.rollout import sample_actions
+        from model.tokens import step_tokens
         if self.kind == "ad_full":  # rewind: every probe covers steps h - k + 1 .. h
             self.ctx.length = self.ctx.cache.length = self.h - self.k
         n_actions = envs.n_actions(self.cfg)
@@ -341,11 +347,9 @@ class RolloutVariant:
             for t in range(self.k):  # the loop of model.rollout._rollout
                 if t and t % self.cfg["horizon"] == 0:
                     states, new_episode = self.env.reset(), np.ones(self.B, dtype=np.int64)
-                token = {"kind": np.full(self.B, KIND_STEP), "state": envs.state_index(self.cfg, states),
-                         "prev_action": prev_action, "prev_reward": prev_reward, "new_episode": new_episode}
-                token = {key: torch.as_tensor(np.asarray(v), device=self.device)[:, None] for key, v in token.items()}
-                token["prev_reward"] = token["prev_reward"].float()
-                logits = self.policy.step(token)
+                token = step_tokens(envs.state_token(self.cfg, states), prev_action, prev_reward, new_episode)
+                logits = self.policy.step({key: torch.as_tensor(v, device=self.device)[:, None]
+                                           for key, v in token.items()})
                 actions = sample_actions(logits, self.rng.random(self.B), False)
                 states, rewards, dones = self.env.step(actions)
                 prev_action, prev_reward, new_episode = actions, rewards, dones.astype(np.int64)

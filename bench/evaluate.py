@@ -60,7 +60,7 @@ def build_variant(name: str, device: str, seed: int, extra: dict | None = None):
     files, overrides = CONFIGS[name]
     cfg = load_config([ROOT / f for f in files], {"device": device, **overrides, **(extra or {})})
     torch.manual_seed(seed)
-    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(pick_device(cfg["device"]))
+    model = build(cfg, envs.model_inputs(cfg)).to(pick_device(cfg["device"]))
     return cfg, model.eval()
 
 

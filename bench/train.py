@@ -144,6 +144,12 @@ def stack(samples: list[dict]):
     return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
 
 
+def training_loss(model, batch: dict):
+    """The loss train.py computes on a batch of token dicts with their targets."""
+    from model.ad import split_targets
+    return model(*split_targets(batch))[1]
+
+
 def make_batches(variant: str, cfg: dict, batch_size: int, n_batches: int, seed: int) -> list[dict]:
     import numpy as np
     import env as envs
@@ -315,7 +321,7 @@ class TrainVariant:
         cfg = load_config([ALG, ENV, ROOT / "config/model" / MODEL[self.variant]], overrides)
         self.cfg, self.device = cfg, pick_device(cfg["device"])
         torch.manual_seed(spec["seed"])
-        self.model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).to(self.device)
+        self.model = build(cfg, envs.model_inputs(cfg)).to(self.device)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                      betas=(0.9, 0.95))
@@ -330,7 +336,7 @@ class TrainVariant:
 
     def _step(self, batch):
         import torch
-        loss, _ = self.model(batch, compute_loss=True)
+        loss = training_loss(self.model, batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
@@ -357,7 +363,7 @@ class TrainVariant:
         b = self.batches[0]
         return {"peak_mem_mb": peak, "memory_measure": how, "n_params": self.model.num_params(),
                 "tokens_per_sample": int(b["state"].shape[1]),
-                "activation_mb": saved_activation_mb(self.model, lambda: self.model(b, compute_loss=True)[0])}
+                "activation_mb": saved_activation_mb(self.model, lambda: training_loss(self.model, b))}
 
 
 def main():

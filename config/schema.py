@@ -5,7 +5,7 @@ means the same thing wherever it is set. `utils.load_config` validates against t
 `python train.py --help` prints it. Add a key here before using it anywhere else.
 """
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -14,13 +14,26 @@ class Key:
     default: Any
     help: str
     section: str
-    choices: tuple = ()
+    choices: tuple | Callable[[], tuple] = ()  # a function: asked when needed (the registries)
     min: float | None = None  # inclusive
     max: float | None = None  # inclusive
+
+    def allowed(self) -> tuple:
+        return tuple(self.choices()) if callable(self.choices) else self.choices
 
 
 # numpy seeds must be >= 0 and torch's fit in 64 bits; signed, so that seed + 1 fits too
 SEED = {"min": 0, "max": 2**63 - 1}
+
+
+def _families() -> tuple:
+    import env  # the registries import this module's users: ask them only when a config is checked
+    return tuple(env.FAMILIES)
+
+
+def _variants() -> tuple:
+    import model
+    return tuple(model.VARIANTS)
 
 
 def _keys(section, **entries):
@@ -31,7 +44,7 @@ def _keys(section, **entries):
 SCHEMA: dict[str, Key] = {
     **_keys(
         "env",
-        env=(str, "darkroom", "environment family", {"choices": ("darkroom", "dark_key_to_door")}),
+        env=(str, "darkroom", "environment family (one module under env/)", {"choices": _families}),
         grid_size=(int, 9, "side of the square grid", {"min": 2, "max": 64}),
         horizon=(int, 20, "steps per episode (episodes always run to the horizon)", {"min": 1}),
         env_split_seed=(int, 0, "seed of the train/test task split (a pure function of it and the ratio)", SEED),
@@ -69,7 +82,7 @@ SCHEMA: dict[str, Key] = {
     ),
     **_keys(
         "model",
-        model=(str, "AD", "model variant", {"choices": ("AD", "CompressedAD")}),
+        model=(str, "AD", "model variant (one module under model/)", {"choices": _variants}),
         n_transit=(int, 240, "context length in steps (AD sliding window / two-region budget)", {"min": 2}),
         use_compressed_context=(bool, False, "two-region context with <compress> markers (model: AD only)"),
         compress_interval=(int, 80, "steps per compression region; must equal the n_steps the data "
@@ -140,6 +153,14 @@ SCHEMA: dict[str, Key] = {
         run_dir=(str, "runs", "where training runs are written"),
     ),
 }
+
+def add_keys(section: str, **entries):
+    """Config keys of a variant or family module: name=(type, default, help[, {choices, min, max}])."""
+    taken = sorted(set(entries) & set(SCHEMA))
+    if taken:
+        raise ValueError(f"config keys {taken} exist already; give the new keys other names")
+    SCHEMA.update(_keys(section, **entries))
+
 
 # Keys that change what a collection produces; a dataset collected with other values is
 # a different dataset (backend is not here: both backends write the same schema).

@@ -1,42 +1,42 @@
-"""Environment families, their task lists, the train/test split and optimal returns.
+"""Environment families (one module each, registered by name) and the facts the rest of the
+toolkit reads about the one a config names: its task list, the train/val/test split,
+optimal returns, actions, states and what the PPO learner and the model make of them.
 
 Everything here is a pure function of the config, so collection, training and evaluation
-agree on which task index is which goal and which tasks are held out.
+agree on which task index is which goal and which tasks are held out. Nothing outside
+env/ names a family.
 """
+import importlib
+import math
+import pkgutil
+
 import gymnasium as gym
 import numpy as np
 
-from env import dark_key_to_door, darkroom
-from env.dark_key_to_door import BatchedDarkKeyToDoor, DarkKeyToDoorEnv
-from env.darkroom import BatchedDarkroom, DarkroomEnv
+from env.family import Family
 
-GYM_IDS = {"darkroom": "Darkroom-v0", "dark_key_to_door": "DarkKeyToDoor-v0"}
-_FAMILIES = {"darkroom": darkroom, "dark_key_to_door": dark_key_to_door}
+FAMILIES: dict[str, Family] = {}
 
-for _name, _cls in (("Darkroom-v0", DarkroomEnv), ("DarkKeyToDoor-v0", DarkKeyToDoorEnv)):
-    if _name not in gym.registry:
-        gym.register(_name, entry_point=_cls)
+
+def register(family: Family) -> Family:
+    """Make `family` available as `env: <family.name>` in configs (and its gym env by id)."""
+    FAMILIES[family.name] = family
+    if family.gym_id and family.gym_id not in gym.registry:
+        gym.register(family.gym_id, entry_point=family.gym_class)
+    return family
+
+
+def family(cfg: dict) -> Family:
+    return FAMILIES[cfg["env"]]  # the config loader has checked the name
 
 
 def task_list(cfg: dict) -> list[dict]:
-    return _FAMILIES[cfg["env"]].tasks(cfg["grid_size"])
+    return family(cfg).tasks(cfg)
 
 
 def task_split(cfg: dict) -> list[str]:
-    """'train', 'val' or 'test' for each task index; depends only on env_split_seed and the ratios.
-
-    The test tasks are the tail of a seeded permutation (`1 - train_env_ratio` of all tasks);
-    the validation tasks are taken from the end of the rest (`val_env_ratio` of all tasks), so
-    adding a validation split never changes which tasks are test tasks. Training sees neither:
-    every choice (temperature, budgets, steps) is made on `val`, `test` is only reported."""
-    n = len(task_list(cfg))
-    order = np.random.default_rng(cfg["env_split_seed"]).permutation(n)
-    n_train = int(round(cfg["train_env_ratio"] * n))
-    n_val = min(int(round(cfg["val_env_ratio"] * n)), n_train)
-    split = np.full(n, "test", dtype=object)
-    split[order[:n_train - n_val]] = "train"
-    split[order[n_train - n_val:n_train]] = "val"
-    return split.tolist()
+    """'train', 'val' or 'test' for each task index (see Family.split)."""
+    return family(cfg).split(cfg)
 
 
 def tasks_of_split(cfg: dict, which: str) -> list[int]:
@@ -45,43 +45,70 @@ def tasks_of_split(cfg: dict, which: str) -> list[int]:
 
 
 def optimal_return(cfg: dict, task: dict) -> float:
-    return _FAMILIES[cfg["env"]].optimal_return(task, cfg["grid_size"], cfg["horizon"])
-
-
-def state_dim(cfg: dict) -> int:
-    return {"darkroom": 2, "dark_key_to_door": 3}[cfg["env"]]
+    return family(cfg).optimal_return(cfg, task)
 
 
 def n_actions(cfg: dict) -> int:
-    return darkroom.N_ACTIONS
+    return family(cfg).n_actions(cfg)
+
+
+def observation_space(cfg: dict) -> gym.spaces.Space:
+    return family(cfg).observation_space(cfg)
+
+
+def state_dim(cfg: dict) -> int:
+    """Numbers per recorded state (the datasets' `states (T, S, state_dim)`)."""
+    return int(observation_space(cfg).shape[0])
+
+
+def state_cardinalities(cfg: dict) -> list[int] | None:
+    """Per-coordinate sizes of a discrete (MultiDiscrete) state; None for a continuous one."""
+    space = observation_space(cfg)
+    return space.nvec.tolist() if isinstance(space, gym.spaces.MultiDiscrete) else None
+
+
+def n_state_tokens(cfg: dict) -> int:
+    return math.prod(state_cardinalities(cfg))
+
+
+def model_inputs(cfg: dict) -> dict:
+    """What the model embeds: n_actions, and the state's cardinalities (discrete: embedded by
+    index) or its size (continuous: a learned linear projection)."""
+    cards = state_cardinalities(cfg)
+    if cards is None:
+        return {"n_actions": n_actions(cfg), "state_dim": state_dim(cfg)}
+    return {"n_actions": n_actions(cfg), "state_cardinalities": cards}
+
+
+def state_token(cfg: dict, states: np.ndarray) -> np.ndarray:
+    """(..., state_dim) env states -> what a token carries: a discrete state's int64
+    mixed-radix index in [0, n_state_tokens) (the model embeds it per cell or per
+    coordinate, config key state_embedding), or a continuous state's float32 vector."""
+    cards = state_cardinalities(cfg)
+    if cards is None:
+        return np.asarray(states, dtype=np.float32)
+    index = np.zeros(states.shape[:-1], dtype=np.int64)
+    for d, card in enumerate(cards):
+        index = index * card + states[..., d].astype(np.int64)
+    return index
+
+
+state_index = state_token  # the discrete case's old name (tests, bench)
 
 
 def make_gym_env(cfg: dict, task: dict) -> gym.Env:
-    return gym.make(GYM_IDS[cfg["env"]], grid_size=cfg["grid_size"], horizon=cfg["horizon"], **task,
-                    disable_env_checker=True)
+    f = family(cfg)
+    return gym.make(f.gym_id, **f.gym_kwargs(cfg), **task, disable_env_checker=True)
 
 
 def make_batched_env(cfg: dict, tasks: list[dict]):
     """One numpy env stepping one copy of each given task (repeat tasks for more copies)."""
-    if cfg["env"] == "darkroom":
-        return BatchedDarkroom([t["goal"] for t in tasks], cfg["grid_size"], cfg["horizon"])
-    return BatchedDarkKeyToDoor([t["key"] for t in tasks], [t["door"] for t in tasks],
-                                cfg["grid_size"], cfg["horizon"])
+    return family(cfg).make_batched_env(cfg, tasks)
 
 
-def state_cardinalities(cfg: dict) -> list[int]:
-    g = cfg["grid_size"]
-    return {"darkroom": [g, g], "dark_key_to_door": [g, g, 2]}[cfg["env"]]
+# every module of env/ is imported, and each family module registers itself: adding a family
+# is adding its module
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def n_state_tokens(cfg: dict) -> int:
-    return int(np.prod(state_cardinalities(cfg)))
-
-
-def state_index(cfg: dict, states: np.ndarray) -> np.ndarray:
-    """(..., state_dim) grid states -> (...) int64 mixed-radix index in [0, n_state_tokens);
-    the model embeds it per cell or per coordinate (config key state_embedding)."""
-    index = np.zeros(states.shape[:-1], dtype=np.int64)
-    for d, card in enumerate(state_cardinalities(cfg)):
-        index = index * card + states[..., d].astype(np.int64)
-    return index
+GYM_IDS = {name: f.gym_id for name, f in FAMILIES.items()}  # the built-in families' gym ids

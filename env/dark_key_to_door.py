@@ -8,22 +8,8 @@ the source PPO learner's problem is Markov; the key and door positions stay hidd
 import gymnasium as gym
 import numpy as np
 
-from env.darkroom import MOVES, N_ACTIONS, start_position
-
-
-def tasks(grid_size: int) -> list[dict]:
-    cells = [[x, y] for x in range(grid_size) for y in range(grid_size)]
-    return [{"key": k, "door": d} for k in cells for d in cells]
-
-
-def optimal_return(task: dict, grid_size: int, horizon: int) -> float:
-    start = start_position(grid_size)
-    to_key = int(np.abs(np.array(task["key"]) - start).sum())
-    to_door = int(np.abs(np.array(task["door"]) - np.array(task["key"])).sum())
-    # the first reward can come no earlier than step max(1, d): "stay" counts as a step
-    t_key = max(1, to_key)
-    t_door = t_key + to_door
-    return float((t_key <= horizon) + (t_door <= horizon))
+import env
+from env.darkroom import MOVES, N_ACTIONS, Darkroom, start_position
 
 
 def _rewards(pos, key, door, has_key, opened):
@@ -33,13 +19,17 @@ def _rewards(pos, key, door, has_key, opened):
     return on_key.astype(np.float32) + on_door.astype(np.float32), has_key, opened | on_door
 
 
+def observation_space(grid_size: int) -> gym.spaces.MultiDiscrete:
+    return gym.spaces.MultiDiscrete([grid_size, grid_size, 2])  # (x, y, has_key)
+
+
 class DarkKeyToDoorEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, key=(0, 0), door=(1, 1), grid_size: int = 9, horizon: int = 50):
         self.key, self.door = np.asarray(key, dtype=np.int64), np.asarray(door, dtype=np.int64)
         self.grid_size, self.horizon = grid_size, horizon
-        self.observation_space = gym.spaces.MultiDiscrete([grid_size, grid_size, 2])
+        self.observation_space = observation_space(grid_size)
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
 
     def _obs(self):
@@ -89,3 +79,31 @@ class BatchedDarkKeyToDoor:
         rewards, self.has_key, self.opened = _rewards(self.pos, self.keys, self.doors, self.has_key, self.opened)
         dones = np.full(self.n, self.t >= self.horizon)
         return self._obs(), rewards, dones
+
+
+class DarkKeyToDoor(Darkroom):
+    """Darkroom's moves, with a (key, door) pair per task."""
+    name, gym_id, gym_class = "dark_key_to_door", "DarkKeyToDoor-v0", DarkKeyToDoorEnv
+
+    def tasks(self, cfg):
+        cells = [[x, y] for x in range(cfg["grid_size"]) for y in range(cfg["grid_size"])]
+        return [{"key": k, "door": d} for k in cells for d in cells]
+
+    def optimal_return(self, cfg, task):
+        start = start_position(cfg["grid_size"])
+        to_key = int(np.abs(np.array(task["key"]) - start).sum())
+        to_door = int(np.abs(np.array(task["door"]) - np.array(task["key"])).sum())
+        # the first reward can come no earlier than step max(1, d): "stay" counts as a step
+        t_key = max(1, to_key)
+        t_door = t_key + to_door
+        return float((t_key <= cfg["horizon"]) + (t_door <= cfg["horizon"]))
+
+    def observation_space(self, cfg):
+        return observation_space(cfg["grid_size"])
+
+    def make_batched_env(self, cfg, tasks):
+        return BatchedDarkKeyToDoor([t["key"] for t in tasks], [t["door"] for t in tasks],
+                                    cfg["grid_size"], cfg["horizon"])
+
+
+env.register(DarkKeyToDoor())

@@ -8,22 +8,19 @@ to the horizon (no early termination), so every episode of every task has the sa
 import gymnasium as gym
 import numpy as np
 
+import env
+from env.family import Family
+
 N_ACTIONS = 5
 MOVES = np.array([[0, 0], [0, 1], [0, -1], [-1, 0], [1, 0]], dtype=np.int64)
-
-
-def tasks(grid_size: int) -> list[dict]:
-    return [{"goal": [x, y]} for x in range(grid_size) for y in range(grid_size)]
 
 
 def start_position(grid_size: int) -> np.ndarray:
     return np.array([grid_size // 2, grid_size // 2], dtype=np.int64)
 
 
-def optimal_return(task: dict, grid_size: int, horizon: int) -> float:
-    # walking straight there takes d steps; every step from the d-th on is on the goal
-    d = int(np.abs(np.array(task["goal"]) - start_position(grid_size)).sum())
-    return float(min(horizon, max(0, horizon - d + 1)))
+def observation_space(grid_size: int) -> gym.spaces.MultiDiscrete:
+    return gym.spaces.MultiDiscrete([grid_size, grid_size])  # (x, y)
 
 
 class DarkroomEnv(gym.Env):
@@ -32,7 +29,7 @@ class DarkroomEnv(gym.Env):
     def __init__(self, goal=(0, 0), grid_size: int = 9, horizon: int = 20):
         self.goal = np.asarray(goal, dtype=np.int64)
         self.grid_size, self.horizon = grid_size, horizon
-        self.observation_space = gym.spaces.MultiDiscrete([grid_size, grid_size])
+        self.observation_space = observation_space(grid_size)
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
 
     def reset(self, *, seed=None, options=None):
@@ -72,3 +69,28 @@ class BatchedDarkroom:
         rewards = (self.pos == self.goals).all(axis=1).astype(np.float32)
         dones = np.full(self.n, self.t >= self.horizon)
         return self.pos.copy(), rewards, dones
+
+
+class Darkroom(Family):
+    name, gym_id, gym_class = "darkroom", "Darkroom-v0", DarkroomEnv
+
+    def tasks(self, cfg):
+        g = cfg["grid_size"]
+        return [{"goal": [x, y]} for x in range(g) for y in range(g)]
+
+    def optimal_return(self, cfg, task):
+        # walking straight there takes d steps; every step from the d-th on is on the goal
+        d = int(np.abs(np.array(task["goal"]) - start_position(cfg["grid_size"])).sum())
+        return float(min(cfg["horizon"], max(0, cfg["horizon"] - d + 1)))
+
+    def n_actions(self, cfg):
+        return N_ACTIONS
+
+    def observation_space(self, cfg):
+        return observation_space(cfg["grid_size"])
+
+    def make_batched_env(self, cfg, tasks):
+        return BatchedDarkroom([t["goal"] for t in tasks], cfg["grid_size"], cfg["horizon"])
+
+
+env.register(Darkroom())

@@ -1,15 +1,22 @@
-"""Model variants; `build` picks one from the config."""
+"""Model variants: one module each (model/ad.py: AD and two-region AD, model/compressed.py:
+CompressedAD), each registering a `Variant` (model/variant.py) under its config name."""
+import importlib
+import pkgutil
+
+from model.variant import VARIANTS, Variant, register, variant_of  # noqa: F401
+
+# every module of model/ is imported, and each variant module registers itself: adding a
+# variant is adding its module
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
-def build(cfg: dict, n_state_tokens: int, n_actions: int):
-    if cfg["model"] == "CompressedAD":
-        from model.compressed import build_compressed_model
-        return build_compressed_model(cfg, n_state_tokens, n_actions)
-    from model.ad import build_model
-    return build_model(cfg, n_state_tokens, n_actions)
+def build(cfg: dict, inputs: dict):
+    """The model of cfg's variant; `inputs` from env.model_inputs(cfg)."""
+    return variant_of(cfg).build(cfg, inputs)
 
 
-def memory_estimate(cfg: dict, n_state_tokens: int, n_actions: int, batch: int, training: bool) -> dict:
+def memory_estimate(cfg: dict, inputs: dict, batch: int, training: bool) -> dict:
     """Rough peak memory in bytes, by part, of the model on `batch` sequences: its parameters
     (plus gradients and the two AdamW moments when training) and its activations (kept for
     the backward pass when training; the KV cache and one re-encoding in a rollout). The
@@ -17,18 +24,9 @@ def memory_estimate(cfg: dict, n_state_tokens: int, n_actions: int, batch: int, 
     refuse sizes that cannot fit before any work, not a promise."""
     import torch
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in build(cfg, n_state_tokens, n_actions).parameters())
+        n_params = sum(p.numel() for p in build(cfg, inputs).parameters())
     E, H = cfg["tf_n_embd"], cfg["tf_n_head"]
-    # (layers, tokens) the transformers run over per sequence: the decoder sees the step
-    # tokens (+ 4 two-region markers, + the latents); in training CompressedAD's encoder
-    # keeps activations for the grad_compression_rounds stages gradients flow through, each
-    # a stage of up to n_transit // 2 steps between the latents in and the latent queries
-    runs = [(cfg["tf_n_layer"], cfg["n_transit"] + 4)]
-    if cfg["model"] == "CompressedAD":
-        runs = [(cfg["tf_n_layer"], cfg["n_transit"] + cfg["n_latent"])]
-        if training:
-            rounds = min(cfg["grad_compression_rounds"], cfg["max_compression_depth"])
-            runs.append((cfg["enc_n_layer"] * rounds, cfg["n_transit"] // 2 + 2 * cfg["n_latent"]))
+    runs = variant_of(cfg).transformer_runs(cfg, training)  # (layers, tokens) per sequence
     # per layer and token: ~16 E floats (qkv, attention output, MLP in and out, norms,
     # residual) and the H x tokens attention weights, float32
     act = sum(layers * tokens * (16 * E + 2 * H * tokens) * 4 for layers, tokens in runs)

@@ -1,6 +1,6 @@
 """The Algorithm Distillation transformer, for plain and two-region compressed context.
 
-Tokens. One token per environment step t embeds what the agent knows when it must act:
+Tokens (built by model/tokens.py). One token per environment step t embeds what the agent knows when it must act:
 the state s_t, the previous action a_{t-1}, the previous reward r_{t-1} and whether s_t
 starts a new episode. The token's output predicts a_t, so every step of a window is an
 action target (dense supervision) and no action is ever visible to its own prediction.
@@ -22,14 +22,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
-KIND_STEP, KIND_START, KIND_END = 0, 1, 2  # token kinds; markers are <compress>, </compress>
-IGNORE = -100  # target value that the losses skip
+from model.tokens import IGNORE, KIND_END, KIND_START, KIND_STEP, TARGET_FIELDS
+from model.variant import Variant, register
+from utils import ConfigError
 
 
 @dataclass
 class ModelConfig:
-    n_state_tokens: int       # distinct (discrete) states: the state is embedded by index
+    n_state_tokens: int       # distinct discrete states (0 for a continuous state)
     n_actions: int
     n_embd: int = 64
     n_layer: int = 4
@@ -39,16 +41,21 @@ class ModelConfig:
     # factored state embedding: the state index is mixed-radix over these per-dimension
     # cardinalities and each dimension has its own table (empty: one vector per state)
     state_cardinalities: tuple = ()
+    # continuous state: a float vector of this size, embedded by a learned linear projection
+    state_dim: int = 0
+    token_type_loss_weight: float = 0.1  # weight of the token-type loss (two-region)
+    # class weight of the region end in the token-type loss: a region end is one target in a
+    # region's length, and at weight 1 the head settled on "never" (recall 0.0 on darkroom)
+    region_end_weight: float = 10.0
 
     @classmethod
-    def from_config(cls, cfg: dict, n_state_tokens: int, n_actions: int) -> "ModelConfig":
-        cards = ()
-        if cfg["state_embedding"] == "factored":
-            import env as envs
-            cards = tuple(envs.state_cardinalities(cfg))
-            assert math.prod(cards) == n_state_tokens, (cards, n_state_tokens)
-        return cls(n_state_tokens, n_actions, cfg["tf_n_embd"], cfg["tf_n_layer"], cfg["tf_n_head"],
-                   cfg["tf_dropout"], cfg["use_compressed_context"], cards)
+    def from_config(cls, cfg: dict, inputs: dict) -> "ModelConfig":
+        """`inputs`: what the environment family gives the model (env.model_inputs)."""
+        cards = tuple(inputs.get("state_cardinalities") or ())
+        return cls(math.prod(cards) if cards else 0, inputs["n_actions"], cfg["tf_n_embd"], cfg["tf_n_layer"],
+                   cfg["tf_n_head"], cfg["tf_dropout"], cfg["use_compressed_context"],
+                   cards if cfg["state_embedding"] == "factored" else (), 0 if cards else inputs["state_dim"],
+                   cfg["token_type_loss_weight"], cfg["region_end_weight"])
 
 
 def rotate(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -146,9 +153,10 @@ class Transformer(nn.Module):
 class AD(nn.Module):
     """Causal transformer over a learning history; predicts the action of every step token.
 
-    A token batch is a dict of (B, L) tensors: `kind` (KIND_*), `state` (state index),
-    `prev_action` (n_actions = none), `prev_reward`, `new_episode` (0/1), and for training
-    the targets `action` and `next_kind` (IGNORE where there is none).
+    `tokens` is a dict of (B, L) tensors: `kind` (KIND_*), `state` (state index, or a
+    (B, L, state_dim) float vector), `prev_action` (n_actions = none), `prev_reward`,
+    `new_episode` (0/1); `targets` for training: `action` and `next_kind` (IGNORE where there
+    is none).
     """
     # every training step uses every parameter, so DDP need not search the graph for unused ones
     ddp_find_unused_parameters = False
@@ -158,7 +166,10 @@ class AD(nn.Module):
         self.config = c
         E = c.n_embd
         cards = c.state_cardinalities
-        self.state_emb = nn.Embedding(sum(cards) if cards else c.n_state_tokens, E)
+        if c.state_dim:  # continuous state: a learned projection instead of a table
+            self.state_proj = nn.Linear(c.state_dim, E)
+        else:
+            self.state_emb = nn.Embedding(sum(cards) if cards else c.n_state_tokens, E)
         # first row of each dimension's block in state_emb
         self.register_buffer("state_offsets", torch.tensor([sum(cards[:d]) for d in range(len(cards))]),
                              persistent=False)
@@ -184,7 +195,10 @@ class AD(nn.Module):
 
     def embed_state(self, index: torch.Tensor) -> torch.Tensor:
         """Cell embedding, or the sum of per-coordinate embeddings (factored): then a
-        held-out goal cell is made of coordinates that training goals had too."""
+        held-out goal cell is made of coordinates that training goals had too; a continuous
+        state (..., state_dim) is projected."""
+        if self.config.state_dim:
+            return self.state_proj(index.to(self.state_proj.weight.dtype))
         cards = self.config.state_cardinalities
         if not cards:
             return self.state_emb(index)
@@ -204,39 +218,39 @@ class AD(nn.Module):
             x = x + self.token_type_emb(kind)
         return self.drop(x)
 
-    def forward(self, tokens: dict, cache=None, mask=None, pos=None, compute_loss: bool = False):
-        """Returns (action logits, token-type logits or None); a given KVCache is extended
-        in place. With compute_loss, (loss, metrics) instead (so DDP's forward hooks see
-        the training pass)."""
-        if compute_loss:
-            return self._loss(tokens)
+    def forward(self, tokens: dict, targets: dict | None = None, cache=None, mask=None, pos=None):
+        """(logits, loss): logits {"action": (B, L, n_actions)} plus {"next_kind": (B, L, 3)}
+        (two-region); loss None without targets. A given KVCache is extended in place, with
+        `mask` and `pos` for padded rows (model/rollout.py)."""
         h = self.backbone(self.embed(tokens), cache, mask, pos)
-        type_logits = self.type_head(h) if self.config.compressed else None
-        return self.action_head(h), type_logits
-
-    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        return self(batch, compute_loss=True)
-
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Total loss and float metrics (loss_action, acc_action, and the token-type ones)."""
-        action_logits, type_logits = self(batch)
-        loss_action, acc_action = _ce_and_acc(action_logits, batch["action"])
-        metrics = {"loss_action": loss_action.item(), "acc_action": acc_action}
-        total = loss_action
+        logits = {"action": self.action_head(h)}
         if self.config.compressed:
-            # a region end is one token in a region's length: weighting it keeps the head from
-            # settling on "never" (recall 0.0 on darkroom at the default weight 1)
-            weight = torch.tensor([1.0, 1.0, self.region_end_weight], device=type_logits.device)
-            loss_type, acc_type = _ce_and_acc(type_logits, batch["next_kind"], weight)
-            total = total + self.token_type_loss_weight * loss_type
-            # accuracy alone hides a head that never predicts the rare region end: report its recall too
-            ends = batch["next_kind"] == KIND_END
-            recall_end = (type_logits.argmax(-1)[ends] == KIND_END).float().mean().item() if ends.any() else math.nan
-            metrics |= {"loss_token_type": loss_type.item(), "acc_token_type": acc_type,
-                        "recall_region_end": recall_end}
-        return total, metrics
+            logits["next_kind"] = self.type_head(h)
+        return logits, None if targets is None else self.loss(logits, targets)
 
-    token_type_loss_weight, region_end_weight = 0.1, 1.0  # set from the config by build_model
+    def loss(self, logits: dict, targets: dict) -> torch.Tensor:
+        total = _cross_entropy(logits["action"], targets["action"])
+        if self.config.compressed:
+            total = total + self.config.token_type_loss_weight * self._token_type_loss(logits, targets)
+        return total
+
+    def _token_type_loss(self, logits: dict, targets: dict) -> torch.Tensor:
+        weight = torch.tensor([1.0, 1.0, self.config.region_end_weight], device=logits["next_kind"].device)
+        return _cross_entropy(logits["next_kind"], targets["next_kind"], weight)
+
+    @torch.no_grad()
+    def metrics(self, tokens: dict, logits: dict, targets: dict) -> dict:
+        """Float metrics: loss_action, acc_action, and the token-type ones (two-region)."""
+        metrics = {"loss_action": _cross_entropy(logits["action"], targets["action"]).item(),
+                   "acc_action": _accuracy(logits["action"], targets["action"])}
+        if self.config.compressed:
+            # accuracy alone hides a head that never predicts the rare region end: report its recall too
+            ends = targets["next_kind"] == KIND_END
+            predicted = logits["next_kind"].argmax(-1)[ends]
+            metrics |= {"loss_token_type": self._token_type_loss(logits, targets).item(),
+                        "acc_token_type": _accuracy(logits["next_kind"], targets["next_kind"]),
+                        "recall_region_end": (predicted == KIND_END).float().mean().item() if ends.any() else math.nan}
+        return metrics
 
     def new_cache(self, batch: int, capacity: int, device) -> KVCache:
         return KVCache(self.config, batch, capacity, device, next(self.parameters()).dtype)
@@ -245,15 +259,74 @@ class AD(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _ce_and_acc(logits, targets, weight=None):
+def _cross_entropy(logits, targets, weight=None):
     flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
-    loss = F.cross_entropy(flat_logits, flat_targets, weight=weight, ignore_index=IGNORE)
-    valid = flat_targets != IGNORE
-    acc = (flat_logits.argmax(-1)[valid] == flat_targets[valid]).float().mean().item() if valid.any() else math.nan
-    return loss, acc
+    return F.cross_entropy(flat_logits, flat_targets, weight=weight, ignore_index=IGNORE)
 
 
-def build_model(cfg: dict, n_state_tokens: int, n_actions: int) -> AD:
-    model = AD(ModelConfig.from_config(cfg, n_state_tokens, n_actions))
-    model.token_type_loss_weight, model.region_end_weight = cfg["token_type_loss_weight"], cfg["region_end_weight"]
-    return model
+def _accuracy(logits, targets) -> float:
+    predicted, targets = logits.argmax(-1).reshape(-1), targets.reshape(-1)
+    valid = targets != IGNORE
+    return (predicted[valid] == targets[valid]).float().mean().item() if valid.any() else math.nan
+
+
+def build_model(cfg: dict, inputs: dict) -> AD:
+    return AD(ModelConfig.from_config(cfg, inputs))
+
+
+class ADVariant(Variant):
+    """`model: AD`: a sliding window of n_transit steps; with `use_compressed_context` the
+    two-region context (markers around each PPO rollout region, a token-type head)."""
+    name = "AD"
+
+    def check_config(self, cfg: dict):
+        if not cfg["use_compressed_context"]:
+            return
+        if cfg["n_transit"] < 2 * cfg["compress_interval"]:
+            raise ConfigError(
+                f"n_transit={cfg['n_transit']} is smaller than two regions "
+                f"(2 x compress_interval = {2 * cfg['compress_interval']}); the two-region "
+                f"context needs n_transit >= {2 * cfg['compress_interval']}")
+        if cfg["compress_interval"] != cfg["n_steps"]:
+            raise ConfigError(
+                f"compress_interval={cfg['compress_interval']} differs from n_steps={cfg['n_steps']}: "
+                "a region is one PPO rollout, so set compress_interval to the collection's n_steps")
+
+    def run_prefix(self, cfg: dict) -> str:
+        # its own name, so that a two-region run never resumes a plain AD run
+        return "AD-tworegion" if cfg["use_compressed_context"] else "AD"
+
+    def build(self, cfg: dict, inputs: dict) -> AD:
+        return build_model(cfg, inputs)
+
+    def dataset(self, path, cfg: dict, part: str):
+        from dataset import ADDataset
+        return ADDataset(path, cfg, part=part)
+
+    def batches(self, dataset, batch_size, seed, rank, world, start, stop):
+        from dataset import StepBatches
+        return StepBatches(len(dataset), batch_size, seed, rank, start, stop)
+
+    def collate(self, items: list) -> tuple[dict, dict]:
+        return split_targets(default_collate(items))
+
+    def policy(self, model, cfg, batch, device, use_cache, memory, perm):
+        from model.rollout import Context, SlidingWindow, TwoRegions
+        n_transit = cfg["n_transit"]
+        if cfg["use_compressed_context"]:
+            ctx = Context(model, batch, n_transit + 4, device, use_cache)  # + 4 markers
+            return ctx, TwoRegions(ctx, n_transit, cfg["compress_interval"], cfg["eval_markers"], memory, perm)
+        ctx = Context(model, batch, n_transit, device, use_cache)
+        return ctx, SlidingWindow(ctx, n_transit, max(1, n_transit // 4), memory, perm)
+
+    def transformer_runs(self, cfg: dict, training: bool) -> list[tuple[int, int]]:
+        return [(cfg["tf_n_layer"], cfg["n_transit"] + 4)]  # + 4 two-region markers
+
+
+def split_targets(batch: dict) -> tuple[dict, dict]:
+    """A collated batch -> (tokens, targets): the target fields go to targets."""
+    tokens = dict(batch)
+    return tokens, {k: tokens.pop(k) for k in TARGET_FIELDS if k in tokens}
+
+
+register(ADVariant())

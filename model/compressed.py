@@ -19,7 +19,9 @@ stage got. In the decoder, latents sit at 0..K-1 and recent steps follow.
 import torch
 import torch.nn as nn
 
-from model.ad import AD, Block, KVCache, ModelConfig, _ce_and_acc
+from model.ad import AD, Block, KVCache, ModelConfig, _accuracy, _cross_entropy, split_targets
+from model.variant import Variant, register
+from utils import ConfigError
 
 
 class CompressionEncoder(nn.Module):
@@ -51,10 +53,6 @@ class CompressionEncoder(nn.Module):
 
 
 class CompressedAD(AD):
-    # a batch of compression depth 0 does not run the encoder; under DDP the other rank's
-    # batch may, so DDP must find the unused parameters of each step (and reduce zeros for them)
-    ddp_find_unused_parameters = True
-
     def __init__(self, c: ModelConfig, n_latent: int, enc_n_layer: int, grad_rounds: int):
         super().__init__(c)
         self.encoder = CompressionEncoder(c, n_latent, enc_n_layer)
@@ -81,19 +79,81 @@ class CompressedAD(AD):
         h = self.backbone(x, cache)
         return self.action_head(h[:, K:])
 
-    def forward(self, batch: dict, compute_loss: bool = False, **_):
-        if not compute_loss:
-            raise TypeError("CompressedAD.forward takes a collated batch with compute_loss=True; "
-                            "rollouts use LatentMemory")
-        logits = self.decode(self.latents_of(batch["compression_stages"]), batch["recent"])
-        loss, acc = _ce_and_acc(logits, batch["recent"]["action"])
-        return loss, {"loss_action": loss.item(), "acc_action": acc,
-                      "compression_depth": float(batch["num_compression_stages"])}
+    def forward(self, tokens: dict, targets: dict | None = None):
+        """(logits, loss) of a collated batch: tokens {"compression_stages": [stage token
+        dicts, oldest first], "recent": token dict}; logits {"action"} at the recent steps.
+        Rollouts decode step by step through LatentMemory instead."""
+        logits = {"action": self.decode(self.latents_of(tokens["compression_stages"]), tokens["recent"])}
+        return logits, None if targets is None else _cross_entropy(logits["action"], targets["action"])
+
+    @torch.no_grad()
+    def metrics(self, tokens: dict, logits: dict, targets: dict) -> dict:
+        return {"loss_action": _cross_entropy(logits["action"], targets["action"]).item(),
+                "acc_action": _accuracy(logits["action"], targets["action"]),
+                "compression_depth": float(len(tokens["compression_stages"]))}
 
 
-def build_compressed_model(cfg: dict, n_state_tokens: int, n_actions: int) -> CompressedAD:
-    c = ModelConfig.from_config(cfg, n_state_tokens, n_actions)
+def build_compressed_model(cfg: dict, inputs: dict) -> CompressedAD:
+    c = ModelConfig.from_config(cfg, inputs)
     return CompressedAD(c, cfg["n_latent"], cfg["enc_n_layer"], cfg["grad_compression_rounds"])
+
+
+def split_compressed_batch(batch: dict) -> tuple[dict, dict]:
+    """collate_compressed_batch's dict -> (tokens, targets) for CompressedAD.forward."""
+    recent, targets = split_targets(batch["recent"])
+    return {"compression_stages": batch["compression_stages"], "recent": recent}, targets
+
+
+class CompressedADVariant(Variant):
+    """`model: CompressedAD`: training samples of one compression depth per batch
+    (CompressedADDataset, BucketSampler, collate_compressed_batch); rollouts keep latents
+    and at most n_transit recent steps (LatentMemory)."""
+    name = "CompressedAD"
+    # a batch of compression depth 0 does not run the encoder; under DDP the other rank's
+    # batch may, so DDP must find the unused parameters of each step (and reduce zeros for them)
+    find_unused_parameters = True
+
+    def check_config(self, cfg: dict):
+        if cfg["use_compressed_context"]:
+            raise ConfigError("use_compressed_context=true is the two-region mode of model: AD; "
+                              "CompressedAD compresses with its encoder instead: set one of them")
+
+    def build(self, cfg: dict, inputs: dict) -> CompressedAD:
+        return build_compressed_model(cfg, inputs)
+
+    def dataset(self, path, cfg: dict, part: str):
+        from dataset import CompressedADDataset
+        return CompressedADDataset(path, cfg, part=part)
+
+    def batches(self, dataset, batch_size, seed, rank, world, start, stop):
+        from dataset import BucketBatches, BucketSampler
+        return BucketBatches(BucketSampler(dataset, batch_size, seed=seed, rank=rank, world_size=world), start, stop)
+
+    def collate(self, items: list) -> tuple[dict, dict]:
+        from dataset import collate_compressed_batch
+        return split_compressed_batch(collate_compressed_batch(items))
+
+    def policy(self, model, cfg, batch, device, use_cache, memory, perm):
+        latent_memory = LatentMemory(model, batch, cfg["n_transit"], device, use_cache, memory, perm)
+        return latent_memory, latent_memory
+
+    def transformer_runs(self, cfg: dict, training: bool) -> list[tuple[int, int]]:
+        # the decoder sees the latents + recent steps; in training the encoder keeps activations
+        # for the grad_compression_rounds stages gradients flow through, each a stage of up to
+        # n_transit // 2 steps between the latents in and the latent queries
+        runs = [(cfg["tf_n_layer"], cfg["n_transit"] + cfg["n_latent"])]
+        if training:
+            rounds = min(cfg["grad_compression_rounds"], cfg["max_compression_depth"])
+            runs.append((cfg["enc_n_layer"] * rounds, cfg["n_transit"] // 2 + 2 * cfg["n_latent"]))
+        return runs
+
+    def budget_overrides(self, n_transit: int, steps_in_stream: int) -> list[str]:
+        # the deepest compression a training stream holds, up to 40 (stage = n_transit // 2 steps)
+        deepest = (steps_in_stream - n_transit) // (n_transit // 2)
+        return [f"max_compression_depth={min(40, deepest)}"]
+
+    def memory_state_bytes(self, cfg: dict) -> int:
+        return cfg["n_latent"] * cfg["tf_n_embd"] * 4  # the latents (fp32)
 
 
 def stage_len(n_transit: int) -> int:
@@ -150,6 +210,9 @@ class LatentMemory:
         """Nothing to do: the ablation acts at each compression, not at episode starts."""
         return False
 
+    def stats(self) -> dict:
+        return {"compression_depth_reached": self.depth}
+
     @torch.no_grad()
     def step(self, token: dict) -> torch.Tensor:
         if len(self.recent) + 1 > self.n_transit:
@@ -162,3 +225,6 @@ class LatentMemory:
                 return self.model.decode(self.visible, self._cat(self.recent), self.cache)[:, -1]
             return self.model.decode(None, token, self.cache)[:, -1]
         return self.model.decode(self.visible, self._cat(self.recent))[:, -1]
+
+
+register(CompressedADVariant())

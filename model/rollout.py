@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 import env as envs
-from model.ad import KIND_END, KIND_START, KIND_STEP
-
-TOKEN_FIELDS = ("kind", "state", "prev_action", "prev_reward", "new_episode")
+from model.tokens import KIND_END, KIND_START, TOKEN_FIELDS, step_tokens
+from model.variant import variant_of
 
 
 class Context:
@@ -43,8 +42,10 @@ class Context:
 
     def __init__(self, model, batch: int, capacity: int, device, use_cache: bool = True):
         self.model, self.device, self.use_cache = model, device, use_cache
-        self.buf = {k: torch.zeros(batch, capacity, dtype=torch.float32 if k == "prev_reward" else torch.long,
-                                   device=device) for k in TOKEN_FIELDS}
+        self.buf = {k: torch.zeros(batch, capacity, dtype=torch.long, device=device) for k in TOKEN_FIELDS}
+        self.buf["prev_reward"] = self.buf["prev_reward"].float()
+        if model.config.state_dim:  # a continuous state is a float vector per token
+            self.buf["state"] = torch.zeros(batch, capacity, model.config.state_dim, device=device)
         self.pad = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.ragged = False  # some row holds padding
         self.length, self.capacity = 0, capacity
@@ -68,7 +69,7 @@ class Context:
 
     @torch.no_grad()
     def append(self, new: dict):
-        """Add tokens (B, L) and return the model's outputs at them."""
+        """Add tokens (B, L) and return the model's logits at them ({head: (B, L, ...)})."""
         n = new["kind"].shape[1]
         for k in TOKEN_FIELDS:
             self.buf[k][:, self.length:self.length + n] = new[k]
@@ -77,10 +78,10 @@ class Context:
         self.max_tokens = max(self.max_tokens, self.length)
         if self.use_cache:
             mask, pos = self._attention(start, n)
-            return self.model(new, cache=self.cache, mask=mask, pos=pos)
+            return self.model(new, cache=self.cache, mask=mask, pos=pos)[0]
         mask, pos = self._attention(0, self.length)
-        action_logits, type_logits = self.model(self.tokens, mask=mask, pos=pos)
-        return action_logits[:, -n:], None if type_logits is None else type_logits[:, -n:]
+        logits, _ = self.model(self.tokens, mask=mask, pos=pos)
+        return {k: v[:, -n:] for k, v in logits.items()}
 
     @torch.no_grad()
     def permute_rows(self, perm: torch.Tensor):
@@ -114,7 +115,7 @@ class Context:
             self.cache.k[:, :, :, width - kept:width], self.cache.v[:, :, :, width - kept:width] = moved_k, moved_v
             self.cache.length = width
         index = torch.as_tensor(np.flatnonzero(which), device=self.device)
-        new = {k: torch.zeros(len(rows), width, dtype=self.buf[k].dtype, device=self.device) for k in TOKEN_FIELDS}
+        new = {k: self.buf[k].new_zeros(len(rows), width, *self.buf[k].shape[2:]) for k in TOKEN_FIELDS}
         new_pad = torch.ones(len(rows), width, dtype=torch.bool, device=self.device)
         for i, row in enumerate(rows):
             n = len(row["kind"])
@@ -150,12 +151,13 @@ class Context:
         L, chunk = pad.shape[1], rows_per_encoding(self.model.config.n_head, pad.shape[1])
         if len(index) == len(self.pad) and chunk >= len(index):  # all rows at once, straight into the cache
             self.cache.length = 0
-            self.model(tokens, self.cache, *padded_attention_or_none(pad))
+            self.model(tokens, None, self.cache, *padded_attention_or_none(pad))
             return
         for a in range(0, len(index), chunk):
             rows = index[a:a + chunk]
             cache = self.model.new_cache(len(rows), L, self.device)
-            self.model({k: v[a:a + chunk] for k, v in tokens.items()}, cache, *padded_attention_or_none(pad[a:a + chunk]))
+            self.model({k: v[a:a + chunk] for k, v in tokens.items()}, None, cache,
+                       *padded_attention_or_none(pad[a:a + chunk]))
             self.cache.k[:, rows, :, :L], self.cache.v[:, rows, :, :L] = cache.k, cache.v
         self.cache.length = L
 
@@ -184,9 +186,9 @@ def padded_attention(pad: torch.Tensor, start: int):
     return ((real[:, None, :] & causal) | itself)[:, None], pos
 
 
-def _marker(kind: int, batch: int, device) -> dict:
-    t = {k: torch.zeros(batch, 1, dtype=torch.long, device=device) for k in TOKEN_FIELDS}
-    t["prev_reward"] = t["prev_reward"].float()
+def _marker(ctx: Context, kind: int, batch: int) -> dict:
+    """A <compress> / </compress> token for each of `batch` rows (zero fields but its kind)."""
+    t = {k: ctx.buf[k].new_zeros(batch, 1, *ctx.buf[k].shape[2:]) for k in TOKEN_FIELDS}
     t["kind"].fill_(kind)
     return t
 
@@ -217,7 +219,7 @@ class SlidingWindow:
     def step(self, token: dict):
         if len(self.ctx) + 1 > self.n_transit:
             self.ctx.drop_oldest(self.slide)
-        return self.ctx.append(token)[0][:, -1]
+        return self.ctx.append(token)["action"][:, -1]
 
 
 class TwoRegions:
@@ -233,7 +235,7 @@ class TwoRegions:
 
     def _open_first_regions(self):
         self.ctx.drop_oldest(len(self.ctx))
-        self.ctx.append(_marker(KIND_START, self.batch, self.ctx.device))
+        self.ctx.append(_marker(self.ctx, KIND_START, self.batch))
         self.prev_len = np.zeros(self.batch, dtype=np.int64)  # per row: previous region's tokens incl. markers
         self.cur_steps = np.zeros(self.batch, dtype=np.int64)  # per row: steps in the current region
 
@@ -249,12 +251,12 @@ class TwoRegions:
         return False
 
     def step(self, token: dict):
-        action_logits, type_logits = self.ctx.append(token)
+        logits = self.ctx.append(token)
         self.cur_steps += 1
-        ends = self._region_ends(type_logits[:, -1])
+        ends = self._region_ends(logits["next_kind"][:, -1])
         if ends.any():
             self._close_regions(ends)
-        return action_logits[:, -1]
+        return logits["action"][:, -1]
 
     def _region_ends(self, type_logits) -> np.ndarray:
         """Per rollout: does its current region end with this step?"""
@@ -268,7 +270,7 @@ class TwoRegions:
 
     def _close_regions(self, ends: np.ndarray):
         """Each ending row: its previous region dropped, </compress>, <compress>."""
-        end, start = (_marker(kind, 1, self.ctx.device) for kind in (KIND_END, KIND_START))
+        end, start = (_marker(self.ctx, kind, 1) for kind in (KIND_END, KIND_START))
         rows = []
         for r in np.flatnonzero(ends):
             row = {k: torch.cat([v[self.prev_len[r]:], end[k][0]]) for k, v in self.ctx.row_tokens(r).items()}
@@ -285,19 +287,11 @@ class TwoRegions:
                 "region_ends_from_head": self.head_ends, "forced_region_ends": self.forced_ends}
 
 
-def make_policy_context(
-model, cfg: dict, batch: int, device, use_cache: bool = True, n_rollouts: int = 1):
-    """(object with .max_tokens, policy with .step(token) -> action logits and .start_episode())."""
-    memory, perm = cfg["eval_memory"], other_task_rows(batch, n_rollouts)
-    if cfg["model"] == "CompressedAD":
-        from model.compressed import LatentMemory
-        latent_memory = LatentMemory(model, batch, cfg["n_transit"], device, use_cache, memory, perm)
-        return latent_memory, latent_memory
-    if cfg["use_compressed_context"]:
-        ctx = Context(model, batch, cfg["n_transit"] + 4, device, use_cache)  # + 4 markers
-        return ctx, TwoRegions(ctx, cfg["n_transit"], cfg["compress_interval"], cfg["eval_markers"], memory, perm)
-    ctx = Context(model, batch, cfg["n_transit"], device, use_cache)
-    return ctx, SlidingWindow(ctx, cfg["n_transit"], max(1, cfg["n_transit"] // 4), memory, perm)
+def make_policy_context(model, cfg: dict, batch: int, device, use_cache: bool = True, n_rollouts: int = 1):
+    """(object with .max_tokens, policy with .step(token) -> action logits and .start_episode()):
+    the rollout memory of cfg's variant."""
+    perm = other_task_rows(batch, n_rollouts)
+    return variant_of(cfg).policy(model, cfg, batch, device, use_cache, cfg["eval_memory"], perm)
 
 
 def sample_actions(logits: torch.Tensor, uniforms: np.ndarray, greedy: bool, temperature: float = 1.0) -> np.ndarray:
@@ -356,11 +350,8 @@ def _rollout(model, cfg, task_indices, n_episodes, n_rollouts, seed, greedy, use
                 # token looks like the start of a history
                 prev_action, prev_reward = np.full(B, n_actions), np.zeros(B, dtype=np.float32)
         for _ in range(cfg["horizon"]):
-            token = {"kind": np.full(B, KIND_STEP), "state": envs.state_index(cfg, states),
-                     "prev_action": prev_action, "prev_reward": prev_reward, "new_episode": new_episode}
-            token = {k: torch.as_tensor(np.asarray(v), device=device)[:, None] for k, v in token.items()}
-            token["prev_reward"] = token["prev_reward"].float()
-            logits = policy.step(token)
+            token = step_tokens(envs.state_token(cfg, states), prev_action, prev_reward, new_episode)
+            logits = policy.step({k: torch.as_tensor(v, device=device)[:, None] for k, v in token.items()})
             actions = sample_actions(logits, rng.random(B), greedy, cfg["eval_temperature"])
             states, rewards, dones = env.step(actions)
             returns[:, ep] += rewards
@@ -369,8 +360,6 @@ def _rollout(model, cfg, task_indices, n_episodes, n_rollouts, seed, greedy, use
             progress(1)
     model.train(was_training)
     stats = {"max_context_tokens": ctx.max_tokens}
-    if hasattr(policy, "depth"):
-        stats["compression_depth_reached"] = policy.depth
-    if isinstance(policy, TwoRegions):
+    if hasattr(policy, "stats"):  # what a variant's memory reports besides its size
         stats |= policy.stats()
     return returns, stats

@@ -43,7 +43,6 @@ LADDERS = {
     "dark_key_to_door": {"AD": [10, 25, 100, 250], "AD-tworegion": [None], "CompressedAD": [10, 25]},
 }
 TARGETS_PER_STEP = 1600  # windows x steps per optimiser step, the same at every budget
-MAX_DEPTH = 40           # CompressedAD: deepest compression trained on (stage = n_transit // 2 steps)
 EVALS = {"keep": {}, "drop": {"eval_memory": "drop"}, "shuffle": {"eval_memory": "shuffle"},
          "T1": {"eval_temperature": 1.0}}  # tag -> the evaluation settings it changes
 SUMMARY_NAMES = {"eval_episodes": "n_episodes", "eval_memory": "memory", "eval_temperature": "temperature",
@@ -51,14 +50,13 @@ SUMMARY_NAMES = {"eval_episodes": "n_episodes", "eval_memory": "memory", "eval_t
 LENGTH_FACTOR = 4        # `keep` runs for this many times the episodes one training stream holds
 
 
-def budget_overrides(variant: str, n_transit: int | None, steps_in_stream: int) -> list[str]:
+def budget_overrides(cfg: dict, n_transit: int | None, steps_in_stream: int) -> list[str]:
+    """--set items of a run of cfg's variant at context budget n_transit (None: as configured)."""
     if n_transit is None:
         return []
+    from model import variant_of
     sets = [f"n_transit={n_transit}", f"train_batch_size={max(2, TARGETS_PER_STEP // n_transit)}"]
-    if variant == "CompressedAD":
-        deepest = (steps_in_stream - n_transit) // (n_transit // 2)
-        sets.append(f"max_compression_depth={min(MAX_DEPTH, deepest)}")
-    return sets
+    return sets + variant_of(cfg).budget_overrides(n_transit, steps_in_stream)
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]], n_parallel: int, log_dir: Path) -> dict:
@@ -120,9 +118,10 @@ def curve_metrics(summary: dict, returns: np.ndarray, n_episodes: int) -> tuple[
 
 
 def context_bytes(cfg: dict, tokens: int) -> int:
-    """fp32 KV cache of one rollout at its most tokens, plus CompressedAD's latent state."""
+    """fp32 KV cache of one rollout at its most tokens, plus the variant's other memory (CompressedAD's latents)."""
+    from model import variant_of
     kv = 2 * cfg["tf_n_layer"] * tokens * cfg["tf_n_embd"] * 4
-    return kv + (cfg["n_latent"] * cfg["tf_n_embd"] * 4 if cfg["model"] == "CompressedAD" else 0)
+    return kv + variant_of(cfg).memory_state_bytes(cfg)
 
 
 def t1_tag(cfg: dict) -> str:
@@ -246,9 +245,9 @@ def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str
         for n in budgets:
             for seed in args.seeds:
                 # the study's run_dir comes last: a user's run_dir (in args.set) is its base
-                sets = budget_overrides(variant, n, steps_in_stream) + [f"seed={seed}"] + args.set + [
-                    f"run_dir={base}/ctx{n or 'default'}"]
                 configs = size["data"] + [setup["variants"][variant]]
+                sets = budget_overrides(train_config(configs, args.set), n, steps_in_stream) + [f"seed={seed}"] + \
+                    args.set + [f"run_dir={base}/ctx{n or 'default'}"]
                 cfg = train_config(configs, sets)  # every config checked before any work
                 plan[variant, n, seed] = (["train.py", *configs, "--set", *sets], cfg)
     out = ROOT / base

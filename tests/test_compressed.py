@@ -23,7 +23,8 @@ import train
 from dataset import BucketBatches, BucketSampler, CompressedADDataset, LazyPermutation, collate_compressed_batch
 from fixtures_history import ALG, ENV, N_STREAM, T, build_history_file, cli_sets
 from model import build, rollout as rollout_mod
-from model.ad import KVCache, _ce_and_acc
+from model.ad import KVCache, _cross_entropy
+from model.compressed import split_compressed_batch
 from model.compressed import CompressedAD, LatentMemory
 from model.rollout import rollout, sample_actions
 from utils import ConfigError, UserError, load_config, parse_set, run_path
@@ -133,7 +134,7 @@ def sensitive_model(cfg, seed=0, grad_rounds=None) -> CompressedAD:
     """Random weights large enough that outputs depend strongly on every input (the default
     init is so small that a mask or position bug could hide in the noise)."""
     torch.manual_seed(seed)
-    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+    model = build(cfg, envs.model_inputs(cfg))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -515,8 +516,8 @@ def test_outputs_do_not_depend_on_padding(data, small, depth):
     torch.testing.assert_close(g_latents, latents, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_logits, logits, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        loss, _ = model(batch, compute_loss=True)
-        g_loss, _ = model(garbage, compute_loss=True)
+        _, loss = model(*split_compressed_batch(batch))
+        _, g_loss = model(*split_compressed_batch(garbage))
     torch.testing.assert_close(g_loss, loss)
     # (2) each row alone (no padding) gives what it gave in the padded batch
     for row, it in enumerate(items):
@@ -537,9 +538,11 @@ def test_outputs_do_not_depend_on_padding(data, small, depth):
 def test_forward_backward_at_every_depth(data, small, depth):
     _, cfg, _, _ = data
     torch.manual_seed(0)
-    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+    model = build(cfg, envs.model_inputs(cfg))
     batch = collate_compressed_batch([small[i] for i in first_of_depth(small, depth, 4, offset=5)])
-    loss, metrics = model(batch, compute_loss=True)
+    tokens, targets = split_compressed_batch(batch)
+    logits, loss = model(tokens, targets)
+    metrics = model.metrics(tokens, logits, targets)
     assert torch.isfinite(loss) and 0.5 < loss.item() < 3.0  # about ln 5 untrained
     assert metrics["compression_depth"] == depth and 0.0 <= metrics["acc_action"] <= 1.0
     loss.backward()
@@ -570,7 +573,7 @@ def manual_loss(model, batch, detach_before: int):
         if i + 1 < detach_before:
             latents = latents.detach()
     logits = model.decode(latents, batch["recent"])
-    return _ce_and_acc(logits, batch["recent"]["action"])[0]
+    return _cross_entropy(logits, batch["recent"]["action"])
 
 
 def assert_same_grads(a: dict, b: dict):
@@ -586,7 +589,7 @@ def test_gradients_flow_through_the_last_grad_compression_rounds_only(data, smal
     _, cfg, _, _ = data
     model = sensitive_model(cfg, grad_rounds=1).train()
     batch = collate_compressed_batch(depth2_items_with_uneven_stages(small))
-    fwd = lambda: model(batch, compute_loss=True)[0]  # noqa: E731
+    fwd = lambda: model(*split_compressed_batch(batch))[1]  # noqa: E731
     one_round = grads_of(model, fwd)
     detached = grads_of(model, lambda: manual_loss(model, batch, detach_before=2))  # round 0 detached
     full = grads_of(model, lambda: manual_loss(model, batch, detach_before=0))      # nothing detached
@@ -759,7 +762,7 @@ def test_train_compressed_ad_end_to_end(data, trained):
     assert {ds.depth_of(b[0]) for b in batches} != {0}  # the run trained through the encoder
     # the encoder was trained (its parameters moved away from their initialisation)
     torch.manual_seed(cfg["seed"])
-    init = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg)).state_dict()
+    init = build(cfg, envs.model_inputs(cfg)).state_dict()
     assert not torch.equal(init["encoder.queries"], state["model"]["encoder.queries"])
 
 

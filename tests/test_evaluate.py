@@ -49,7 +49,7 @@ def sensitive_model(cfg, seed=0):
     """Random weights large enough that the policy depends strongly on the context (with the
     default tiny init every action is nearly uniform and a broken cache could go unnoticed)."""
     torch.manual_seed(seed)
-    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+    model = build(cfg, envs.model_inputs(cfg))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -211,9 +211,10 @@ def test_padded_rows_give_the_outputs_of_each_row_alone(data_dir, use_cache):
     def check_next_tokens(seed):
         new = [random_tokens(cfg, 3, seed=seed + i) for i in range(3)]
         for i in range(3):
-            together = ctx.append({k: torch.stack([t[k][i:i + 1] for t in new]) for k in new[0]})[0]
+            together = ctx.append({k: torch.stack([t[k][i:i + 1] for t in new]) for k in new[0]})["action"]
             for r, a in enumerate(alone):
-                torch.testing.assert_close(together[r], a.append({k: v[None, i:i + 1] for k, v in new[r].items()})[0][0],
+                one = a.append({k: v[None, i:i + 1] for k, v in new[r].items()})["action"][0]
+                torch.testing.assert_close(together[r], one,
                                            atol=1e-4, rtol=1e-4)
 
     check_next_tokens(100)
@@ -234,14 +235,14 @@ def test_each_rollout_ends_its_own_regions(data_dir, monkeypatch):
     model = sensitive_model(cfg)
     real_forward = type(model).forward
 
-    def row0_ends_every_5th_step(self, tokens, cache=None, mask=None, pos=None, compute_loss=False):
-        action_logits, type_logits = real_forward(self, tokens, cache, mask, pos, compute_loss)
-        type_logits = torch.zeros_like(type_logits)
+    def row0_ends_every_5th_step(self, tokens, targets=None, cache=None, mask=None, pos=None):
+        logits, loss = real_forward(self, tokens, targets, cache, mask, pos)
+        type_logits = torch.zeros_like(logits["next_kind"])
         type_logits[..., KIND_STEP] = 1.0
         steps_in_region = (policy.cur_steps[0] + 1) if policy is not None else 0
         if steps_in_region and steps_in_region % 5 == 0:
             type_logits[0, -1, KIND_END] = 2.0
-        return action_logits, type_logits
+        return logits | {"next_kind": type_logits}, loss
 
     policy = None
     real_make = rollout_mod.make_policy_context

@@ -43,7 +43,7 @@ def cfg_of(data_dir, variant: str, memory: str) -> dict:
 def sensitive_model(cfg: dict):
     """Weights large enough that the outputs depend strongly on the whole context."""
     torch.manual_seed(0)
-    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+    model = build(cfg, envs.model_inputs(cfg))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -115,7 +115,7 @@ def test_window_memory_off_logits_equal_a_fresh_context(data_dir, monkeypatch, v
     # not even the last action and reward of the previous episode: as at a history's start
     assert (start["prev_action"][:, offset] == envs.n_actions(cfg)).all() and not start["prev_reward"].any()
     with torch.no_grad():
-        fresh_logits = model(start)[0][:, -1]
+        fresh_logits = model(start)[0]["action"][:, -1]
     torch.testing.assert_close(log["logits"][t], fresh_logits, atol=1e-4, rtol=1e-4)
 
 

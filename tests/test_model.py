@@ -14,7 +14,7 @@ import env as envs
 from dataset import ADDataset, concat_tokens, region_tokens, step_tokens
 from fixtures_history import build_history_file, make_cfg, read_stream
 from model import build
-from model.ad import AD, IGNORE, KIND_END, KIND_START, KIND_STEP, ModelConfig, build_model, rotate
+from model.ad import AD, IGNORE, KIND_END, KIND_START, KIND_STEP, ModelConfig, build_model, rotate, split_targets
 
 MODES = ["standard", "two_region"]
 
@@ -41,7 +41,7 @@ def sensitive_model(cfg: dict, seed: int = 0) -> AD:
     """A model whose outputs depend strongly on every input (the default init is so small that
     a broken mask or position could hide in the noise)."""
     torch.manual_seed(seed)
-    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+    model = build(cfg, envs.model_inputs(cfg))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -53,9 +53,21 @@ def sample_batch(cfg, path, indices=(0, 7, 31)) -> dict:
     return to_batch([ds[i] for i in indices])
 
 
+def heads(logits: dict):
+    """(action logits, token-type logits or None)."""
+    return logits["action"], logits.get("next_kind")
+
+
 def forward(model, tokens, **kw):
     with torch.no_grad():
-        return model(inputs(tokens), **kw)
+        return heads(model(inputs(tokens), **kw)[0])
+
+
+def loss_and_metrics(model, batch: dict):
+    """What train.py computes on a batch: model(tokens, targets) and model.metrics."""
+    tokens, targets = split_targets(batch)
+    logits, loss = model(tokens, targets)
+    return loss, model.metrics(tokens, logits, targets)
 
 
 # ----------------------------------------------------------------------------- causality
@@ -146,7 +158,7 @@ def test_kv_cache_equals_full_forward(data, mode, chunks):
     got_a, got_t, start = [], [], 0
     with torch.no_grad():
         for n in sizes:
-            a, ty = model({k: v[:, start:start + n] for k, v in batch.items()}, cache=cache)
+            a, ty = heads(model({k: v[:, start:start + n] for k, v in batch.items()}, cache=cache)[0])
             got_a.append(a)
             got_t.append(ty)
             start += n
@@ -178,15 +190,16 @@ def test_marker_tokens_have_no_action_target_and_loss_counts_steps_only(data):
     assert (action[kind != KIND_STEP] == IGNORE).all()
     assert (action[kind == KIND_STEP] >= 0).all()
     with torch.no_grad():
-        loss, metrics = model.loss(batch)
-        logits, type_logits = model(inputs(batch))
+        loss, metrics = loss_and_metrics(model, batch)
+        logits, type_logits = forward(model, batch)
     steps = kind == KIND_STEP
     want = F.cross_entropy(logits[steps], action[steps])
     assert metrics["loss_action"] == pytest.approx(want.item(), rel=1e-5)
     acc = (logits[steps].argmax(-1) == action[steps]).float().mean().item()
     assert metrics["acc_action"] == pytest.approx(acc)
     valid = batch["next_kind"] != IGNORE
-    want_type = F.cross_entropy(type_logits[valid], batch["next_kind"][valid])
+    weight = torch.tensor([1.0, 1.0, cfg["region_end_weight"]])  # region ends weighted (see the test below)
+    want_type = F.cross_entropy(type_logits[valid], batch["next_kind"][valid], weight=weight)
     assert metrics["loss_token_type"] == pytest.approx(want_type.item(), rel=1e-5)
 
 
@@ -202,9 +215,9 @@ def test_ignored_action_targets_do_not_affect_the_loss(data, mode):
     drop &= batch["action"] != IGNORE
     masked["action"][drop] = IGNORE
     with torch.no_grad():
-        _, m_full = model.loss(batch)
-        _, m_masked = model.loss(masked)
-        logits, _ = model(inputs(batch))
+        _, m_full = loss_and_metrics(model, batch)
+        _, m_masked = loss_and_metrics(model, masked)
+        logits, _ = forward(model, batch)
     keep = masked["action"] != IGNORE
     want = F.cross_entropy(logits[keep], masked["action"][keep]).item()
     assert m_masked["loss_action"] == pytest.approx(want, rel=1e-5)
@@ -221,8 +234,8 @@ def test_ignored_action_targets_do_not_affect_the_loss(data, mode):
         changed["next_kind"][:, -1] = IGNORE
         changed["kind"][:, -1] = KIND_STEP
     with torch.no_grad():
-        la, ma = model.loss(last)
-        lb, mb = model.loss(changed)
+        la, ma = loss_and_metrics(model, last)
+        lb, mb = loss_and_metrics(model, changed)
     assert la.item() == pytest.approx(lb.item(), rel=1e-6)
     assert ma["loss_action"] == pytest.approx(mb["loss_action"], rel=1e-6)
 
@@ -232,10 +245,10 @@ def test_token_type_loss_weight_is_applied(data, weight):
     cfgs, path = data
     cfg = dict(cfgs["two_region"], token_type_loss_weight=weight)
     torch.manual_seed(0)
-    model = build_model(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
-    assert model.token_type_loss_weight == weight
+    model = build_model(cfg, envs.model_inputs(cfg))
+    assert model.config.token_type_loss_weight == weight
     batch = sample_batch(cfg, path)
-    loss, metrics = model.loss(batch)
+    loss, metrics = loss_and_metrics(model, batch)
     assert loss.item() == pytest.approx(metrics["loss_action"] + weight * metrics["loss_token_type"], rel=1e-5)
     assert {"loss_action", "acc_action", "loss_token_type", "acc_token_type"} <= set(metrics)
     loss.backward()
@@ -256,15 +269,14 @@ def test_region_end_weight_weighs_the_region_end_targets(data):
     for w in (1.0, 10.0):
         cfg = dict(cfgs["two_region"], region_end_weight=w)
         torch.manual_seed(0)
-        model = build_model(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
-        with torch.no_grad():
-            _, type_logits = model(batch)
+        model = build_model(cfg, envs.model_inputs(cfg))
+        _, type_logits = forward(model, batch)
         targets = batch["next_kind"].reshape(-1)
         valid = targets != -100
         per_token = F.cross_entropy(type_logits.reshape(-1, 3)[valid], targets[valid], reduction="none")
         weights = torch.where(targets[valid] == KIND_END, w, 1.0)
         with torch.no_grad():
-            _, metrics = model.loss(batch)
+            _, metrics = loss_and_metrics(model, batch)
         assert metrics["loss_token_type"] == pytest.approx(((per_token * weights).sum() / weights.sum()).item(), rel=1e-5)
         losses[w] = metrics["loss_token_type"]
     assert losses[1.0] != pytest.approx(losses[10.0])
@@ -273,9 +285,9 @@ def test_region_end_weight_weighs_the_region_end_targets(data):
 def test_standard_mode_has_no_token_type_head_or_metrics(data):
     cfgs, path = data
     cfg = cfgs["standard"]
-    model = build_model(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+    model = build_model(cfg, envs.model_inputs(cfg))
     assert not hasattr(model, "type_head")
-    _, metrics = model.loss(sample_batch(cfg, path))
+    _, metrics = loss_and_metrics(model, sample_batch(cfg, path))
     assert set(metrics) == {"loss_action", "acc_action"}
 
 
@@ -320,8 +332,12 @@ def test_forward_is_invariant_to_a_constant_position_offset(data, mode):
 
 def test_model_config_from_config(data):
     cfgs, _ = data
-    c = ModelConfig.from_config(cfgs["two_region"], 25, 5)
+    c = ModelConfig.from_config(cfgs["two_region"], {"n_actions": 5, "state_cardinalities": [5, 5]})
     assert (c.n_embd, c.n_layer, c.n_head, c.compressed) == (16, 1, 2, True)
+    assert (c.n_state_tokens, c.state_cardinalities, c.n_actions) == (25, (5, 5), 5)
+    # the loss weights are the model config's, not attributes set after building
+    assert (c.token_type_loss_weight, c.region_end_weight) == (cfgs["two_region"]["token_type_loss_weight"],
+                                                                cfgs["two_region"]["region_end_weight"])
     assert {KIND_STEP, KIND_START, KIND_END} == {0, 1, 2}
 
 
@@ -330,14 +346,15 @@ def test_factored_state_embedding_sums_per_coordinate_vectors():
     row y of the y block, so two cells that share a coordinate share that part."""
     from utils import load_config
     cfg = load_config([], {"grid_size": 5, "state_embedding": "factored"})
-    model = build(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+    model = build(cfg, envs.model_inputs(cfg))
     states = np.array([[1, 3], [4, 0], [1, 0]])
     index = torch.as_tensor(envs.state_index(cfg, states))
     got = model.embed_state(index)
     table = model.state_emb.weight
     want = torch.stack([table[x] + table[5 + y] for x, y in states])
     torch.testing.assert_close(got, want)
-    cell = build(load_config([], {"grid_size": 5, "state_embedding": "cell"}), 25, 5)
+    cell_cfg = load_config([], {"grid_size": 5, "state_embedding": "cell"})
+    cell = build(cell_cfg, envs.model_inputs(cell_cfg))
     assert cell.state_emb.weight.shape[0] == 25
 
 
@@ -345,12 +362,12 @@ def test_factored_state_embedding_sums_per_coordinate_vectors():
 def test_region_end_recall_reports_whether_the_rare_end_class_is_predicted(data, favoured, recall):
     cfgs, path = data
     cfg = cfgs["two_region"]
-    model = build_model(cfg, envs.n_state_tokens(cfg), envs.n_actions(cfg))
+    model = build_model(cfg, envs.model_inputs(cfg))
     with torch.no_grad():
         model.type_head.weight.zero_()
         model.type_head.bias.fill_(0.0)
         model.type_head.bias[favoured] = 10.0
-        _, metrics = model.loss(sample_batch(cfg, path))
+        _, metrics = loss_and_metrics(model, sample_batch(cfg, path))
     assert metrics["recall_region_end"] == recall
     if favoured == KIND_STEP:  # the majority class alone already scores a high accuracy
         assert metrics["acc_token_type"] > 0.8

@@ -12,6 +12,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import env as envs
 import train
 from cli_in_process import run_in_process
 from fixtures_history import build_history_file, cli_sets, config_files, make_cfg
@@ -153,7 +154,7 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(data_dir, tmp_
     assert_same_state(a, b)
     # the check is not vacuous: the run moved the parameters away from their initialisation
     torch.manual_seed(cfg_a["seed"])
-    init = train.build(cfg_a, 25, 5).state_dict()
+    init = train.build(cfg_a, envs.model_inputs(cfg_a)).state_dict()
     assert any(not torch.equal(init[k], a["model"][k]) for k in init)
 
 

@@ -1,0 +1,57 @@
+"""What an environment family declares. A family is one module under env/ that subclasses
+`Family` and registers an instance (`env.register`); collection, training, evaluation and
+the PPO learner read every fact about it through the functions of env/__init__.py, so
+adding a family touches no other file (docs/extending.md; tests/test_extending.py adds one
+from a test file). The config's `env` key names the family.
+"""
+import gymnasium as gym
+import numpy as np
+
+
+class Family:
+    """One environment family: its tasks, their split, optimal returns, observation space
+    and a batched numpy env; everything else (what PPO one-hot encodes, what the model
+    embeds, the state token) follows from the observation space."""
+    name = ""         # the config's `env` value
+    gym_id = None     # gymnasium id of the one-task env (sb3 backend, tests), registered on `register`
+    gym_class = None  # its class: gym_class(**gym_kwargs(cfg), **task)
+
+    def tasks(self, cfg: dict) -> list[dict]:
+        """Every task of the family at these settings, in a fixed order (a JSON-able dict each)."""
+        raise NotImplementedError
+
+    def split(self, cfg: dict) -> list[str]:
+        """'train', 'val' or 'test' for each task index; depends only on env_split_seed and the
+        ratios. The test tasks are the tail of a seeded permutation (`1 - train_env_ratio` of
+        all tasks); the validation tasks are taken from the end of the rest (`val_env_ratio`
+        of all tasks), so adding a validation split never changes which tasks are test tasks."""
+        n = len(self.tasks(cfg))
+        order = np.random.default_rng(cfg["env_split_seed"]).permutation(n)
+        n_train = int(round(cfg["train_env_ratio"] * n))
+        n_val = min(int(round(cfg["val_env_ratio"] * n)), n_train)
+        split = np.full(n, "test", dtype=object)
+        split[order[:n_train - n_val]] = "train"
+        split[order[n_train - n_val:n_train]] = "val"
+        return split.tolist()
+
+    def optimal_return(self, cfg: dict, task: dict) -> float:
+        """The best expected return of one episode of `task`."""
+        raise NotImplementedError
+
+    def n_actions(self, cfg: dict) -> int:
+        raise NotImplementedError
+
+    def observation_space(self, cfg: dict) -> gym.spaces.Space:
+        """MultiDiscrete (a grid: PPO one-hot encodes each coordinate, the model embeds the
+        state by index) or Box (continuous: PPO and the model read the floats)."""
+        raise NotImplementedError
+
+    def make_batched_env(self, cfg: dict, tasks: list[dict]):
+        """One numpy env stepping one copy of each task: reset() -> states (N, state_dim);
+        step(actions (N,)) -> (states, rewards (N,) float32, dones (N,) bool). All copies
+        share one clock: after `horizon` steps all are done and the caller calls reset()."""
+        raise NotImplementedError
+
+    def gym_kwargs(self, cfg: dict) -> dict:
+        """Keyword arguments of gym_class besides the task's."""
+        return {"grid_size": cfg["grid_size"], "horizon": cfg["horizon"]}
