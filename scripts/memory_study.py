@@ -36,11 +36,11 @@ from algorithm.history import steps_per_stream  # noqa: E402
 from utils import UserError, run_path  # noqa: E402
 
 # n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts).
-# Dark Key-to-Door stops at 250: evaluating a 1,000-step window on its 63 test tasks x 10
-# rollouts is estimated at 23.6 GB (the re-encoding's attention weights) and is refused on 24 GB.
+# The longest AD window is a whole training stream (darkroom 1,000 steps = 50 episodes,
+# Dark Key-to-Door 5x5 1,000 steps = 40 episodes with the study's 10-stream data).
 LADDERS = {
     "darkroom": {"AD": [10, 20, 40, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 20, 40]},
-    "dark_key_to_door": {"AD": [10, 25, 100, 250], "AD-tworegion": [None], "CompressedAD": [10, 25]},
+    "dark_key_to_door": {"AD": [10, 25, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 25]},
 }
 TARGETS_PER_STEP = 1600  # windows x steps per optimiser step, the same at every budget
 EVALS = {"keep": {}, "drop": {"eval_memory": "drop"}, "shuffle": {"eval_memory": "shuffle"},
