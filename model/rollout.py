@@ -99,36 +99,45 @@ class Context:
         the right, padded on the left."""
         others = torch.as_tensor(~which, device=self.device)
         longest_other = int((~self.pad[others, :self.length]).sum(1).max()) if others.any() else 0
-        width = max(max(len(r["kind"]) for r in rows), longest_other)
-        kept = min(width, self.length)  # the others' last `kept` columns hold all their tokens
-        old = slice(self.length - kept, self.length)
+        self._realign(max(max(len(r["kind"]) for r in rows), longest_other))
+        index = torch.as_tensor(np.flatnonzero(which), device=self.device)
+        new, new_pad = self._right_aligned(rows, self.length)
+        for k in TOKEN_FIELDS:
+            self.buf[k][index, :self.length] = new[k]
+        self.pad[index, :self.length] = new_pad
+        self.ragged = bool(self.pad[:, :self.length].any())
+        self.max_tokens = max(self.max_tokens, self.length)
+        if self.use_cache:  # encode the new rows alone, then put their keys and values in place
+            self._encode_rows(index, new, new_pad)
+
+    def _realign(self, width: int):
+        """Make the context `width` columns wide, keeping each row's last min(width, length)
+        columns (tokens and cache) so that they end at the last column: a row whose real
+        tokens fit in `width` loses only padding."""
+        kept = min(width, self.length)
+        old, to = slice(self.length - kept, self.length), slice(width - kept, width)
         moved = {k: v[:, old].clone() for k, v in self.buf.items()}
         moved_pad = self.pad[:, old].clone()
+        for k in TOKEN_FIELDS:
+            self.buf[k][:, to] = moved[k]
+        self.pad[:, :width - kept] = True
+        self.pad[:, to] = moved_pad
         if self.use_cache:
             moved_k, moved_v = self.cache.k[:, :, :, old].clone(), self.cache.v[:, :, :, old].clone()
-        self.length = width
-        for k in TOKEN_FIELDS:
-            self.buf[k][:, width - kept:width] = moved[k]
-        self.pad[:, :width - kept] = True
-        self.pad[:, width - kept:width] = moved_pad
-        if self.use_cache:
-            self.cache.k[:, :, :, width - kept:width], self.cache.v[:, :, :, width - kept:width] = moved_k, moved_v
+            self.cache.k[:, :, :, to], self.cache.v[:, :, :, to] = moved_k, moved_v
             self.cache.length = width
-        index = torch.as_tensor(np.flatnonzero(which), device=self.device)
+        self.length = width
+
+    def _right_aligned(self, rows: list[dict], width: int) -> tuple[dict, torch.Tensor]:
+        """Rows of 1-D token fields as (len(rows), width) tensors, left-padded, and the padding."""
         new = {k: self.buf[k].new_zeros(len(rows), width, *self.buf[k].shape[2:]) for k in TOKEN_FIELDS}
-        new_pad = torch.ones(len(rows), width, dtype=torch.bool, device=self.device)
+        pad = torch.ones(len(rows), width, dtype=torch.bool, device=self.device)
         for i, row in enumerate(rows):
             n = len(row["kind"])
             for k in TOKEN_FIELDS:
                 new[k][i, width - n:] = row[k]
-            new_pad[i, width - n:] = False
-        for k in TOKEN_FIELDS:
-            self.buf[k][index, :width] = new[k]
-        self.pad[index, :width] = new_pad
-        self.ragged = bool(self.pad[:, :width].any())
-        self.max_tokens = max(self.max_tokens, width)
-        if self.use_cache:  # encode the new rows alone, then put their keys and values in place
-            self._encode_rows(index, new, new_pad)
+            pad[i, width - n:] = False
+        return new, pad
 
     def _replace(self, kept: dict, pad: torch.Tensor):
         """Hold exactly these tokens and re-encode them (see model/ad.py on why not just
