@@ -83,9 +83,8 @@ def check_resumable(run_dir: Path, cfg: dict):
         raise UserError(f"{run_dir} holds a checkpoint but its config.yaml cannot be read ({e}); restore "
                         "config.yaml or move the run away") from None
     saved = KEYS_ADDED_LATER | saved
-    unused = () if cfg["use_compressed_context"] else ("region_end_weight",)  # only the two-region loss reads it
-    diff = [f"{k}={saved.get(k)!r} (now {cfg[k]!r})" for k in cfg
-            if k not in RESUME_FREE_KEYS + unused and saved.get(k) != cfg[k]]
+    free = RESUME_FREE_KEYS + variant_of(cfg).unused_keys(cfg)
+    diff = [f"{k}={saved.get(k)!r} (now {cfg[k]!r})" for k in cfg if k not in free and saved.get(k) != cfg[k]]
     if diff:
         raise UserError(f"{run_dir} holds a run with other settings: {', '.join(diff)}; use those "
                         "settings to resume, another seed or run_dir, or move the run away")

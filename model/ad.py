@@ -292,6 +292,9 @@ class ADVariant(Variant):
                 f"compress_interval={cfg['compress_interval']} differs from n_steps={cfg['n_steps']}: "
                 "a region is one PPO rollout, so set compress_interval to the collection's n_steps")
 
+    def unused_keys(self, cfg: dict) -> tuple:
+        return () if cfg["use_compressed_context"] else ("region_end_weight",)  # a two-region loss weight
+
     def run_prefix(self, cfg: dict) -> str:
         # its own name, so that a two-region run never resumes a plain AD run
         return "AD-tworegion" if cfg["use_compressed_context"] else "AD"

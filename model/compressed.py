@@ -113,6 +113,9 @@ class CompressedADVariant(Variant):
     # batch may, so DDP must find the unused parameters of each step (and reduce zeros for them)
     find_unused_parameters = True
 
+    def unused_keys(self, cfg: dict) -> tuple:
+        return ("region_end_weight",)  # no token-type head
+
     def check_config(self, cfg: dict):
         if cfg["use_compressed_context"]:
             raise ConfigError("use_compressed_context=true is the two-region mode of model: AD; "

@@ -62,6 +62,10 @@ class Variant:
         """--set items besides n_transit when trained at a context budget (the memory study)."""
         return []
 
+    def unused_keys(self, cfg: dict) -> tuple:
+        """Config keys this variant's training does not read: resuming ignores them."""
+        return ()
+
     def memory_state_bytes(self, cfg: dict) -> int:
         """Rollout memory beyond the KV cache of its tokens, per rollout (the memory study)."""
         return 0
