@@ -27,7 +27,7 @@ from dataset import StepBatches  # noqa: F401  (its home moved to dataset.py; te
 from algorithm import history
 from model import build, memory_estimate, variant_of
 from model.rollout import rollout
-from config.schema import SCHEMA
+from config.schema import KEYS_ADDED_LATER, SCHEMA
 from utils import (UserError, atomic_write, check_memory, claim_run_dir, config_arg_parser, dataset_path, first_line,
                    load_checkpoint, load_config, parse_set, pick_device, read_text, read_yaml_mapping, run_cli,
                    run_path, save_config, seed_everything)
@@ -37,8 +37,6 @@ from utils import (UserError, atomic_write, check_memory, claim_run_dir, config_
 RESUME_FREE_KEYS = tuple(k for k, spec in SCHEMA.items() if spec.section in ("evaluation", "run")) + (
     "num_workers", "log_interval", "test_interval", "eval_interval", "ckpt_interval", "n_process",
     "backend", "task_chunk", "data_cache_mb")
-# keys added after runs were saved: the value those runs were trained with
-KEYS_ADDED_LATER = {"region_end_weight": 1.0}
 
 
 def lr_at(step: int, cfg: dict) -> float:

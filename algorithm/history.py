@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from algorithm import journal
+from config.schema import COLLECTION_KEYS_ADDED_LATER
 from utils import UserError, collection_config, first_line, locked
 
 FORMAT_VERSION = 1
@@ -163,7 +164,7 @@ def read_header(path: Path) -> dict:
             raise UserError(f"{path} has format_version {attrs['format_version']}, this toolkit reads "
                             f"{FORMAT_VERSION}: recollect it with this version of collect.py")
         header = {"config": json.loads(attrs["config"]),
-                  "collection_config": json.loads(attrs["collection_config"]),
+                  "collection_config": COLLECTION_KEYS_ADDED_LATER | json.loads(attrs["collection_config"]),
                   "tasks": json.loads(attrs["tasks"]), "split": json.loads(attrs["split"]), "done": done}
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: its header attributes are damaged ({first_line(e)}): move it away and "

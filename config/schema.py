@@ -47,6 +47,8 @@ SCHEMA: dict[str, Key] = {
         env=(str, "darkroom", "environment family (one module under env/)", {"choices": _families}),
         grid_size=(int, 9, "side of the square grid", {"min": 2, "max": 64}),
         horizon=(int, 20, "steps per episode (episodes always run to the horizon)", {"min": 1}),
+        max_tasks=(int, 0, "use a seeded subset of this many of the family's tasks, split as usual "
+                   "(0 = all of them; Dark Key-to-Door 9x9 has 6,561)", {"min": 0}),
         env_split_seed=(int, 0, "seed of the train/test task split (a pure function of it and the ratio)", SEED),
         train_env_ratio=(float, 0.9, "fraction of tasks not held out for test (training + validation)",
                          {"min": 0.0, "max": 1.0}),
@@ -165,8 +167,12 @@ def add_keys(section: str, **entries):
 # Keys that change what a collection produces; a dataset collected with other values is
 # a different dataset (backend is not here: both backends write the same schema).
 COLLECTION_KEYS = (
-    "env", "grid_size", "horizon", "env_split_seed", "train_env_ratio", "val_env_ratio",
+    "env", "grid_size", "horizon", "max_tasks", "env_split_seed", "train_env_ratio", "val_env_ratio",
     "alg", "n_steps", "batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda",
     "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "total_source_timesteps",
     "n_stream", "alg_seed",
 )
+
+# keys added after datasets and runs were saved: the value those were made with
+KEYS_ADDED_LATER = {"region_end_weight": 1.0, "max_tasks": 0}
+COLLECTION_KEYS_ADDED_LATER = {k: v for k, v in KEYS_ADDED_LATER.items() if k in COLLECTION_KEYS}

@@ -31,7 +31,8 @@ def family(cfg: dict) -> Family:
 
 
 def task_list(cfg: dict) -> list[dict]:
-    return family(cfg).tasks(cfg)
+    """The tasks in use, indexed as in the datasets (all of the family's, or `max_tasks` of them)."""
+    return family(cfg).task_list(cfg)
 
 
 def task_split(cfg: dict) -> list[str]:

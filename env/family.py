@@ -20,12 +20,23 @@ class Family:
         """Every task of the family at these settings, in a fixed order (a JSON-able dict each)."""
         raise NotImplementedError
 
+    def task_list(self, cfg: dict) -> list[dict]:
+        """The tasks in use: all of `tasks(cfg)`, or with `max_tasks` a seeded subset of them
+        (kept in their order; a pure function of env_split_seed), so a family of thousands
+        of tasks (Dark Key-to-Door 9x9: 6,561) can be collected at the size a study needs."""
+        tasks = self.tasks(cfg)
+        if not cfg.get("max_tasks") or cfg["max_tasks"] >= len(tasks):
+            return tasks
+        rng = np.random.default_rng([cfg["env_split_seed"], 1])  # not the split's stream
+        keep = np.sort(rng.permutation(len(tasks))[:cfg["max_tasks"]])
+        return [tasks[i] for i in keep]
+
     def split(self, cfg: dict) -> list[str]:
         """'train', 'val' or 'test' for each task index; depends only on env_split_seed and the
         ratios. The test tasks are the tail of a seeded permutation (`1 - train_env_ratio` of
         all tasks); the validation tasks are taken from the end of the rest (`val_env_ratio`
         of all tasks), so adding a validation split never changes which tasks are test tasks."""
-        n = len(self.tasks(cfg))
+        n = len(self.task_list(cfg))
         order = np.random.default_rng(cfg["env_split_seed"]).permutation(n)
         n_train = int(round(cfg["train_env_ratio"] * n))
         n_val = min(int(round(cfg["val_env_ratio"] * n)), n_train)

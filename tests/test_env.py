@@ -215,6 +215,18 @@ def test_split_sizes_and_disjointness(cfg, n_train, n_val, n_test):
     assert all(split[i] == w for w, p in parts.items() for i in p)
 
 
+def test_max_tasks_keeps_a_seeded_subset_in_order_and_splits_it():
+    every = envs.task_list(kd_cfg())
+    sub = envs.task_list(kd_cfg(max_tasks=650))
+    assert len(sub) == 650 and envs.task_list(kd_cfg(max_tasks=650)) == sub
+    positions = [every.index(t) for t in sub]
+    assert positions == sorted(positions)  # the family's order, so indices stay readable
+    assert envs.task_list(kd_cfg(max_tasks=650, env_split_seed=1)) != sub
+    split = envs.task_split(kd_cfg(max_tasks=650))
+    assert (split.count("train"), split.count("val"), split.count("test")) == (520, 65, 65)
+    assert envs.task_list(kd_cfg(max_tasks=10**6)) == every  # more than there are: all of them
+
+
 def test_validation_split_never_changes_the_test_tasks():
     for seed in range(4):
         with_val = envs.tasks_of_split(dr_cfg(env_split_seed=seed), "test")
