@@ -45,6 +45,12 @@ SETUPS = {
         # 5x5 grid, 25-step episodes, 625 tasks; the 9x9 / 50-step setting of DESIGN.md is `full`
         "cpu": {"data": ["config/algorithm/ppo_dark_key_to_door_5x5.yaml", "config/env/dark_key_to_door_5x5.yaml"],
                 "train": []},
+        # the AD paper's 9x9 grid (50-step episodes) at a 2-core size: 650 of its 6,561 tasks
+        "9x9": {"data": ["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9.yaml"],
+                "train": [],
+                "variants": {"AD": "config/model/ad_k2d9.yaml",
+                             "AD-tworegion": "config/model/ad_k2d9_compressed.yaml",
+                             "CompressedAD": "config/model/ad_compressed_k2d9.yaml"}},
         "full": {"data": ["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"],
                  "train": FULL_MODEL + ["n_transit=200", "compress_interval=100"]},
         "variants": {"AD": "config/model/ad_k2d.yaml",
@@ -53,6 +59,12 @@ SETUPS = {
     },
 }
 VARIANTS = list(SETUPS["darkroom"]["variants"])
+SIZES = list(dict.fromkeys(k for setup in SETUPS.values() for k in setup if k != "variants"))
+
+
+def variant_configs(setup: dict, size: dict) -> dict:
+    """{variant: model config} of one size (a size may have its own, e.g. a longer window)."""
+    return size.get("variants", setup["variants"])
 
 
 def stop_with_parent():
@@ -119,8 +131,9 @@ def train_config(configs: list[str], overrides: list[str]) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env", choices=SETUPS, default="darkroom")
-    p.add_argument("--size", choices=["cpu", "full"], default="cpu",
-                   help="cpu: finishes on a laptop; full: paper scale, for a GPU box")
+    p.add_argument("--size", choices=SIZES, default="cpu",
+                   help="cpu: finishes on a laptop; full: paper scale, for a GPU box; 9x9 (dark_key_to_door): "
+                        "the 9x9 grid on 650 tasks, hours on 2 CPU cores")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per variant")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -133,7 +146,11 @@ def main():
                    "(each uses one CPU thread; default 2)")
     args = p.parse_args()
     args.seeds, args.variants = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.variants))  # once each
+    if args.size not in SETUPS[args.env]:
+        p.error(f"--env {args.env} has no size {args.size!r}; its sizes: "
+                f"{', '.join(k for k in SETUPS[args.env] if k != 'variants')}")
     setup, size = SETUPS[args.env], SETUPS[args.env][args.size]
+    setup = {**setup, "variants": variant_configs(setup, size)}
     if args.study == "memory":
         if args.jobs < 1:
             p.error("--jobs must be at least 1")

@@ -12,26 +12,32 @@ import pipeline  # noqa: E402
 from utils import run_path  # noqa: E402
 
 
-@pytest.mark.parametrize("env", pipeline.SETUPS)
-@pytest.mark.parametrize("size", ["cpu", "full"])
+@pytest.mark.parametrize("env,size", [(env, size) for env, setup in pipeline.SETUPS.items()
+                                      for size in setup if size != "variants"])
 def test_every_setup_resolves_to_its_own_run_and_matching_data_keys(env, size):
     setup = pipeline.SETUPS[env]
     runs = set()
-    for variant, model_cfg in setup["variants"].items():
+    variants = pipeline.variant_configs(setup, setup[size])
+    for variant, model_cfg in variants.items():
         cfg = pipeline.train_config(setup[size]["data"] + [model_cfg], setup[size]["train"] + ["seed=0"])
         assert cfg["env"] == env
         if cfg["use_compressed_context"]:  # a region is one PPO rollout of this data
             assert cfg["compress_interval"] == cfg["n_steps"]
         runs.add(run_path(cfg))
-    assert len(runs) == len(setup["variants"])
+    assert len(runs) == len(variants)
 
 
-def test_cpu_and_full_sizes_never_share_a_run_directory():
+def test_sizes_never_share_a_run_directory():
     for env, setup in pipeline.SETUPS.items():
-        cpu, full = (run_path(pipeline.train_config(setup[s]["data"] + [setup["variants"]["AD"]],
-                                                    setup[s]["train"]))
-                     for s in ("cpu", "full"))
-        assert cpu != full, env
+        sizes = [s for s in setup if s != "variants"]
+        cfgs = [pipeline.train_config(setup[s]["data"] + [pipeline.variant_configs(setup, setup[s])["AD"]],
+                                      setup[s]["train"]) for s in sizes]
+        assert len({run_path(c) for c in cfgs}) == len(sizes), env
+
+
+def test_a_size_the_environment_lacks_is_refused():
+    proc = _pipeline("--env", "darkroom", "--size", "9x9")
+    assert proc.returncode == 2 and "has no size '9x9'" in proc.stderr
 
 
 def _pipeline(*args):
