@@ -241,6 +241,9 @@ def read_task(f: h5py.File, index: int, fields=FIELDS) -> dict:
     return {name: g[name][()] for name in fields}
 
 
+MERGE_CHUNK = 16  # tasks per append when merging slices
+
+
 def merge(out: Path, inputs: list[Path]):
     """Combine slice files with identical collection configs into `out` (kept if it exists)."""
     out = Path(out)
@@ -267,12 +270,14 @@ def merge(out: Path, inputs: list[Path]):
     added = 0
     for p, h in headers:
         new = [i for i in h["done"] if i not in have]
-        if not new:
-            continue
-        with h5py.File(p, "r") as f:
-            backend = f[str(new[0])].attrs.get("backend", "unknown")
-            results = {i: read_task(f, i) for i in new}
-        append_tasks(out, results, first["tasks"], first["split"], backend)
-        have.update(new)
-        added += len(new)
+        # a few tasks per append: memory stays at one chunk however large the slice, and a
+        # merge killed half-way keeps the chunks it finished (rerunning adds the rest)
+        for start in range(0, len(new), MERGE_CHUNK):
+            chunk = new[start:start + MERGE_CHUNK]
+            with h5py.File(p, "r") as f:
+                backend = f[str(chunk[0])].attrs.get("backend", "unknown")
+                results = {i: read_task(f, i) for i in chunk}
+            append_tasks(out, results, first["tasks"], first["split"], backend)
+            have.update(chunk)
+            added += len(chunk)
     return added, len(have), len(first["tasks"])

@@ -511,6 +511,44 @@ def test_merge_into_existing_partial_file(tmp_path):
     assert read_header(out)["done"] == [0, 1]
 
 
+def _merge_in_child(out, inputs, k) -> int:
+    """Merge `inputs` into `out` (two tasks per append) in a forked child killed like kill -9
+    at I/O point k of the journal; its exit code."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            history.MERGE_CHUNK = 2
+            journal.os = _KillAt(k)
+            merge(out, inputs)
+            os._exit(0)
+        finally:
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_merge_killed_anywhere_keeps_whole_tasks_and_a_rerun_finishes_it(tmp_path):
+    cfg = small_cfg()
+    a, b, out = tmp_path / "a.hdf5", tmp_path / "b.hdf5", tmp_path / "full.hdf5"
+    want = {**new_file(a, cfg, indices=range(0, 3), seed=0), **new_file(b, cfg, indices=range(3, 5), seed=100)}
+    partial, k = set(), 1
+    while True:
+        out.unlink(missing_ok=True)
+        code = _merge_in_child(out, [a, b], k)
+        done = read_header(out)["done"]  # whatever the kill left: readable, whole chunks of tasks
+        assert done in ([], [0, 1], [0, 1, 2], [0, 1, 2, 3, 4]), (k, done)  # appends: [0 1] [2] | [3 4]
+        partial.add(len(done))
+        with h5py.File(out, "r") as f:
+            for i in done:
+                np.testing.assert_array_equal(read_task(f, i)["states"], np.asarray(want[i]["states"], np.float32))
+        assert merge(out, [a, b])[1] == 5  # the rerun adds what is missing
+        assert read_header(out)["done"] == list(range(5))
+        if code == 0:
+            break
+        assert code == 9, code
+        k += 7  # every 7th of its ~230 I/O points (every point of one append is tested above)
+    assert partial == {0, 2, 3, 5}  # killed before any append and inside each of the three
+
+
 def test_merge_refuses_differing_configs(tmp_path):
     a, b, out = tmp_path / "a.hdf5", tmp_path / "b.hdf5", tmp_path / "full.hdf5"
     new_file(a, small_cfg(), indices=(0,))
