@@ -13,6 +13,7 @@ parameters as a run that was never interrupted (on CPU).
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -140,11 +141,19 @@ def hardware(device, world: int) -> str:
     return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s) x {world} process(es)"
 
 
+def peak_rss_mb() -> float:
+    import resource  # Unix; ru_maxrss is in KiB on Linux, in bytes on macOS
+    usage = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return max(usage) / (2**20 if sys.platform == "darwin" else 1024)
+
+
 def record_training_time(run_dir: Path, steps: int, seconds: float, device, world: int):
     """train_summary.json: wall time summed over the sessions of a run (resumes add up)."""
     old = previous_training(run_dir)
     summary = {"steps": old["steps"] + steps, "seconds": old["seconds"] + seconds,
-               "hardware": hardware(device, world)}
+               "hardware": hardware(device, world),
+               # this session's peak resident memory of this process and of its finished loader workers
+               "peak_rss_mb": round(peak_rss_mb(), 1)}
     with atomic_write(run_dir / "train_summary.json", "w") as f:
         f.write(json.dumps(summary, indent=1))
 

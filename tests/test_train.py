@@ -1,5 +1,6 @@
 """train.py on a tiny random-policy history: TensorBoard tags, checkpoints, exact resume,
 refused resume and config errors (exit 2, one line), and a 2-process DDP (gloo) smoke run."""
+import json
 import math
 import os
 import subprocess
@@ -69,6 +70,9 @@ def test_tiny_run_writes_config_checkpoint_and_tensorboard_tags(data_dir, tmp_pa
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == cfg
     state = torch.load(run_dir / "ckpt-last.pt", weights_only=True)
     assert state["step"] == STEPS and {"model", "optimizer", "torch_rng"} <= set(state)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["seconds"] > 0
+    assert 50 < summary["peak_rss_mb"] < 20_000  # torch alone is over 100 MB; KiB read as MB would be far over
 
     tags = scalars(run_dir)
     want = {"train/loss_action", "train/acc_action", "train/lr", "test/loss_action", "test/acc_action",
@@ -185,7 +189,7 @@ def test_runs_saved_before_a_key_existed_resume_with_the_value_they_used(data_di
     without it is another setting than the new default; plain AD does not read it."""
     from utils import UserError
     cfg = make_cfg(data_dir, tmp_path / "runs")
-    old = {k: v for k, v in cfg.items() if k not in ("region_end_weight", "data_cache_mb")}
+    old = {k: v for k, v in cfg.items() if k not in ("region_end_weight", "data_cache_mb", "max_tasks")}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     train.check_resumable(tmp_path, cfg)
     two_region = {**cfg, "use_compressed_context": True}
