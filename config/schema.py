@@ -156,22 +156,31 @@ SCHEMA: dict[str, Key] = {
     ),
 }
 
-def add_keys(section: str, **entries):
-    """Config keys of a variant or family module: name=(type, default, help[, {choices, min, max}])."""
+def add_keys(section: str, collection: bool = False, **entries):
+    """Config keys of a variant or family module: name=(type, default, help[, {choices, min, max}]).
+    `collection=True`: the keys change what a collection produces (a family's task list), so a
+    dataset made with other values is another dataset (COLLECTION_KEYS). Datasets and runs saved
+    before a module added its keys read as made with their defaults (KEYS_ADDED_LATER): for
+    another family's data the keys had no effect."""
     taken = sorted(set(entries) & set(SCHEMA))
     if taken:
         raise ValueError(f"config keys {taken} exist already; give the new keys other names")
     SCHEMA.update(_keys(section, **entries))
+    defaults = {name: spec[1] for name, spec in entries.items()}
+    KEYS_ADDED_LATER.update(defaults)  # in place: other modules hold these objects
+    if collection:
+        COLLECTION_KEYS.extend(entries)
+        COLLECTION_KEYS_ADDED_LATER.update(defaults)
 
 
 # Keys that change what a collection produces; a dataset collected with other values is
 # a different dataset (backend is not here: both backends write the same schema).
-COLLECTION_KEYS = (
+COLLECTION_KEYS = [  # a list: add_keys(..., collection=True) extends it in place
     "env", "grid_size", "horizon", "max_tasks", "env_split_seed", "train_env_ratio", "val_env_ratio",
     "alg", "n_steps", "batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda",
     "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "total_source_timesteps",
     "n_stream", "alg_seed",
-)
+]
 
 # keys added after datasets and runs were saved: the value those were made with
 KEYS_ADDED_LATER = {"region_end_weight": 1.0, "max_tasks": 0}
