@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from config.schema import COLLECTION_KEYS, SCHEMA
+from config.schema import COLLECTION_KEYS, SCHEMA, applies
 
 
 class UserError(Exception):
@@ -226,8 +226,13 @@ def check_split(cfg: dict):
         raise ConfigError(f"{setting} leaves no held-out test task; lower train_env_ratio")
 
 
+def collection_keys(cfg: dict) -> list[str]:
+    """The keys that define cfg's data: the common ones and its family's own (not another family's)."""
+    return [k for k in COLLECTION_KEYS if applies(k, cfg)]
+
+
 def collection_config(cfg: dict) -> dict:
-    return {k: cfg[k] for k in COLLECTION_KEYS}
+    return {k: cfg[k] for k in collection_keys(cfg)}
 
 
 def config_help() -> str:

@@ -4,7 +4,7 @@ One flat namespace: the env, algorithm and model files are merged into one dict,
 means the same thing wherever it is set. `utils.load_config` validates against this table;
 `python train.py --help` prints it. Add a key here before using it anywhere else.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 
@@ -17,6 +17,7 @@ class Key:
     choices: tuple | Callable[[], tuple] = ()  # a function: asked when needed (the registries)
     min: float | None = None  # inclusive
     max: float | None = None  # inclusive
+    family: str = ""  # a family module's own key (add_keys(..., family=...)): used by that family only
 
     def allowed(self) -> tuple:
         return tuple(self.choices()) if callable(self.choices) else self.choices
@@ -156,21 +157,22 @@ SCHEMA: dict[str, Key] = {
     ),
 }
 
-def add_keys(section: str, collection: bool = False, **entries):
+def add_keys(section: str, family: str = "", **entries):
     """Config keys of a variant or family module: name=(type, default, help[, {choices, min, max}]).
-    `collection=True`: the keys change what a collection produces (a family's task list), so a
-    dataset made with other values is another dataset (COLLECTION_KEYS). Datasets and runs saved
-    before a module added its keys read as made with their defaults (KEYS_ADDED_LATER): for
-    another family's data the keys had no effect."""
+    A family's keys (`family=` its name) define its data: they are collection keys (a dataset
+    made with other values is another dataset), and they mean nothing for other families, so
+    datasets and runs of another family never compare them (`applies`)."""
     taken = sorted(set(entries) & set(SCHEMA))
     if taken:
         raise ValueError(f"config keys {taken} exist already; give the new keys other names")
-    SCHEMA.update(_keys(section, **entries))
-    defaults = {name: spec[1] for name, spec in entries.items()}
-    KEYS_ADDED_LATER.update(defaults)  # in place: other modules hold these objects
-    if collection:
-        COLLECTION_KEYS.extend(entries)
-        COLLECTION_KEYS_ADDED_LATER.update(defaults)
+    SCHEMA.update({name: replace(key, family=family) for name, key in _keys(section, **entries).items()})
+    if family:
+        COLLECTION_KEYS.extend(entries)  # in place: other modules hold this list
+
+
+def applies(key: str, cfg: dict) -> bool:
+    """Whether `key` means something for cfg's environment family (a family's own keys only for it)."""
+    return SCHEMA[key].family in ("", cfg["env"])
 
 
 # Keys that change what a collection produces; a dataset collected with other values is

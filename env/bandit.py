@@ -25,7 +25,7 @@ from config.schema import add_keys
 from env.family import Family
 from utils import ConfigError
 
-add_keys("env", collection=True,
+add_keys("env", family="bandit",
          n_arms=(int, 5, "bandit: arms per task (actions)", {"min": 2}),
          bandit_tasks=(int, 500, "bandit: tasks in the family's fixed, seeded task list", {"min": 1}),
          bandit_min_gap=(float, 0.1, "bandit: every task's best arm beats its second-best by at least this "

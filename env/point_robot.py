@@ -29,7 +29,7 @@ import env
 from config.schema import add_keys
 from env.family import Family
 
-add_keys("env", collection=True,
+add_keys("env", family="point_robot",
          robot_goals=(int, 100, "point_robot: goals, evenly spaced on the upper half of the unit circle", {"min": 2}),
          robot_step=(float, 0.1, "point_robot: length of one move", {"min": 0.01, "max": 1.0}),
          goal_radius=(float, 0.3, "point_robot: reward 1 on every step within this distance of the goal",

@@ -46,6 +46,14 @@ def test_split_sizes_optimal_return_and_spaces():
     assert envs.model_inputs(cfg) == {"n_actions": 5, "state_cardinalities": [1]}
 
 
+def test_the_family_keys_define_bandit_data_only():
+    from utils import collection_config
+    bandit = collection_config(cfg_of())
+    darkroom = collection_config(load_config([ROOT / "config/env/darkroom.yaml"], {"n_arms": 9}))
+    assert {"n_arms", "bandit_tasks", "bandit_min_gap"} <= set(bandit) and "robot_goals" not in bandit
+    assert "n_arms" not in darkroom  # another family's data and runs never compare it
+
+
 def test_horizon_other_than_one_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="horizon=1"):
         cfg_of(horizon=2)
@@ -81,6 +89,7 @@ def test_copies_draw_from_their_own_seeded_streams():
     # env.make_batched_env seeds it
     cfg = cfg_of()
     e = envs.make_batched_env(cfg, [{"means": a}, {"means": a}], seed=0)
+    e.reset()
     np.testing.assert_array_equal(e.step(np.full(2, 2))[1], alone[:, 0])
 
 
