@@ -448,7 +448,8 @@ class ChunkLearner:
     def __init__(self, cfg: dict, indices: list, tasks: list, device):
         self.cfg, self.device = cfg, device
         self.B, self.S = len(indices), cfg["n_stream"]
-        self.env = envs.make_batched_env(cfg, [tasks[i] for i in indices for _ in range(self.S)], seed=cfg["alg_seed"])
+        copies = [tasks[i] for i in indices for _ in range(self.S)]
+        self.env = envs.make_batched_env(cfg, copies, seed=cfg["alg_seed"])  # the seed: stochastic families
         self.encode = observation_encoder(cfg, device)
         self.net = BatchedActorCritic(self.B, self.encode.dim, envs.n_actions(cfg), device)
         self.generators = [torch.Generator().manual_seed(task_seed(cfg["alg_seed"], i)) for i in indices]

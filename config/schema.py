@@ -177,7 +177,7 @@ def applies(key: str, cfg: dict) -> bool:
 
 # Keys that change what a collection produces; a dataset collected with other values is
 # a different dataset (backend is not here: both backends write the same schema).
-COLLECTION_KEYS = [  # a list: add_keys(..., collection=True) extends it in place
+COLLECTION_KEYS = [  # a list: add_keys(..., family=...) extends it in place
     "env", "grid_size", "horizon", "max_tasks", "env_split_seed", "train_env_ratio", "val_env_ratio",
     "alg", "n_steps", "batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda",
     "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "total_source_timesteps",

@@ -101,7 +101,8 @@ def moves_to_goal(goal, step: float, radius: float) -> int:
     reach = int(math.ceil((abs(goal[0]) + abs(goal[1]) + radius) / step)) + 1
     i, j = np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1), indexing="ij")
     points = np.stack([i, j], -1) * step
-    inside = _in_goal(np.clip(points, -BOUND, BOUND), np.asarray(goal), radius) & (np.abs(points) <= BOUND + 1e-9).all(-1)
+    in_bounds = (np.abs(points) <= BOUND + 1e-9).all(-1)  # moves are clipped: points outside are never reached
+    inside = _in_goal(points, np.asarray(goal), radius) & in_bounds
     return int((np.abs(i) + np.abs(j))[inside].min())
 
 
