@@ -52,9 +52,9 @@ TORCH_PROCESS_BYTES = 300_000_000  # what a worker process carries before any ta
 def check_fits(cfg: dict, n_tasks: int):
     """Refuse sizes that cannot fit in memory: one task in each worker process (the batched
     backend cuts chunks of tasks to what fits, but never below one task per worker)."""
-    from algorithm.batched_ppo import bytes_per_task, observation_nvec
+    from algorithm.batched_ppo import bytes_per_task, observation_encoder
     device = pick_device(cfg["device"])
-    obs_dim = sum(observation_nvec(cfg, [])) if cfg["backend"] == "batched" else envs.state_dim(cfg)
+    obs_dim = observation_encoder(cfg, "cpu").dim if cfg["backend"] == "batched" else envs.state_dim(cfg)
     one = bytes_per_task(cfg, obs_dim)
     workers = 1 if device.type == "cuda" and cfg["backend"] == "batched" else min(cfg["n_process"], n_tasks)
     check_memory("collection", {f"one task of {cfg['n_stream']} streams x {history.steps_per_stream(cfg)} steps "

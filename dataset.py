@@ -30,8 +30,7 @@ import env as envs
 from algorithm import history
 from model import tokens
 from model.tokens import KIND_END, KIND_START, KIND_STEP, concat_tokens, marker_token
-from config.schema import COLLECTION_KEYS
-from utils import ConfigError, UserError
+from utils import ConfigError, UserError, collection_keys
 
 FIELDS = ("states", "actions", "rewards", "dones")
 
@@ -55,7 +54,8 @@ def region_tokens(cfg: dict, stream: dict, a: int, b: int) -> list[dict]:
 
 def check_dataset_matches(path: Path, header: dict, cfg: dict):
     stored = header["collection_config"]
-    diff = [f"{k}={stored.get(k, 'missing')!r} (asked {cfg[k]!r})" for k in COLLECTION_KEYS if stored.get(k) != cfg[k]]
+    diff = [f"{k}={stored.get(k, 'missing')!r} (asked {cfg[k]!r})" for k in collection_keys(cfg)
+            if stored.get(k) != cfg[k]]
     if diff:
         raise ConfigError(f"{path} was collected with other settings: {', '.join(diff)}; "
                           "use the env and algorithm configs the data was collected with (a file from before "

@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 import env as envs
 from algorithm import history
-from config.schema import COLLECTION_KEYS
 from model import build, memory_estimate
 from model.rollout import rollout
-from utils import (UserError, atomic_write, check_memory, claim_run_dir, config_arg_parser, dataset_path,
-                   ensure_writable_dir, first_line, load_checkpoint, load_config, parse_set, pick_device, run_cli)
+from utils import (UserError, atomic_write, check_memory, claim_run_dir, collection_keys, config_arg_parser,
+                   dataset_path, ensure_writable_dir, first_line, load_checkpoint, load_config, parse_set,
+                   pick_device, run_cli)
 
 
 def load_run(run_dir: Path, overrides: dict):
@@ -35,7 +35,7 @@ def load_run(run_dir: Path, overrides: dict):
         raise UserError(f"{run_dir} has no checkpoint (ckpt-last.pt): train it first with train.py")
     saved = load_config([run_dir / "config.yaml"], {})
     cfg = load_config([run_dir / "config.yaml"], overrides)
-    changed = [f"{k}={saved[k]!r} (asked {cfg[k]!r})" for k in COLLECTION_KEYS if saved[k] != cfg[k]]
+    changed = [f"{k}={saved[k]!r} (asked {cfg[k]!r})" for k in collection_keys(cfg) if saved[k] != cfg[k]]
     if changed:  # another split or data would evaluate (and label as held out) tasks the run trained on
         raise UserError(f"{run_dir} was trained on data made with {', '.join(changed)}; evaluation keeps the "
                         "run's data settings and split: drop these --set keys")

@@ -28,7 +28,7 @@ from dataset import StepBatches  # noqa: F401  (its home moved to dataset.py; te
 from algorithm import history
 from model import build, memory_estimate, variant_of
 from model.rollout import rollout
-from config.schema import KEYS_ADDED_LATER, SCHEMA
+from config.schema import KEYS_ADDED_LATER, SCHEMA, applies
 from utils import (UserError, atomic_write, check_memory, claim_run_dir, config_arg_parser, dataset_path, first_line,
                    load_checkpoint, load_config, parse_set, pick_device, read_text, read_yaml_mapping, run_cli,
                    run_path, save_config, seed_everything)
@@ -82,7 +82,7 @@ def check_resumable(run_dir: Path, cfg: dict):
         raise UserError(f"{run_dir} holds a checkpoint but its config.yaml cannot be read ({e}); restore "
                         "config.yaml or move the run away") from None
     saved = KEYS_ADDED_LATER | saved
-    free = RESUME_FREE_KEYS + variant_of(cfg).unused_keys(cfg)
+    free = RESUME_FREE_KEYS + variant_of(cfg).unused_keys(cfg) + tuple(k for k in SCHEMA if not applies(k, cfg))
     diff = [f"{k}={saved.get(k)!r} (now {cfg[k]!r})" for k in cfg if k not in free and saved.get(k) != cfg[k]]
     if diff:
         raise UserError(f"{run_dir} holds a run with other settings: {', '.join(diff)}; use those "

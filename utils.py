@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from config.schema import COLLECTION_KEYS, SCHEMA
+from config.schema import COLLECTION_KEYS, SCHEMA, applies
 
 
 class UserError(Exception):
@@ -171,6 +171,8 @@ def _check_known(key: str, origin: str):
 
 def load_config(paths: list, overrides: dict | None = None) -> dict:
     """Merge config files and overrides, validate, fill defaults. Raises ConfigError."""
+    import env  # noqa: F401 - here, not at the top (they import utils): family and variant
+    import model  # noqa: F401   modules declare their own keys (add_keys) when imported
     cfg, origin = {}, {}
     for path in paths:
         for key, value in _read_yaml(Path(path)).items():
@@ -189,7 +191,13 @@ def load_config(paths: list, overrides: dict | None = None) -> dict:
 def check_combinations(cfg: dict):
     """Combinations of individually valid values that cannot work together."""
     from model import variant_of  # here, not at the top: the model package imports utils
+    import env  # likewise: family modules import utils
     variant_of(cfg).check_config(cfg)
+    env.family(cfg).check_config(cfg)
+    if env.state_cardinalities(cfg) is None and not variant_of(cfg).accepts_vector_states(cfg):
+        what = "model=AD with use_compressed_context=true" if cfg["use_compressed_context"] else f"model={cfg['model']}"
+        raise ConfigError(f"{what} builds tokens with one number per state, and env={cfg['env']} has a continuous "
+                          "(Box) state; use model=AD with use_compressed_context=false")
     if cfg["tf_n_embd"] % cfg["tf_n_head"]:
         raise ConfigError(f"tf_n_embd={cfg['tf_n_embd']} must be divisible by tf_n_head={cfg['tf_n_head']}")
     if (cfg["tf_n_embd"] // cfg["tf_n_head"]) % 2:
@@ -218,13 +226,21 @@ def check_split(cfg: dict):
         raise ConfigError(f"{setting} leaves no held-out test task; lower train_env_ratio")
 
 
+def collection_keys(cfg: dict) -> list[str]:
+    """The keys that define cfg's data: the common ones and its family's own (not another family's)."""
+    return [k for k in COLLECTION_KEYS if applies(k, cfg)]
+
+
 def collection_config(cfg: dict) -> dict:
-    return {k: cfg[k] for k in COLLECTION_KEYS}
+    return {k: cfg[k] for k in collection_keys(cfg)}
 
 
 def config_help() -> str:
+    import env  # noqa: F401 - the family and variant modules' own keys (add_keys) first
+    import model  # noqa: F401
     lines, section = [], None
-    for key, spec in SCHEMA.items():
+    sections = list(dict.fromkeys(spec.section for spec in SCHEMA.values()))
+    for key, spec in sorted(SCHEMA.items(), key=lambda item: sections.index(item[1].section)):  # stable
         if spec.section != section:
             section = spec.section
             lines.append(f"\n{section} keys:")

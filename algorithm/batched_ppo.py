@@ -11,8 +11,8 @@ between tasks.
 
 What follows SB3 PPO (2.x) exactly:
 - observations: each MultiDiscrete dimension one-hot encoded and concatenated
-  (the family's MultiDiscrete space: darkroom [g, g], key-to-door [g, g, 2]), as
-  `preprocess_obs` does;
+  (the family's MultiDiscrete space: darkroom [g, g], key-to-door [g, g, 2]), or a Box
+  observation as its floats, unscaled (the point robot), as `preprocess_obs` does;
 - network: separate policy and value MLPs, 64-64 tanh each, a linear action head
   (logits of a categorical) and a linear value head; orthogonal init with gain sqrt(2)
   for hidden layers, 0.01 for the action head, 1 for the value head, zero biases;
@@ -90,7 +90,7 @@ import torch
 import env as envs
 from algorithm.history import compress_markers, n_rollouts, steps_per_stream
 from algorithm.sb3_ppo import task_seed
-from utils import ConfigError, UserError, available_memory, exit_with_parent, pick_device
+from utils import UserError, available_memory, exit_with_parent, pick_device
 
 HIDDEN = 64
 ADAM_EPS = 1e-5  # SB3's default for Adam
@@ -195,14 +195,17 @@ class BatchedActorCritic:
         return self._buffers[m]
 
     def forward(self, hot: torch.Tensor):
-        """hot: (n_tasks, m, k) int64, where the k ones of each one-hot observation are
-        (see ObsEncoder) -> logits (n_tasks, A, m) (feature-major, like the activations)
-        and values (n_tasks, m)."""
+        """hot: the encoded observations (n_tasks, m, k): int64, where the k ones of each
+        one-hot observation are (ObsEncoder), or float, the observation itself (BoxEncoder)
+        -> logits (n_tasks, A, m) (feature-major, like the activations) and values (n_tasks, m)."""
         B, m, k = hot.shape
         P, buf = self.P, self._buffers_for(m)
-        # the one-hot input, feature-major; both branches see the same x
-        x = buf["x"].zero_().view(2, B, self.obs_dim, m)
-        x.scatter_(2, hot.transpose(1, 2).unsqueeze(0).expand(2, B, k, m), 1.0)
+        # the input, feature-major; both branches see the same x
+        x = buf["x"].view(2, B, self.obs_dim, m)
+        if hot.is_floating_point():
+            x.copy_(hot.transpose(1, 2).unsqueeze(0).expand(2, B, k, m))
+        else:
+            x.zero_().scatter_(2, hot.transpose(1, 2).unsqueeze(0).expand(2, B, k, m), 1.0)
         _linear_tanh(P["b1"], P["W1"], buf["x"], out=buf["h1"])
         _linear_tanh(P["b2"], P["W2"], buf["h1"], out=buf["h2"])
         h2 = buf["h2"].view(2, B, HIDDEN, m)
@@ -368,13 +371,22 @@ class ObsEncoder:
         return out.scatter_(-1, self(obs), 1.0)
 
 
-def observation_nvec(cfg: dict, tasks: list) -> list:
-    """The sizes SB3 one-hot encodes: the family's MultiDiscrete observation space."""
+class BoxEncoder:
+    """SB3's Box preprocessing: the observation as floats, unscaled (`preprocess_obs` only
+    casts a non-image Box). Rollout buffers store the floats."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.float()
+
+
+def observation_encoder(cfg: dict, device):
+    """What the network reads of the family's observation space: the one-hot of each
+    MultiDiscrete coordinate (ObsEncoder), or a Box's floats (BoxEncoder)."""
     nvec = envs.state_cardinalities(cfg)
-    if nvec is None:
-        raise ConfigError(f"env={cfg['env']} has a continuous observation space and backend=batched reads "
-                          "MultiDiscrete states only; set backend=sb3")
-    return nvec
+    return BoxEncoder(envs.state_dim(cfg)) if nvec is None else ObsEncoder(nvec, device)
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -436,8 +448,9 @@ class ChunkLearner:
     def __init__(self, cfg: dict, indices: list, tasks: list, device):
         self.cfg, self.device = cfg, device
         self.B, self.S = len(indices), cfg["n_stream"]
-        self.env = envs.make_batched_env(cfg, [tasks[i] for i in indices for _ in range(self.S)])
-        self.encode = ObsEncoder(observation_nvec(cfg, tasks), device)
+        copies = [tasks[i] for i in indices for _ in range(self.S)]
+        self.env = envs.make_batched_env(cfg, copies, seed=cfg["alg_seed"])  # the seed: stochastic families
+        self.encode = observation_encoder(cfg, device)
         self.net = BatchedActorCritic(self.B, self.encode.dim, envs.n_actions(cfg), device)
         self.generators = [torch.Generator().manual_seed(task_seed(cfg["alg_seed"], i)) for i in indices]
         for slot, g in enumerate(self.generators):
@@ -450,7 +463,7 @@ class ChunkLearner:
         return torch.stack([draw(g) for g in self.generators], 0).to(self.device)
 
     def _hot(self, obs: np.ndarray) -> torch.Tensor:
-        """Env observations (B * S, state_dim) -> the network's input indices (B, S, k)."""
+        """Env observations (B * S, state_dim) -> the network's input (B, S, k): one-hot indices or floats."""
         return self.encode(torch.as_tensor(obs, device=self.device).view(self.B, self.S, -1))
 
     @torch.no_grad()
@@ -627,7 +640,7 @@ def collect(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress=
     hand its histories to `on_done({index: history})` and call `progress(n_tasks, 0)`
     (env steps are reported with `progress(0, n)` after every rollout)."""
     device = pick_device(cfg["device"])
-    obs_dim = ObsEncoder(observation_nvec(cfg, tasks), "cpu").dim
+    obs_dim = observation_encoder(cfg, "cpu").dim
     size = chunk_size(cfg, len(indices), obs_dim, device)
     for start in range(0, len(indices), size):
         chunk = indices[start:start + size]

@@ -4,7 +4,7 @@ One flat namespace: the env, algorithm and model files are merged into one dict,
 means the same thing wherever it is set. `utils.load_config` validates against this table;
 `python train.py --help` prints it. Add a key here before using it anywhere else.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 
@@ -17,6 +17,7 @@ class Key:
     choices: tuple | Callable[[], tuple] = ()  # a function: asked when needed (the registries)
     min: float | None = None  # inclusive
     max: float | None = None  # inclusive
+    family: str = ""  # a family module's own key (add_keys(..., family=...)): used by that family only
 
     def allowed(self) -> tuple:
         return tuple(self.choices()) if callable(self.choices) else self.choices
@@ -156,22 +157,32 @@ SCHEMA: dict[str, Key] = {
     ),
 }
 
-def add_keys(section: str, **entries):
-    """Config keys of a variant or family module: name=(type, default, help[, {choices, min, max}])."""
+def add_keys(section: str, family: str = "", **entries):
+    """Config keys of a variant or family module: name=(type, default, help[, {choices, min, max}]).
+    A family's keys (`family=` its name) define its data: they are collection keys (a dataset
+    made with other values is another dataset), and they mean nothing for other families, so
+    datasets and runs of another family never compare them (`applies`)."""
     taken = sorted(set(entries) & set(SCHEMA))
     if taken:
         raise ValueError(f"config keys {taken} exist already; give the new keys other names")
-    SCHEMA.update(_keys(section, **entries))
+    SCHEMA.update({name: replace(key, family=family) for name, key in _keys(section, **entries).items()})
+    if family:
+        COLLECTION_KEYS.extend(entries)  # in place: other modules hold this list
+
+
+def applies(key: str, cfg: dict) -> bool:
+    """Whether `key` means something for cfg's environment family (a family's own keys only for it)."""
+    return SCHEMA[key].family in ("", cfg["env"])
 
 
 # Keys that change what a collection produces; a dataset collected with other values is
 # a different dataset (backend is not here: both backends write the same schema).
-COLLECTION_KEYS = (
+COLLECTION_KEYS = [  # a list: add_keys(..., family=...) extends it in place
     "env", "grid_size", "horizon", "max_tasks", "env_split_seed", "train_env_ratio", "val_env_ratio",
     "alg", "n_steps", "batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda",
     "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "total_source_timesteps",
     "n_stream", "alg_seed",
-)
+]
 
 # keys added after datasets and runs were saved: the value those were made with
 KEYS_ADDED_LATER = {"region_end_weight": 1.0, "max_tasks": 0}

@@ -102,9 +102,13 @@ def make_gym_env(cfg: dict, task: dict) -> gym.Env:
     return gym.make(f.gym_id, **f.gym_kwargs(cfg), **task, disable_env_checker=True)
 
 
-def make_batched_env(cfg: dict, tasks: list[dict]):
-    """One numpy env stepping one copy of each given task (repeat tasks for more copies)."""
-    return family(cfg).make_batched_env(cfg, tasks)
+def make_batched_env(cfg: dict, tasks: list[dict], seed: int | None = None):
+    """One numpy env stepping one copy of each given task (repeat tasks for more copies);
+    `seed` seeds a stochastic family's env (one with a `seed` method, e.g. the bandit)."""
+    batched = family(cfg).make_batched_env(cfg, tasks)
+    if seed is not None and hasattr(batched, "seed"):
+        batched.seed(seed)
+    return batched
 
 
 # every module of env/ is imported, and each family module registers itself: adding a family

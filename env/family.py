@@ -16,6 +16,10 @@ class Family:
     gym_id = None     # gymnasium id of the one-task env (sb3 backend, tests), registered on `register`
     gym_class = None  # its class: gym_class(**gym_kwargs(cfg), **task)
 
+    def check_config(self, cfg: dict):
+        """Raise ConfigError (one line naming the key and what is allowed) for settings the
+        family cannot run with; called when a config is loaded, before any work."""
+
     def tasks(self, cfg: dict) -> list[dict]:
         """Every task of the family at these settings, in a fixed order (a JSON-able dict each)."""
         raise NotImplementedError
@@ -60,7 +64,9 @@ class Family:
     def make_batched_env(self, cfg: dict, tasks: list[dict]):
         """One numpy env stepping one copy of each task: reset() -> states (N, state_dim);
         step(actions (N,)) -> (states, rewards (N,) float32, dones (N,) bool). All copies
-        share one clock: after `horizon` steps all are done and the caller calls reset()."""
+        share one clock: after `horizon` steps all are done and the caller calls reset().
+        A family with random dynamics gives the env a `seed(seed)` method: collection seeds it
+        with alg_seed, rollouts with eval_seed (env.make_batched_env)."""
         raise NotImplementedError
 
     def gym_kwargs(self, cfg: dict) -> dict:

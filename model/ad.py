@@ -295,6 +295,10 @@ class ADVariant(Variant):
     def unused_keys(self, cfg: dict) -> tuple:
         return () if cfg["use_compressed_context"] else ("region_end_weight",)  # a two-region loss weight
 
+    def accepts_vector_states(self, cfg: dict) -> bool:
+        # the two-region data path builds its marker tokens with one number as the state
+        return not cfg["use_compressed_context"]
+
     def run_prefix(self, cfg: dict) -> str:
         # its own name, so that a two-region run never resumes a plain AD run
         return "AD-tworegion" if cfg["use_compressed_context"] else "AD"

@@ -116,6 +116,9 @@ class CompressedADVariant(Variant):
     def unused_keys(self, cfg: dict) -> tuple:
         return ("region_end_weight",)  # no token-type head
 
+    def accepts_vector_states(self, cfg: dict) -> bool:
+        return False  # the stage padding (dataset._stack) stacks one number per state token
+
     def check_config(self, cfg: dict):
         if cfg["use_compressed_context"]:
             raise ConfigError("use_compressed_context=true is the two-region mode of model: AD; "

@@ -344,7 +344,7 @@ def _rollout(model, cfg, task_indices, n_episodes, n_rollouts, seed, greedy, use
     model.eval()
     all_tasks = envs.task_list(cfg)
     tasks = [all_tasks[i] for i in task_indices for _ in range(n_rollouts)]
-    env = envs.make_batched_env(cfg, tasks)
+    env = envs.make_batched_env(cfg, tasks, seed=seed)
     B, n_actions = len(tasks), envs.n_actions(cfg)
     rng = np.random.default_rng(seed)
     ctx, policy = make_policy_context(model, cfg, B, device, use_cache, n_rollouts)

@@ -23,6 +23,11 @@ class Variant:
     def check_config(self, cfg: dict):
         """Raise ConfigError (naming the keys and what is allowed) for impossible combinations."""
 
+    def accepts_vector_states(self, cfg: dict) -> bool:
+        """Whether this variant's tokens can carry a continuous state (a float vector per step,
+        a family with a Box observation space); the config loader refuses the pair otherwise."""
+        return True
+
     def run_prefix(self, cfg: dict) -> str:
         """First part of the run directory name, runs/{prefix}-{env}-seed{seed}."""
         return self.name

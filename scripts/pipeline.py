@@ -4,6 +4,8 @@
     python scripts/pipeline.py --size full               # darkroom at paper scale, for a GPU box
     python scripts/pipeline.py --seeds 0 1 2 --variants AD
     python scripts/pipeline.py --env dark_key_to_door    # 5x5 Dark Key-to-Door (CPU size)
+    python scripts/pipeline.py --env bandit              # 5-armed bandits: regret vs UCB1 / Thompson / PPO
+    python scripts/pipeline.py --env point_robot         # 2-D point robot (continuous state)
     python scripts/pipeline.py --study memory            # return vs context size, memory on/off (scripts/memory_study.py)
 
 Each stage is the user-facing command (collect.py, train.py, evaluate.py) run as a
@@ -25,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
-from utils import atomic_write, ensure_writable_dir, load_config, parse_set, run_cli, run_path  # noqa: E402
+from utils import (UserError, atomic_write, ensure_writable_dir, load_config, parse_set, run_cli,  # noqa: E402
+                   run_path)
 
 # Transformer scale for a GPU box; the model configs hold the CPU size. Full runs get their
 # own folder, so they never try to resume a CPU-size run of the same name.
@@ -58,13 +61,57 @@ SETUPS = {
                      "CompressedAD": "config/model/ad_compressed_k2d.yaml"},
     },
 }
-VARIANTS = list(SETUPS["darkroom"]["variants"])
-SIZES = list(dict.fromkeys(k for setup in SETUPS.values() for k in setup if k != "variants"))
+SETUPS.update({
+    "bandit": {
+        # 5-armed Bernoulli bandits, 500 tasks; AD with a 150-pull window and its short-window
+        # ablation (10 pulls), each in its own folder (same run name); the regret table against
+        # UCB1, Thompson sampling and the source PPO comes from the report script
+        "cpu": {"data": ["config/algorithm/ppo_bandit.yaml", "config/env/bandit.yaml"], "train": []},
+        "full": {"data": ["config/algorithm/ppo_bandit.yaml", "config/env/bandit.yaml"], "train": FULL_MODEL},
+        "variants": {"AD": "config/model/ad_bandit.yaml",
+                     "AD-10": ("config/model/ad_bandit_short.yaml", "ad10")},
+        "report": "scripts/bandit_baselines.py",
+    },
+    "point_robot": {
+        # 2-D point robot with a Box observation: plain AD only (the two-region markers and
+        # CompressedAD's stages refuse a vector state, see their check_config)
+        "cpu": {"data": ["config/algorithm/ppo_point_robot.yaml", "config/env/point_robot.yaml"], "train": []},
+        "full": {"data": ["config/algorithm/ppo_point_robot.yaml", "config/env/point_robot.yaml"],
+                 "train": FULL_MODEL},
+        "variants": {"AD": "config/model/ad_point_robot.yaml"},
+    },
+})
+VARIANTS = list(dict.fromkeys(v for setup in SETUPS.values() for v in setup["variants"]))  # every name
+
+
+def sizes_of(setup: dict) -> list[str]:
+    """The sizes an environment's setup offers (the entries with a `data` list)."""
+    return [k for k, v in setup.items() if isinstance(v, dict) and "data" in v]
+
+
+SIZES = list(dict.fromkeys(k for setup in SETUPS.values() for k in sizes_of(setup)))
 
 
 def variant_configs(setup: dict, size: dict) -> dict:
     """{variant: model config} of one size (a size may have its own, e.g. a longer window)."""
     return size.get("variants", setup["variants"])
+
+
+def variant_config(setup: dict, variant: str) -> tuple[str, str | None]:
+    """(model config file, sub-folder of run_dir or None): a setup gives a variant its own
+    folder when its run name would be another's (AD at two window sizes)."""
+    entry = setup["variants"][variant]
+    return (entry, None) if isinstance(entry, str) else entry
+
+
+def variant_sets(setup: dict, variant: str, size: dict, sets: list[str]) -> list[str]:
+    """The --set items of one variant's training: `sets`, then its own folder under the run_dir
+    they resolve to (last, so that it wins)."""
+    config, subdir = variant_config(setup, variant)
+    if subdir is None:
+        return sets
+    base = train_config(size["data"] + [config], sets)["run_dir"]
+    return sets + [f"run_dir={Path(base) / subdir}"]
 
 
 def stop_with_parent():
@@ -135,7 +182,7 @@ def main():
                    help="cpu: finishes on a laptop; full: paper scale, for a GPU box; 9x9 (dark_key_to_door): "
                         "the 9x9 grid on 650 tasks, hours on 2 CPU cores")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per variant")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: every variant of the --env")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="extra overrides for every stage, e.g. env_split_seed=1 run_dir=runs/split1")
     p.add_argument("--study", choices=["memory"], help="memory: train every variant at a ladder of context "
@@ -145,26 +192,32 @@ def main():
     p.add_argument("--jobs", type=int, default=2, help="--study: trainings and evaluations run at once "
                    "(each uses one CPU thread; default 2)")
     args = p.parse_args()
-    args.seeds, args.variants = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.variants))  # once each
-    if args.size not in SETUPS[args.env]:
-        p.error(f"--env {args.env} has no size {args.size!r}; its sizes: "
-                f"{', '.join(k for k in SETUPS[args.env] if k != 'variants')}")
+    if args.size not in sizes_of(SETUPS[args.env]):
+        p.error(f"--env {args.env} has no size {args.size!r}; its sizes: {', '.join(sizes_of(SETUPS[args.env]))}")
     setup, size = SETUPS[args.env], SETUPS[args.env][args.size]
     setup = {**setup, "variants": variant_configs(setup, size)}
+    all_variants = list(setup["variants"])
+    args.seeds, args.variants = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.variants or all_variants))
+    missing = [v for v in args.variants if v not in all_variants]
+    if missing:
+        p.error(f"--env {args.env} has no variant {', '.join(missing)}; its variants: {', '.join(all_variants)}")
     if args.study == "memory":
         if args.jobs < 1:
             p.error("--jobs must be at least 1")
         import memory_study
         memory_study.run_study(args, setup, size, train_config, ["collect.py", *size["data"], *with_set(args.set)])
         return
-    train_sets = {seed: size["train"] + [f"seed={seed}"] + args.set for seed in args.seeds}
     # resolve every config before any work, so a typo costs a second, not a collection
-    configs = {(v, seed): train_config(size["data"] + [setup["variants"][v]], train_sets[seed])
+    train_sets = {(v, seed): variant_sets(setup, v, size, size["train"] + [f"seed={seed}"] + args.set)
+                  for v in args.variants for seed in args.seeds}
+    configs = {(v, seed): train_config(size["data"] + [variant_config(setup, v)[0]], train_sets[v, seed])
                for v in args.variants for seed in args.seeds}
     run_dirs = {key: str(run_path(cfg)) for key, cfg in configs.items()}
+    if len(set(run_dirs.values())) < len(run_dirs):
+        raise UserError("two variants resolve to the same run directory; give one of them its own folder in SETUPS")
     out_dir = ROOT / configs[args.variants[0], args.seeds[0]]["run_dir"]
     name = f"{args.env}_{args.size}"
-    if args.variants != VARIANTS:  # a subset gets its own files, so side-by-side runs never overwrite
+    if args.variants != all_variants:  # a subset gets its own files, so side-by-side runs never overwrite
         name += "_" + "-".join(args.variants)
     tag = f"{name}_seeds" + "-".join(map(str, args.seeds))
     # the last stages write there: find out now, not after the collection and the trainings
@@ -177,7 +230,7 @@ def main():
     for variant in args.variants:
         for seed in args.seeds:
             seconds[f"train {variant} seed{seed}"] = run(
-                ["train.py", *size["data"], setup["variants"][variant], *with_set(train_sets[seed])])
+                ["train.py", *size["data"], variant_config(setup, variant)[0], *with_set(train_sets[variant, seed])])
     # one evaluate.py call per seed, which also draws that seed's comparison plot
     plots = {seed: out_dir / f"comparison_{name}_seed{seed}.png" for seed in args.seeds}
     for seed in args.seeds:
@@ -185,8 +238,13 @@ def main():
         plot_args = ["--plot", str(plots[seed])] if len(dirs) > 1 else []
         seconds[f"evaluate seed{seed}"] = run(["evaluate.py", *dirs, *plot_args, *with_set(args.set)])
     rows = [table_row(variant, [ROOT / run_dirs[variant, seed] for seed in args.seeds]) for variant in args.variants]
-    seconds["total (this script)"] = time.perf_counter() - tic
     table = result_table(rows)
+    if "report" in setup:  # the family's own table (bandit: regret against UCB1 / Thompson / PPO), seeds pooled
+        report_file = out_dir / f"report_{tag}.md"
+        seconds["report"] = run([setup["report"], *(run_dirs[v, s] for v in args.variants for s in args.seeds),
+                                 "--label", *(v for v in args.variants for _ in args.seeds), "--out", str(report_file)])
+        table += "\n\n" + report_file.read_text()
+    seconds["total (this script)"] = time.perf_counter() - tic
     results = out_dir / f"results_{tag}.md"
     with atomic_write(results, "w") as f:
         f.write(table + "\n")

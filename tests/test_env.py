@@ -460,7 +460,8 @@ def test_batched_key_to_door_matches_gym_small_grid_all_tasks():
 # ----------------------------------------------------------------------------- gymnasium registry
 
 def test_registered_ids_work_with_gym_make():
-    assert envs.GYM_IDS == {"darkroom": "Darkroom-v0", "dark_key_to_door": "DarkKeyToDoor-v0"}
+    assert envs.GYM_IDS == {"darkroom": "Darkroom-v0", "dark_key_to_door": "DarkKeyToDoor-v0",
+                            "bandit": "BernoulliBandit-v0", "point_robot": "PointRobot-v0"}
     e = gym.make("Darkroom-v0", goal=[4, 5], grid_size=9, horizon=20)  # with the env checker
     obs, _ = e.reset(seed=0)
     assert e.observation_space.contains(obs) and e.action_space.n == 5
@@ -473,6 +474,11 @@ def test_registered_ids_work_with_gym_make():
     assert e.observation_space.contains(obs) and obs.shape == (3,)
     assert e.step(UP)[1] == 1.0 and e.step(UP)[1] == 1.0
     assert isinstance(e.unwrapped, DarkKeyToDoorEnv)
+
+    for gym_id, kwargs in (("BernoulliBandit-v0", {"means": [0.0, 1.0]}), ("PointRobot-v0", {"goal": [0.0, 1.0]})):
+        e = gym.make(gym_id, **kwargs)  # the new families' envs pass the env checker too
+        obs, _ = e.reset(seed=0)
+        assert e.observation_space.contains(obs) and e.observation_space.contains(e.step(1)[0])
 
 
 def test_make_gym_env_uses_config_and_task():

@@ -229,10 +229,22 @@ def test_a_continuous_state_family_is_embedded_by_a_learned_projection(monkeypat
     assert returns.shape == (len(summary["tasks"]), 3) and summary["max_context_tokens"] == 12
 
 
-def test_collecting_a_continuous_family_with_the_batched_learner_is_refused_in_one_line(monkeypatch, tmp_path,
-                                                                                        capsys):
+def test_the_batched_learner_collects_a_continuous_family(monkeypatch, tmp_path, capsys):
+    """A Box observation goes to PPO's network as floats (algorithm/batched_ppo.py, BoxEncoder)."""
+    import h5py
     monkeypatch.setitem(envs.FAMILIES, "point_line", PointLine())
     sets = DATA + ["env=point_line", f"dataset_dir={tmp_path}"]
     code, err = run_in_process(monkeypatch, capsys, "collect.py", collect.main, ["--set", *sets])
-    assert code == 2 and "backend=sb3" in err and len(err.strip().splitlines()) == 1
-    assert not list(tmp_path.iterdir())  # before any work
+    assert code == 0, err
+    with h5py.File(next(tmp_path.glob("*.hdf5"))) as f:
+        states = f["0"]["states"][()]
+    assert states.dtype == np.float32 and np.isin(states, np.arange(-4, 5) * 0.25).all()
+
+
+@pytest.mark.parametrize("sets", [["use_compressed_context=true", "n_transit=24", "compress_interval=12"],
+                                  ["model=CompressedAD"]])
+def test_variants_whose_tokens_hold_one_number_per_state_refuse_a_continuous_family(monkeypatch, sets):
+    from utils import ConfigError, load_config, parse_set
+    monkeypatch.setitem(envs.FAMILIES, "point_line", PointLine())
+    with pytest.raises(ConfigError, match="continuous .Box. state; use model=AD with use_compressed_context=false"):
+        load_config([], parse_set(DATA + ["env=point_line", *sets]))

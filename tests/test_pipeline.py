@@ -11,15 +11,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import pipeline  # noqa: E402
 from utils import run_path  # noqa: E402
 
-
 @pytest.mark.parametrize("env,size", [(env, size) for env, setup in pipeline.SETUPS.items()
-                                      for size in setup if size != "variants"])
+                                      for size in pipeline.sizes_of(setup)])
 def test_every_setup_resolves_to_its_own_run_and_matching_data_keys(env, size):
     setup = pipeline.SETUPS[env]
     runs = set()
     variants = pipeline.variant_configs(setup, setup[size])
-    for variant, model_cfg in variants.items():
-        cfg = pipeline.train_config(setup[size]["data"] + [model_cfg], setup[size]["train"] + ["seed=0"])
+    sized = {**setup, "variants": variants}
+    for variant in variants:
+        model_cfg = pipeline.variant_config(sized, variant)[0]
+        sets = pipeline.variant_sets(sized, variant, setup[size], setup[size]["train"] + ["seed=0"])
+        cfg = pipeline.train_config(setup[size]["data"] + [model_cfg], sets)
         assert cfg["env"] == env
         if cfg["use_compressed_context"]:  # a region is one PPO rollout of this data
             assert cfg["compress_interval"] == cfg["n_steps"]
@@ -29,9 +31,10 @@ def test_every_setup_resolves_to_its_own_run_and_matching_data_keys(env, size):
 
 def test_sizes_never_share_a_run_directory():
     for env, setup in pipeline.SETUPS.items():
-        sizes = [s for s in setup if s != "variants"]
-        cfgs = [pipeline.train_config(setup[s]["data"] + [pipeline.variant_configs(setup, setup[s])["AD"]],
-                                      setup[s]["train"]) for s in sizes]
+        sizes = pipeline.sizes_of(setup)
+        cfgs = [pipeline.train_config(setup[s]["data"] + [pipeline.variant_config(
+            {**setup, "variants": pipeline.variant_configs(setup, setup[s])}, "AD")[0]], setup[s]["train"])
+            for s in sizes]
         assert len({run_path(c) for c in cfgs}) == len(sizes), env
 
 
@@ -68,6 +71,12 @@ def test_tiny_run_writes_table_timings_and_plot_under_run_dir(tmp_path):
 
 
 @pytest.mark.slow  # 80 s: 4 trainings and 8 evaluation processes
+def test_a_variant_the_env_does_not_have_is_refused_before_any_work(tmp_path):
+    proc = _pipeline("--env", "point_robot", "--variants", "CompressedAD", "--set", f"dataset_dir={tmp_path}")
+    assert proc.returncode == 2 and "point_robot has no variant CompressedAD" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_tiny_memory_study_writes_one_row_per_variant_budget_seed(tmp_path):
     sets = ["grid_size=3", "horizon=6", "n_steps=12", "batch_size=12", "n_stream=4", "n_process=1",
             "test_stream_ratio=0.25", "total_source_timesteps=96", "train_env_ratio=0.7", "n_latent=2",

@@ -41,8 +41,8 @@ def recorded_rollout(monkeypatch, cfg):
     recorders, tokens = [], []
     real_make_env, real_make_policy = envs.make_batched_env, rollout_mod.make_policy_context
 
-    def make_env(c, tasks):
-        recorders.append(RecordingEnv(real_make_env(c, tasks)))
+    def make_env(c, tasks, seed=None):
+        recorders.append(RecordingEnv(real_make_env(c, tasks, seed)))
         return recorders[-1]
 
     def make_policy(*a, **kw):
