@@ -175,6 +175,23 @@ def train_config(configs: list[str], overrides: list[str]) -> dict:
     return load_config([ROOT / c for c in configs], parse_set(overrides))
 
 
+def write_table_of_finished(args, run_dirs: dict, out_dir: Path, tag: str):
+    """--table-only: the table of the evaluated runs, each variant over the seeds it has."""
+    rows, absent = [], []
+    for variant in args.variants:
+        done = [ROOT / run_dirs[variant, s] for s in args.seeds if (ROOT / run_dirs[variant, s] / "eval_summary.json").is_file()]
+        absent += [f"{variant} seed {s}" for s in args.seeds if ROOT / run_dirs[variant, s] not in done]
+        if done:
+            rows.append(table_row(variant, done))
+    if not rows:
+        raise UserError(f"no run of these variants and seeds has an evaluation under {out_dir}: run the pipeline first")
+    table = result_table(rows)
+    results = out_dir / f"results_{tag}_finished.md"
+    with atomic_write(results, "w") as f:
+        f.write(table + "\n")
+    print(table + (f"\n\nnot evaluated (left out): {', '.join(absent)}" if absent else "") + f"\n\nwritten: {results}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env", choices=SETUPS, default="darkroom")
@@ -189,6 +206,8 @@ def main():
                    "budgets and evaluate each with its memory on and off (see scripts/memory_study.py)")
     p.add_argument("--budgets", type=int, nargs="+", help="--study: the n_transit ladder of AD and CompressedAD "
                    "(default: scripts/memory_study.py LADDERS)")
+    p.add_argument("--table-only", action="store_true", help="run nothing: the table of the runs among "
+                   "--variants x --seeds that have an evaluation (eval_summary.json), as they are")
     p.add_argument("--jobs", type=int, default=2, help="--study: trainings and evaluations run at once "
                    "(each uses one CPU thread; default 2)")
     args = p.parse_args()
@@ -220,6 +239,8 @@ def main():
     if args.variants != all_variants:  # a subset gets its own files, so side-by-side runs never overwrite
         name += "_" + "-".join(args.variants)
     tag = f"{name}_seeds" + "-".join(map(str, args.seeds))
+    if args.table_only:
+        return write_table_of_finished(args, run_dirs, out_dir, tag)
     # the last stages write there: find out now, not after the collection and the trainings
     for cfg in configs.values():
         ensure_writable_dir(ROOT / cfg["dataset_dir"], "dataset directory")

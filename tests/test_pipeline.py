@@ -100,3 +100,10 @@ def test_tiny_memory_study_writes_one_row_per_variant_budget_seed(tmp_path):
     table = (out / "memory_study.md").read_text()
     assert table.count("\n| AD |") == 2 and "IQM" in table
     assert (out / "memory_study.png").stat().st_size > 0
+
+
+def test_table_only_without_evaluations_runs_nothing_and_exits_2(tmp_path):
+    proc = _pipeline("--table-only", "--seeds", "0", "--set", f"run_dir={tmp_path}/runs", f"dataset_dir={tmp_path}/data")
+    assert proc.returncode == 2 and "no run of these variants and seeds has an evaluation" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()  # nothing was collected
