@@ -14,3 +14,17 @@ def run_in_process(monkeypatch, capsys, script: str, main, argv) -> tuple[int, s
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
+
+
+def collect_train_evaluate(monkeypatch, capsys, data_files, model_file, sets, run_dir):
+    """collect.py, train.py and evaluate.py in turn, each asserted to exit 0; run_dir is the
+    run train.py writes (evaluate.py reads it)."""
+    import collect
+    import evaluate
+    import train
+    data = [str(f) for f in data_files]
+    for name, main, args in (("collect.py", collect.main, data), ("train.py", train.main, [*data, str(model_file)])):
+        code, err = run_in_process(monkeypatch, capsys, name, main, [*args, "--set", *sets])
+        assert code == 0, err
+    code, err = run_in_process(monkeypatch, capsys, "evaluate.py", evaluate.main, [str(run_dir)])
+    assert code == 0, err

@@ -172,18 +172,10 @@ TINY = ["bandit_tasks=20", "train_env_ratio=0.6", "val_env_ratio=0.2", "total_so
 
 
 def test_tiny_collect_train_evaluate_and_regret_table(tmp_path, monkeypatch, capsys):
-    import collect
-    import evaluate
-    import train
-    from cli_in_process import run_in_process
-    files = [*map(str, DATA), str(ROOT / "config/model/ad_bandit.yaml")]
-    sets = ["--set", *TINY, f"dataset_dir={tmp_path / 'data'}", f"run_dir={tmp_path / 'runs'}"]
-    for name, main, args in (("collect.py", collect.main, files[:2]), ("train.py", train.main, files)):
-        code, err = run_in_process(monkeypatch, capsys, name, main, [*args, *sets])
-        assert code == 0, err
+    from cli_in_process import collect_train_evaluate
     run = tmp_path / "runs" / "AD-bandit-seed0"
-    code, err = run_in_process(monkeypatch, capsys, "evaluate.py", evaluate.main, [str(run)])
-    assert code == 0, err
+    collect_train_evaluate(monkeypatch, capsys, DATA, ROOT / "config/model/ad_bandit.yaml",
+                           [*TINY, f"dataset_dir={tmp_path / 'data'}", f"run_dir={tmp_path / 'runs'}"], run)
     summary = json.loads((run / "eval_summary.json").read_text())
     assert summary["n_episodes"] == 12 and set(summary["split"]) == {"test"}
     text, rows = bb.compare([run], ["AD"], checkpoints=[5, 12])

@@ -152,18 +152,10 @@ TINY = ["robot_goals=10", "train_env_ratio=0.6", "val_env_ratio=0.2", "n_stream=
 
 
 def test_tiny_collect_train_evaluate(tmp_path, monkeypatch, capsys):
-    import collect
-    import evaluate
-    import train
-    from cli_in_process import run_in_process
-    files = [*map(str, DATA), str(ROOT / "config/model/ad_point_robot.yaml")]
-    sets = ["--set", *TINY, f"dataset_dir={tmp_path / 'data'}", f"run_dir={tmp_path / 'runs'}"]
-    for name, main, args in (("collect.py", collect.main, files[:2]), ("train.py", train.main, files)):
-        code, err = run_in_process(monkeypatch, capsys, name, main, [*args, *sets])
-        assert code == 0, err
+    from cli_in_process import collect_train_evaluate
     run = tmp_path / "runs" / "AD-point_robot-seed0"
-    code, err = run_in_process(monkeypatch, capsys, "evaluate.py", evaluate.main, [str(run)])
-    assert code == 0, err
+    collect_train_evaluate(monkeypatch, capsys, DATA, ROOT / "config/model/ad_point_robot.yaml",
+                           [*TINY, f"dataset_dir={tmp_path / 'data'}", f"run_dir={tmp_path / 'runs'}"], run)
     summary = json.loads((run / "eval_summary.json").read_text())
     assert summary["n_episodes"] == 3 and set(summary["split"]) == {"test"} and summary["max_context_tokens"] == 30
     assert all(o > 0 for o in summary["optimal_return"])
