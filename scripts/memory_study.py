@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
 from algorithm.history import steps_per_stream  # noqa: E402
+from jobs import run_jobs  # noqa: E402
 from utils import UserError, run_path  # noqa: E402
 
 # n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts).
@@ -57,37 +58,6 @@ def budget_overrides(cfg: dict, n_transit: int | None, steps_in_stream: int) -> 
     from model import variant_of
     sets = [f"n_transit={n_transit}", f"train_batch_size={max(2, TARGETS_PER_STEP // n_transit)}"]
     return sets + variant_of(cfg).budget_overrides(n_transit, steps_in_stream)
-
-
-def run_jobs(jobs: list[tuple[str, list[str]]], n_parallel: int, log_dir: Path) -> dict:
-    """Run (name, argv) jobs, n_parallel at a time, each logging to log_dir/name.log;
-    stop at the first failure. Returns seconds per job."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    pending, running, seconds = list(jobs), {}, {}
-    while pending or running:
-        while pending and len(running) < n_parallel:
-            name, argv = pending.pop(0)
-            log = open(log_dir / f"{name}.log", "w")
-            print(f"  start {name}: {' '.join(argv)}", flush=True)
-            running[name] = (subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
-                             time.perf_counter(), log)
-        time.sleep(1)
-        for name, (proc, tic, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[name]
-            seconds[name] = time.perf_counter() - tic
-            if proc.returncode != 0:
-                for other, _, other_log in running.values():
-                    other.kill()
-                    other_log.close()
-                tail = (log_dir / f"{name}.log").read_text().strip().splitlines()[-1:]
-                print(f"stopped: {name} exited with code {proc.returncode}: {tail[0] if tail else ''} "
-                      f"(log: {log_dir / name}.log); finished trainings are kept", file=sys.stderr)
-                sys.exit(proc.returncode)
-            print(f"  done  {name} ({seconds[name] / 60:.1f} min)", flush=True)
-    return seconds
 
 
 def evaluated(run_dir: Path, tag: str, expected: dict) -> bool:

@@ -15,7 +15,6 @@ resumes: finished collections and trainings are reused; evaluations run again
 """
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
+from jobs import run_jobs, stop_with_parent  # noqa: E402
 from utils import (UserError, atomic_write, ensure_writable_dir, load_config, parse_set, run_cli,  # noqa: E402
                    run_path)
 
@@ -114,16 +114,6 @@ def variant_sets(setup: dict, variant: str, size: dict, sets: list[str]) -> list
     return sets + [f"run_dir={Path(base) / subdir}"]
 
 
-def stop_with_parent():
-    """In a stage's process, before it starts (Linux): get SIGTERM when this script dies, even
-    by kill -9, instead of running on unseen (it would hold its run directory or dataset)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the stage runs to its end, which is safe too
-        pass
-
-
 def run(cmd: list[str]) -> float:
     print("\n$ " + " ".join(cmd), flush=True)
     tic = time.perf_counter()
@@ -135,6 +125,17 @@ def run(cmd: list[str]) -> float:
               file=sys.stderr)
         sys.exit(code)
     return time.perf_counter() - tic
+
+
+def run_stage(commands: dict[str, list[str]], n_jobs: int, log_dir: Path) -> dict:
+    """{name: argv} one after another with their output on the terminal, or n_jobs at a time
+    with each one's output in log_dir/<name>.log. Returns seconds per command."""
+    if n_jobs == 1:
+        return {name: run(argv) for name, argv in commands.items()}
+    print(f"\n{len(commands)} commands, {n_jobs} at a time; logs in {log_dir}", flush=True)
+    log_names = {name.replace(" ", "_"): name for name in commands}
+    seconds = run_jobs([(log_name, commands[name]) for log_name, name in log_names.items()], n_jobs, log_dir)
+    return {log_names[log_name]: s for log_name, s in seconds.items()}
 
 
 def with_set(values: list[str]) -> list[str]:
@@ -208,8 +209,9 @@ def main():
                    "(default: scripts/memory_study.py LADDERS)")
     p.add_argument("--table-only", action="store_true", help="run nothing: the table of the runs among "
                    "--variants x --seeds that have an evaluation (eval_summary.json), as they are")
-    p.add_argument("--jobs", type=int, default=2, help="--study: trainings and evaluations run at once "
-                   "(each uses one CPU thread; default 2)")
+    p.add_argument("--jobs", type=int, help="trainings and evaluations run at once, each logging to a file "
+                   "under the run_dir's logs/ (each uses one CPU thread; default 1, --study 2; on a GPU box the "
+                   "small models share the GPU, e.g. --jobs 9 for 3 variants x 3 seeds)")
     args = p.parse_args()
     if args.size not in sizes_of(SETUPS[args.env]):
         p.error(f"--env {args.env} has no size {args.size!r}; its sizes: {', '.join(sizes_of(SETUPS[args.env]))}")
@@ -220,9 +222,11 @@ def main():
     missing = [v for v in args.variants if v not in all_variants]
     if missing:
         p.error(f"--env {args.env} has no variant {', '.join(missing)}; its variants: {', '.join(all_variants)}")
+    if args.jobs is None:
+        args.jobs = 2 if args.study else 1
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
     if args.study == "memory":
-        if args.jobs < 1:
-            p.error("--jobs must be at least 1")
         import memory_study
         memory_study.run_study(args, setup, size, train_config, ["collect.py", *size["data"], *with_set(args.set)])
         return
@@ -248,16 +252,18 @@ def main():
 
     tic = time.perf_counter()
     seconds = {"collect": run(["collect.py", *size["data"], *with_set(args.set)])}
-    for variant in args.variants:
-        for seed in args.seeds:
-            seconds[f"train {variant} seed{seed}"] = run(
-                ["train.py", *size["data"], variant_config(setup, variant)[0], *with_set(train_sets[variant, seed])])
+    trainings = {f"train {variant} seed{seed}":
+                 ["train.py", *size["data"], variant_config(setup, variant)[0], *with_set(train_sets[variant, seed])]
+                 for variant in args.variants for seed in args.seeds}
     # one evaluate.py call per seed, which also draws that seed's comparison plot
     plots = {seed: out_dir / f"comparison_{name}_seed{seed}.png" for seed in args.seeds}
+    evaluations = {}
     for seed in args.seeds:
         dirs = [run_dirs[v, seed] for v in args.variants]
         plot_args = ["--plot", str(plots[seed])] if len(dirs) > 1 else []
-        seconds[f"evaluate seed{seed}"] = run(["evaluate.py", *dirs, *plot_args, *with_set(args.set)])
+        evaluations[f"evaluate seed{seed}"] = ["evaluate.py", *dirs, *plot_args, *with_set(args.set)]
+    for stage in (trainings, evaluations):
+        seconds.update(run_stage(stage, args.jobs, out_dir / "logs"))
     rows = [table_row(variant, [ROOT / run_dirs[variant, seed] for seed in args.seeds]) for variant in args.variants]
     table = result_table(rows)
     if "report" in setup:  # the family's own table (bandit: regret against UCB1 / Thompson / PPO), seeds pooled

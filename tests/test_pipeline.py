@@ -59,9 +59,11 @@ def test_tiny_run_writes_table_timings_and_plot_under_run_dir(tmp_path):
             "train_env_ratio=0.7", "compress_interval=12", "n_transit=24", "train_timesteps=4", "eval_interval=0",
             "test_interval=100", "tf_n_embd=16", "eval_episodes=2", "eval_rollouts=1", "device=cpu",
             f"dataset_dir={tmp_path}/data", f"run_dir={tmp_path}/runs"]
-    proc = _pipeline("--variants", "AD", "AD-tworegion", "--seeds", "0", "--set", *sets)
+    proc = _pipeline("--variants", "AD", "AD-tworegion", "--seeds", "0", "--jobs", "2", "--set", *sets)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "runs"
+    # --jobs 2: the two trainings ran side by side, each into its own log
+    assert {"train_AD_seed0.log", "train_AD-tworegion_seed0.log"} <= {f.name for f in (out / "logs").iterdir()}
     table = (out / "results_darkroom_cpu_AD-AD-tworegion_seeds0.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == ["AD", "AD-tworegion"]
     timings = json.loads((out / "timings_darkroom_cpu_AD-AD-tworegion_seeds0.json").read_text())
@@ -70,13 +72,13 @@ def test_tiny_run_writes_table_timings_and_plot_under_run_dir(tmp_path):
     assert (out / "AD-tworegion-darkroom-seed0" / "eval_summary.json").exists()
 
 
-@pytest.mark.slow  # 80 s: 4 trainings and 8 evaluation processes
 def test_a_variant_the_env_does_not_have_is_refused_before_any_work(tmp_path):
     proc = _pipeline("--env", "point_robot", "--variants", "CompressedAD", "--set", f"dataset_dir={tmp_path}")
     assert proc.returncode == 2 and "point_robot has no variant CompressedAD" in proc.stderr
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # 50-80 s: 4 trainings and 8 evaluation processes
 def test_tiny_memory_study_writes_one_row_per_variant_budget_seed(tmp_path):
     sets = ["grid_size=3", "horizon=6", "n_steps=12", "batch_size=12", "n_stream=4", "n_process=1",
             "test_stream_ratio=0.25", "total_source_timesteps=96", "train_env_ratio=0.7", "n_latent=2",
