@@ -92,19 +92,27 @@ def check_resumable(run_dir: Path, cfg: dict):
 CKPT_KEYS = ("model", "optimizer", "step", "torch_rng")
 
 
-def save_checkpoint(path: Path, model, opt, step: int):
+def save_checkpoint(path: Path, model, opt, step: int, device):
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":  # dropout on the GPU draws from the GPU's generator
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     with atomic_write(path) as f:  # a run killed while saving keeps the previous checkpoint
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "torch_rng": torch.get_rng_state()}, f)
+        torch.save(state, f)
 
 
 def resume(ckpt: Path, model, opt, device) -> int:
     """Load model, optimiser and RNG from the checkpoint; the step to go on from."""
-    state = load_checkpoint(ckpt, device, need=CKPT_KEYS)
+    # on the CPU first, as saved: load_state_dict moves the weights and Adam's moments to the
+    # parameters' device and keeps Adam's step counts on the CPU, as in an uninterrupted run; the
+    # generator states must be CPU byte tensors
+    state = load_checkpoint(ckpt, "cpu", need=CKPT_KEYS)
     try:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         return int(state["step"])
     except Exception as e:  # noqa: BLE001 - the config matched, so the file's content is wrong
         raise UserError(f"cannot resume from {ckpt} ({first_line(e)}): the file is damaged; move it away "
@@ -264,7 +272,7 @@ def _train(cfg: dict):
                 writer.add_scalar("eval/return_first", float(returns[:, 0].mean()), step)
                 writer.add_scalar("eval/return_final", float(returns[:, -1].mean()), step)
             if step % cfg["ckpt_interval"] == 0 or step == cfg["train_timesteps"]:
-                save_checkpoint(ckpt, model, opt, step)
+                save_checkpoint(ckpt, model, opt, step, device)
     bar.close()
     if rank == 0:
         writer.close()

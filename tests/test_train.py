@@ -162,8 +162,10 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(data_dir, tmp_
     assert any(not torch.equal(init[k], a["model"][k]) for k in init)
 
 
-def test_resume_is_exact_with_dropout(data_dir, tmp_path, monkeypatch):
-    extra = ["tf_dropout=0.2"]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: checks that the GPU's generator is saved and restored"))])
+def test_resume_is_exact_with_dropout(data_dir, tmp_path, monkeypatch, device):
+    extra = ["tf_dropout=0.2", f"device={device}"]
     cfg_a = make_cfg(data_dir, tmp_path / "A", extra=extra)
     cfg_b = make_cfg(data_dir, tmp_path / "B", extra=extra)
     train.train(cfg_a)
