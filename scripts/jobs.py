@@ -1,4 +1,6 @@
-"""Run the pipeline's stages (train.py, evaluate.py) several at a time, each logging to its own file.
+"""Run the pipeline's stages (collect.py, train.py, evaluate.py): one at a time with their output
+on the terminal (`run`), or several at a time, each logging to its own file (`run_jobs`). A stage
+that fails stops the pipeline with the stage's exit code; finished stages are reused on a rerun.
 
 On a GPU box the CPU-size and 9x9 models use a sliver of the GPU each, so several
 trainings share it; on 2 CPU cores two at a time is the most that helps.
@@ -20,6 +22,19 @@ def stop_with_parent():
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the stage runs to its end, which is safe too
         pass
+
+
+def run(cmd: list[str]) -> float:
+    print("\n$ " + " ".join(cmd), flush=True)
+    tic = time.perf_counter()
+    code = subprocess.run([sys.executable, *cmd], cwd=ROOT, preexec_fn=stop_with_parent).returncode
+    if code == 2:  # the stage explained the problem in one line; finished stages are reused on the next run
+        sys.exit(code)
+    if code != 0:
+        print(f"stopped: `{cmd[0]}` exited with code {code}; fix the cause and rerun, finished stages are kept",
+              file=sys.stderr)
+        sys.exit(code)
+    return time.perf_counter() - tic
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]], n_parallel: int, log_dir: Path) -> dict:

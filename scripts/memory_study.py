@@ -21,7 +21,6 @@ memory_study.png. Rerunning reuses finished trainings and the evaluations made a
 a run with other --variants, --budgets or --seeds adds its rows to the ones already there.
 """
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
 from algorithm.history import steps_per_stream  # noqa: E402
-from jobs import run_jobs  # noqa: E402
+from jobs import run, run_jobs  # noqa: E402
 from utils import UserError, run_path  # noqa: E402
 
 # n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts).
@@ -224,7 +223,7 @@ def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str
     out.mkdir(parents=True, exist_ok=True)
     print(f"memory study, {args.env}: {len(plan)} trainings, {args.jobs} at a time; output in {out}")
     tic = time.perf_counter()
-    subprocess.run([sys.executable, *collect_cmd], cwd=ROOT, check=True)
+    run(collect_cmd)
     run_jobs([(f"train_{v}_ctx{n}_seed{s}", argv) for (v, n, s), (argv, _) in plan.items()], args.jobs, out / "logs")
     run_dirs = {key: ROOT / run_path(cfg) for key, (_, cfg) in plan.items()}
     evals = []

@@ -15,7 +15,6 @@ resumes: finished collections and trainings are reused; evaluations run again
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
-from jobs import run_jobs, stop_with_parent  # noqa: E402
+from jobs import run, run_jobs  # noqa: E402
 from utils import (UserError, atomic_write, ensure_writable_dir, load_config, parse_set, run_cli,  # noqa: E402
                    run_path)
 
@@ -112,19 +111,6 @@ def variant_sets(setup: dict, variant: str, size: dict, sets: list[str]) -> list
         return sets
     base = train_config(size["data"] + [config], sets)["run_dir"]
     return sets + [f"run_dir={Path(base) / subdir}"]
-
-
-def run(cmd: list[str]) -> float:
-    print("\n$ " + " ".join(cmd), flush=True)
-    tic = time.perf_counter()
-    code = subprocess.run([sys.executable, *cmd], cwd=ROOT, preexec_fn=stop_with_parent).returncode
-    if code == 2:  # the stage explained the problem in one line; finished stages are reused on the next run
-        sys.exit(code)
-    if code != 0:
-        print(f"stopped: `{cmd[0]}` exited with code {code}; fix the cause and rerun, finished stages are kept",
-              file=sys.stderr)
-        sys.exit(code)
-    return time.perf_counter() - tic
 
 
 def run_stage(commands: dict[str, list[str]], n_jobs: int, log_dir: Path) -> dict:

@@ -614,6 +614,23 @@ def test_dataset_in_use_is_refused(tmp_path, monkeypatch, capsys):
     assert not path.exists()
 
 
+def test_memory_study_with_its_dataset_in_use_stops_in_one_line(tmp_path):
+    """The study runs collect.py first; a refusal there ends the study with exit 2 and the
+    stage's own message, not a traceback."""
+    cfg = load_config([ALG, ENV], {"grid_size": 3, "dataset_dir": str(tmp_path)})
+    path = dataset_path(cfg)
+    holder = hold_lock(path.with_name(path.name + ".lock"))
+    try:
+        proc = subprocess.run([sys.executable, "scripts/pipeline.py", "--study", "memory", "--seeds", "0", "--variants",
+                               "AD", "--budgets", "10", "--set", "grid_size=3", f"dataset_dir={tmp_path}",
+                               f"run_dir={tmp_path / 'runs'}"], cwd=ROOT, capture_output=True, text=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "in use by another process" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_lock_is_exclusive_within_one_process_too(tmp_path):
     with utils.locked(tmp_path / "l", "thing"):
         with pytest.raises(UserError, match="thing is in use"):
