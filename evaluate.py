@@ -90,10 +90,7 @@ def source_curve(cfg: dict, task_indices: list[int]) -> np.ndarray | None:
     curves = []
     with h5py.File(path, "r") as f:
         for i in task_indices:
-            rewards = f[str(i)]["rewards"][()]
-            T, S = rewards.shape
-            n_ep = T // cfg["horizon"]
-            curves.append(rewards[: n_ep * cfg["horizon"]].reshape(n_ep, cfg["horizon"], S).sum(1).mean(1))
+            curves.append(history.episode_returns(f[str(i)]["rewards"][()], cfg["horizon"]).mean(1))
     return np.mean(curves, axis=0)
 
 

@@ -42,6 +42,13 @@ def steps_per_stream(cfg: dict) -> int:
     return n_rollouts(cfg) * cfg["n_steps"]
 
 
+def episode_returns(rewards: np.ndarray, horizon: int) -> np.ndarray:
+    """A stream's rewards (T, n_stream) -> the return of each whole episode (episodes, n_stream);
+    a last, unfinished episode is left out."""
+    n_ep = rewards.shape[0] // horizon
+    return rewards[:n_ep * horizon].reshape(n_ep, horizon, -1).sum(1)
+
+
 def compress_markers(n_steps_total: int, n_steps: int, n_stream: int) -> np.ndarray:
     """(T, S) int8: 1 on the first step of every rollout region, 2 on its last step."""
     t = np.arange(n_steps_total)

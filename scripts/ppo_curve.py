@@ -28,9 +28,7 @@ def fraction_of_optimal(path: Path, split: str) -> np.ndarray:
     horizon, out = cfg["horizon"], []
     with h5py.File(path, "r") as f:
         for i in indices:
-            rewards = f[str(i)]["rewards"][()]
-            n_ep = rewards.shape[0] // horizon
-            returns = rewards[:n_ep * horizon].reshape(n_ep, horizon, -1).sum(1)
+            returns = history.episode_returns(f[str(i)]["rewards"][()], horizon)
             out.append(returns / envs.optimal_return(cfg, header["tasks"][i]))
     return np.stack(out)
 
