@@ -59,11 +59,12 @@ def run_jobs(jobs: list[tuple[str, list[str]]], n_parallel: int, log_dir: Path) 
             seconds[name] = time.perf_counter() - tic
             if proc.returncode != 0:
                 for other, _, other_log in running.values():
-                    other.kill()
+                    other.terminate()  # SIGTERM: a training saves its checkpoint and stops
+                    other.wait()
                     other_log.close()
-                tail = (log_dir / f"{name}.log").read_text().strip().splitlines()[-1:]
+                tail = (log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
                 print(f"stopped: {name} exited with code {proc.returncode}: {tail[0] if tail else ''} "
-                      f"(log: {log_dir / name}.log); finished trainings are kept", file=sys.stderr)
+                      f"(log: {log_dir / name}.log); finished stages are kept", file=sys.stderr)
                 sys.exit(proc.returncode)
             print(f"  done  {name} ({seconds[name] / 60:.1f} min)", flush=True)
     return seconds

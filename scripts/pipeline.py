@@ -249,7 +249,7 @@ def main():
         plot_args = ["--plot", str(plots[seed])] if len(dirs) > 1 else []
         evaluations[f"evaluate seed{seed}"] = ["evaluate.py", *dirs, *plot_args, *with_set(args.set)]
     for stage in (trainings, evaluations):
-        seconds.update(run_stage(stage, args.jobs, out_dir / "logs"))
+        seconds.update(run_stage(stage, args.jobs, out_dir / "logs" / tag))  # own folder: runs/ is shared
     rows = [table_row(variant, [ROOT / run_dirs[variant, seed] for seed in args.seeds]) for variant in args.variants]
     table = result_table(rows)
     if "report" in setup:  # the family's own table (bandit: regret against UCB1 / Thompson / PPO), seeds pooled
@@ -262,7 +262,8 @@ def main():
     with atomic_write(results, "w") as f:
         f.write(table + "\n")
     with atomic_write(out_dir / f"timings_{tag}.json", "w") as f:
-        f.write(json.dumps(seconds, indent=1) + "\n")
+        # with --jobs > 1 stages ran side by side: their seconds are not each one's cost alone
+        f.write(json.dumps({**seconds, "jobs": args.jobs}, indent=1) + "\n")
     print("\n" + "\n".join(f"{k:>32s}: {v / 60:6.1f} min" for k, v in seconds.items()))
     print("\n" + table + f"\n\nwritten: {results}" + "".join(f", {p}" for p in plots.values() if p.exists()))
 

@@ -63,7 +63,7 @@ def test_tiny_run_writes_table_timings_and_plot_under_run_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "runs"
     # --jobs 2: the two trainings ran side by side, each into its own log
-    assert {"train_AD_seed0.log", "train_AD-tworegion_seed0.log"} <= {f.name for f in (out / "logs").iterdir()}
+    assert {"train_AD_seed0.log", "train_AD-tworegion_seed0.log"} <= {f.name for f in (out / "logs" / "darkroom_cpu_AD-AD-tworegion_seeds0").iterdir()}
     table = (out / "results_darkroom_cpu_AD-AD-tworegion_seeds0.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == ["AD", "AD-tworegion"]
     timings = json.loads((out / "timings_darkroom_cpu_AD-AD-tworegion_seeds0.json").read_text())
