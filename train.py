@@ -113,6 +113,9 @@ def resume(ckpt: Path, model, opt, device) -> int:
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
+        elif device.type == "cuda":
+            print(f"note: {ckpt} holds no GPU generator state (saved on a CPU or by an older version): "
+                  "with dropout, the masks from here on differ from an uninterrupted run's")
         return int(state["step"])
     except Exception as e:  # noqa: BLE001 - the config matched, so the file's content is wrong
         raise UserError(f"cannot resume from {ckpt} ({first_line(e)}): the file is damaged; move it away "
