@@ -109,3 +109,15 @@ def test_table_only_without_evaluations_runs_nothing_and_exits_2(tmp_path):
     assert proc.returncode == 2 and "no run of these variants and seeds has an evaluation" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "data").exists()  # nothing was collected
+
+
+def test_study_plot_draws_budgets_where_only_some_seeds_reach_80_percent(tmp_path):
+    """A budget whose seeds reached 80% in some runs only has no mean on the log axis; the plot
+    must still be drawn (it crashed with 'Data cannot be log-scaled' when no budget had one)."""
+    import memory_study
+    row = {"variant": "AD", "n_transit": 100, "context_tokens": 100, "final_fraction_of_optimal": 0.8,
+           "final_fraction_of_optimal_memory_off": 0.2, "ppo_episodes_to_80": 9, "n_episodes": 100}
+    rows = [{**row, "seed": 0, "episodes_to_80": 44}, {**row, "seed": 1, "episodes_to_80": None},
+            {**row, "n_transit": 10, "context_tokens": 10, "seed": 0, "episodes_to_80": None}]
+    memory_study.plot_study(tmp_path / "study.png", rows, "test")
+    assert (tmp_path / "study.png").stat().st_size > 0
