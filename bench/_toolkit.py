@@ -9,5 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
     sys.path[0] = str(ROOT)  # run as a script
+    # last, not gone: a worker process started with "spawn" (the batched PPO's) gets this
+    # sys.path and re-imports the script, whose first line imports this module
+    sys.path.append(str(ROOT / "bench"))
 elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -12,7 +12,8 @@ Prints one JSON object per result:
 - `result: full_darkroom_estimate`: wall time of the full default darkroom dataset (81
   tasks x 100 streams x 1040 steps) with the batched backend, from this measurement;
 - `result: speedup`: batched over SB3 env-steps/s (same run, same machine), both as in a
-  full-length run (see below);
+  full-length run (see below): the median over --repeats pairs run interleaved (SB3, batched,
+  SB3, batched, ...), each pair's ratio and the 1-minute load average of each half;
 - `backend: batched, env: dark_key_to_door`: the same measurement on Dark Key-to-Door
   (default 9x9 settings: n_steps 100, batch 50, 20 epochs) for --k2d-tasks tasks, and an
   estimate for its full dataset (6561 tasks) trained in chunks of that size.
@@ -28,6 +29,7 @@ both backends, the batched one (two busy worker threads) the most.
 import argparse
 import json
 import os
+import statistics
 import time
 
 from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
@@ -90,8 +92,13 @@ def main():
                         help="Dark Key-to-Door tasks for batched (default 81; 0 skips it)")
     parser.add_argument("--k2d-rollouts", type=int, default=3, help="Dark Key-to-Door rollouts to time (default 3)")
     parser.add_argument("--skip-sb3", action="store_true", help="only measure the batched backend")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="darkroom pairs (sb3, batched) run one after the other, interleaved; the speedup is "
+                             "the median of the pairs' ratios (default 3)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.rollouts == 1 or args.k2d_rollouts < 2:
         parser.error("time at least 2 rollouts: the last one is never trained, so one says nothing about updates")
 
@@ -101,29 +108,43 @@ def main():
     dark = config("darkroom", args.rollouts, common)
     dark_full = load_config(CONFIGS["darkroom"], {"device": args.device})
 
-    sb3 = None
-    if not args.skip_sb3:
-        sb3 = {"backend": "sb3", "env": "darkroom", "n_process": dark["n_process"],
-               **timed_collect(sb3_ppo, dark, list(range(args.sb3_tasks))), **info}
-        emit(sb3)
-    batched = {"backend": "batched", "env": "darkroom", "workers": batched_ppo.n_workers(dark, device),
-               **timed_collect(batched_ppo, dark, list(range(args.batched_tasks))), **info}
-    emit(batched)
+    # A, B, A, B, ...: both backends see the same spells of load, and the ratio of each
+    # pair is taken before the median, so a busy spell shifts both halves of a pair
+    pairs = []
+    for repeat in range(args.repeats):
+        sb3 = None
+        if not args.skip_sb3:
+            sb3 = {"backend": "sb3", "env": "darkroom", "repeat": repeat, "n_process": dark["n_process"],
+                   **timed_collect(sb3_ppo, dark, list(range(args.sb3_tasks))), **info}
+            emit(sb3)
+        batched = {"backend": "batched", "env": "darkroom", "repeat": repeat,
+                   "workers": batched_ppo.n_workers(dark, device),
+                   **timed_collect(batched_ppo, dark, list(range(args.batched_tasks))), **info}
+        emit(batched)
+        pairs.append((sb3, batched))
     # both rates as in a full-length run of the measured tasks
     full_length = {**dark, "total_source_timesteps": dark_full["total_source_timesteps"]}
-    batched_full_rate = (args.batched_tasks * history.steps_per_stream(full_length) * dark["n_stream"]
-                         / full_estimate(batched, full_length, args.batched_tasks))
+
+    def batched_full_rate(measured: dict) -> float:
+        return (args.batched_tasks * history.steps_per_stream(full_length) * dark["n_stream"]
+                / full_estimate(measured, full_length, args.batched_tasks))
+
+    batched = sorted((b for _, b in pairs), key=lambda b: b["seconds"])[len(pairs) // 2]  # the median run
     if args.n_stream == dark_full["n_stream"]:
         seconds = full_estimate(batched, dark_full, len(envs.task_list(dark_full)))
         emit({"result": "full_darkroom_estimate", "tasks": len(envs.task_list(dark_full)),
               "n_stream": dark_full["n_stream"], "steps_per_stream": history.steps_per_stream(dark_full),
               "seconds": round(seconds), "minutes": round(seconds / 60, 1),
               "measured_rollouts": batched["rollouts"], "full_rollouts": history.n_rollouts(dark_full)})
-    if sb3 is not None:
-        emit({"result": "speedup", "env": "darkroom",
-              "batched_over_sb3": round(batched_full_rate / sb3["env_steps_per_s"], 1),
-              "sb3_env_steps_per_s": sb3["env_steps_per_s"],
-              "batched_env_steps_per_s_full_run": round(batched_full_rate)})
+    if not args.skip_sb3:
+        ratios = [batched_full_rate(b) / a["env_steps_per_s"] for a, b in pairs]
+        emit({"result": "speedup", "env": "darkroom", "order": "interleaved: sb3, batched, sb3, batched, ...",
+              "repeats": args.repeats, "batched_over_sb3_median": round(statistics.median(ratios), 1),
+              "batched_over_sb3_each": [round(r, 1) for r in ratios],
+              "sb3_env_steps_per_s_each": [a["env_steps_per_s"] for a, _ in pairs],
+              "batched_env_steps_per_s_full_run_each": [round(batched_full_rate(b)) for _, b in pairs],
+              "load_avg_1min_sb3": [a["load_avg_1min"] for a, _ in pairs],
+              "load_avg_1min_batched": [b["load_avg_1min"] for _, b in pairs]})
 
     if args.k2d_tasks:
         k2d = config("dark_key_to_door", args.k2d_rollouts, common)
