@@ -99,10 +99,16 @@ TRUNK, HEADS = ("W1", "b1", "W2", "b2"), ("W_pi", "b_pi", "W_vf", "b_vf")
 
 # ----------------------------------------------------------------------------- network
 
+def _tanh_(z: torch.Tensor) -> torch.Tensor:
+    """tanh in place. On CPU as 2 * sigmoid(2z) - 1: torch's CPU tanh is ~3x slower than
+    sigmoid, and tanh is a large share of an update. The two agree within 2e-7."""
+    if z.is_cuda:
+        return z.tanh_()
+    return z.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+
+
 def _linear_tanh(bias, weight, x, out):
-    """out = tanh(weight @ x + bias), batched. On CPU as 2 * sigmoid(2z) - 1 (the 2z
-    folded into the matmul): torch's CPU tanh is ~3x slower than sigmoid, and tanh is
-    a large share of an update. The two agree within 2e-7."""
+    """out = tanh(weight @ x + bias), batched (the 2z of `_tanh_` folded into the matmul on CPU)."""
     if out.is_cuda:
         return torch.baddbmm(bias, weight, x, out=out).tanh_()
     return torch.baddbmm(bias, weight, x, beta=2.0, alpha=2.0, out=out).sigmoid_().mul_(2.0).sub_(1.0)
@@ -119,10 +125,17 @@ class BatchedActorCritic:
     The policy and value trunks (two tanh layers each) of all tasks form 2 x n_tasks
     sub-networks stored branch-major: trunk tensors are (2, n_tasks, ...), branch 0 the
     policy and branch 1 the value net, so `view(2 * n_tasks, ...)` feeds `torch.bmm`
-    and `[0]` / `[1]` are contiguous per-branch slices. Weights are (out, in) like
-    `nn.Linear.weight`, biases (out, 1), and activations are kept feature-major,
-    (features, rows): a layer is `W @ x + b`. With this layout the heads (5 and 1
-    outputs) run as fast matmuls; row-major, MKL is 5-10x slower on them.
+    and `[0]` / `[1]` are contiguous per-branch slices.
+
+    The first layer is stored input-major, W1 (in, out) and b1 (1, out), and its
+    activations row-major, (rows, features): with a one-hot input (MultiDiscrete
+    observations) the layer is a sum of k rows of W1 per observation (`embedding_bag`)
+    and its weight gradient a scatter-add of k rows (`index_add_`), instead of a matmul
+    over mostly zeros (layer 1 of a darkroom update took 15% of its time as a matmul at
+    a third of the speed of layer 2's). The rest is feature-major, (features, rows):
+    W (out, in) like `nn.Linear.weight`, b (out, 1), a layer is `W @ x + b`. With this
+    layout the heads (5 and 1 outputs) run as fast matmuls; row-major, MKL is 5-10x
+    slower on them.
 
     `forward` keeps the activations of its last call with this minibatch size;
     `backward` turns loss gradients w.r.t. logits and values into parameter gradients
@@ -132,7 +145,7 @@ class BatchedActorCritic:
     def __init__(self, n_tasks: int, obs_dim: int, n_actions: int, device):
         self.n, self.obs_dim, self.n_actions, self.device = n_tasks, obs_dim, n_actions, device
         B, D, H, A = n_tasks, obs_dim, HIDDEN, n_actions
-        shapes = {"W1": (2, B, H, D), "b1": (2, B, H, 1), "W2": (2, B, H, H), "b2": (2, B, H, 1),
+        shapes = {"W1": (2, B, D, H), "b1": (2, B, 1, H), "W2": (2, B, H, H), "b2": (2, B, H, 1),
                   "W_pi": (B, A, H), "b_pi": (B, A, 1), "W_vf": (B, 1, H), "b_vf": (B, 1, 1)}
         self.params = {k: torch.zeros(s, device=device) for k, s in shapes.items()}
         self.grads = {k: torch.zeros(s, device=device) for k, s in shapes.items()}
@@ -157,7 +170,7 @@ class BatchedActorCritic:
         hidden, D, H, A = math.sqrt(2), self.obs_dim, HIDDEN, self.n_actions
         with torch.no_grad():
             for branch in (0, 1):  # policy trunk, then value trunk
-                self.params["W1"][branch, slot] = orthogonal(D, H, hidden)
+                self.params["W1"][branch, slot] = orthogonal(D, H, hidden).T
                 self.params["W2"][branch, slot] = orthogonal(H, H, hidden)
             self.params["W_pi"][slot] = orthogonal(H, A, 0.01)
             self.params["W_vf"][slot] = orthogonal(H, 1, 1.0)
@@ -173,12 +186,12 @@ class BatchedActorCritic:
         """Views of one task's parameters (or gradients), named and shaped as in SB3's
         ActorCriticPolicy (weight (out, in), bias (out,))."""
         P = self.grads if grads else self.params
-        return {"mlp_extractor.policy_net.0.weight": P["W1"][0, slot],
-                "mlp_extractor.policy_net.0.bias": P["b1"][0, slot, :, 0],
+        return {"mlp_extractor.policy_net.0.weight": P["W1"][0, slot].T,
+                "mlp_extractor.policy_net.0.bias": P["b1"][0, slot, 0],
                 "mlp_extractor.policy_net.2.weight": P["W2"][0, slot],
                 "mlp_extractor.policy_net.2.bias": P["b2"][0, slot, :, 0],
-                "mlp_extractor.value_net.0.weight": P["W1"][1, slot],
-                "mlp_extractor.value_net.0.bias": P["b1"][1, slot, :, 0],
+                "mlp_extractor.value_net.0.weight": P["W1"][1, slot].T,
+                "mlp_extractor.value_net.0.bias": P["b1"][1, slot, 0],
                 "mlp_extractor.value_net.2.weight": P["W2"][1, slot],
                 "mlp_extractor.value_net.2.bias": P["b2"][1, slot, :, 0],
                 "action_net.weight": P["W_pi"][slot], "action_net.bias": P["b_pi"][slot, :, 0],
@@ -190,8 +203,10 @@ class BatchedActorCritic:
         if m not in self._buffers:
             G, D, H = 2 * self.n, self.obs_dim, HIDDEN
             new = lambda *s: torch.empty(*s, device=self.device)  # noqa: E731
-            self._buffers[m] = {"x": new(G, D, m), "h1": new(G, H, m), "h2": new(G, H, m),
-                                "g2": new(G, H, m), "g1": new(G, H, m)}
+            self._buffers[m] = {"x": new(G, m, D), "h1": new(G, m, H), "h2": new(G, H, m),
+                                "g2": new(G, H, m), "g1": new(G, m, H),
+                                # rows of W1 (as one (G * D, H) table) of each network's copy of each observation
+                                "rows": torch.arange(G, device=self.device).view(2, self.n, 1, 1) * D}
         return self._buffers[m]
 
     def forward(self, hot: torch.Tensor):
@@ -199,15 +214,18 @@ class BatchedActorCritic:
         one-hot observation are (ObsEncoder), or float, the observation itself (BoxEncoder)
         -> logits (n_tasks, A, m) (feature-major, like the activations) and values (n_tasks, m)."""
         B, m, k = hot.shape
-        P, buf = self.P, self._buffers_for(m)
-        # the input, feature-major; both branches see the same x
-        x = buf["x"].view(2, B, self.obs_dim, m)
-        if hot.is_floating_point():
-            x.copy_(hot.transpose(1, 2).unsqueeze(0).expand(2, B, k, m))
-        else:
-            x.zero_().scatter_(2, hot.transpose(1, 2).unsqueeze(0).expand(2, B, k, m), 1.0)
-        _linear_tanh(P["b1"], P["W1"], buf["x"], out=buf["h1"])
-        _linear_tanh(P["b2"], P["W2"], buf["h1"], out=buf["h2"])
+        G, P, buf = 2 * B, self.P, self._buffers_for(m)
+        h1 = buf["h1"]  # (G, m, H), row-major
+        if hot.is_floating_point():  # both branches see the same x
+            buf["x"].view(2, B, m, k).copy_(hot.unsqueeze(0).expand(2, B, m, k))
+            torch.baddbmm(P["b1"], buf["x"], P["W1"], out=h1)
+        else:  # a one-hot input: sum the rows of W1 where the ones are (rows of the (G * D, H) table)
+            buf["index"] = (hot.unsqueeze(0) + buf["rows"]).view(G * m, k)
+            h1.view(G * m, HIDDEN).copy_(torch.nn.functional.embedding_bag(
+                buf["index"], P["W1"].view(-1, HIDDEN), mode="sum"))
+            h1.add_(P["b1"])
+        _tanh_(h1)
+        _linear_tanh(P["b2"], P["W2"], h1.transpose(1, 2), out=buf["h2"])
         h2 = buf["h2"].view(2, B, HIDDEN, m)
         logits = torch.baddbmm(P["b_pi"], P["W_pi"], h2[0])  # (B, A, m)
         values = torch.baddbmm(P["b_vf"], P["W_vf"], h2[1])  # (B, 1, m)
@@ -229,13 +247,18 @@ class BatchedActorCritic:
         torch.bmm(P["W_pi"].transpose(1, 2), g_logits, out=g2[0])
         torch.mul(P["W_vf"].transpose(1, 2), g_values, out=g2[1])
         _tanh_backward_(buf["g2"], buf["h2"])
-        torch.bmm(buf["g2"], buf["h1"].transpose(1, 2), out=Gr["W2"])
+        torch.bmm(buf["g2"], buf["h1"], out=Gr["W2"])
         torch.sum(buf["g2"], 2, keepdim=True, out=Gr["b2"])
-        # first trunk layer (no gradient w.r.t. the input)
-        torch.bmm(P["W2"].transpose(1, 2), buf["g2"], out=buf["g1"])
+        # first trunk layer, row-major (no gradient w.r.t. the input)
+        torch.bmm(buf["g2"].transpose(1, 2), P["W2"], out=buf["g1"])
         _tanh_backward_(buf["g1"], buf["h1"])
-        torch.bmm(buf["g1"], buf["x"].transpose(1, 2), out=Gr["W1"])
-        torch.sum(buf["g1"], 2, keepdim=True, out=Gr["b1"])
+        torch.sum(buf["g1"], 1, keepdim=True, out=Gr["b1"])
+        if "index" in buf:  # one-hot input: each row of g1 goes to the k rows of W1 its input selected
+            table, g1 = Gr["W1"].view(-1, HIDDEN).zero_(), buf["g1"].view(-1, HIDDEN)
+            for j in range(buf["index"].shape[1]):
+                table.index_add_(0, buf["index"][:, j], g1)
+        else:
+            torch.bmm(buf["x"].transpose(1, 2), buf["g1"], out=Gr["W1"])
 
     # -- per-task gradient clipping
     def grad_norms(self) -> torch.Tensor:

@@ -114,7 +114,8 @@ def test_manual_gradients_match_autograd_of_batched_loss():
     # the same function with autograd, through a plain per-task implementation of the network
     params = {k: p.clone().requires_grad_() for k, p in net.params.items()}
     x = encoder.one_hot(mb["obs"]).transpose(1, 2)  # (B, D, m)
-    h = [torch.tanh(params["W2"][b] @ torch.tanh(params["W1"][b] @ x + params["b1"][b]) + params["b2"][b])
+    # (the first layer is stored input-major: W1 (in, out), b1 (1, out))
+    h = [torch.tanh(params["W2"][b] @ torch.tanh(params["W1"][b].mT @ x + params["b1"][b].mT) + params["b2"][b])
          for b in (0, 1)]
     ref_logits = params["W_pi"] @ h[0] + params["b_pi"]
     ref_values = (params["W_vf"] @ h[1] + params["b_vf"])[:, 0]
