@@ -3,6 +3,7 @@
     python bench/collect.py                      # full size: ~11 min on 2 CPU cores
     python bench/collect.py --rollouts 4         # quicker: 4 of the 13 rollouts, extrapolated
     python bench/collect.py --skip-sb3 --k2d-tasks 0
+    git worktree add /tmp/base <commit> && python bench/collect.py --baseline /tmp/base   # before/after
 
 Prints one JSON object per result:
 - `backend: sb3` and `backend: batched`: env-steps/s of each on darkroom with the default
@@ -16,7 +17,12 @@ Prints one JSON object per result:
   SB3, batched, ...), each pair's ratio and the 1-minute load average of each half;
 - `backend: batched, env: dark_key_to_door`: the same measurement on Dark Key-to-Door
   (default 9x9 settings: n_steps 100, batch 50, 20 epochs) for --k2d-tasks tasks, and an
-  estimate for its full dataset (6561 tasks) trained in chunks of that size.
+  estimate for its full dataset (6561 tasks) trained in chunks of that size;
+- with --baseline DIR (another checkout of the toolkit, e.g. an older commit made with
+  `git worktree add`): `backend: baseline` records, the batched backend of DIR's code
+  timed on the same tasks and settings, run in its own process right before each
+  batched run of this code (darkroom and Dark Key-to-Door, --repeats pairs each), and
+  `result: speedup_over_baseline` per environment: the median of the pairs' time ratios.
 
 With --rollouts R < the full count, R rollouts are timed and the full time is
 extrapolated per trained rollout: the batched backend does not train after its last
@@ -30,7 +36,10 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
 
@@ -65,7 +74,7 @@ def timed_collect(backend, cfg: dict, indices: list[int]) -> dict:
     seconds = time.perf_counter() - start
     return {"tasks": len(indices), "n_stream": cfg["n_stream"], "rollouts": history.n_rollouts(cfg),
             "env_steps": steps, "seconds": round(seconds, 2), "env_steps_per_s": round(steps / seconds),
-            "load_avg_1min": round(os.getloadavg()[0], 2)}
+            "load_avg_1min": round(os.getloadavg()[0], 2), "toolkit_root": str(ROOT)}
 
 
 def full_estimate(measured: dict, cfg_full: dict, n_tasks_full: int) -> float:
@@ -78,6 +87,27 @@ def full_estimate(measured: dict, cfg_full: dict, n_tasks_full: int) -> float:
 
 def emit(record: dict):
     print(json.dumps(record), flush=True)
+
+
+def timed_baseline(baseline: Path, cfg: dict, n_tasks: int) -> dict:
+    """timed_collect of the batched backend of another checkout, in a process that imports it."""
+    proc = subprocess.run([sys.executable, __file__, "--time-config", json.dumps(cfg), "--time-tasks", str(n_tasks)],
+                          env={**os.environ, "AD_TOOLKIT_ROOT": str(baseline)}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the baseline at {baseline} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def ratio_record(env: str, pairs: list) -> dict:
+    """Baseline seconds over this code's seconds, for each interleaved pair of equal work."""
+    ratios = [base["seconds"] / new["seconds"] for base, new in pairs]
+    return {"result": "speedup_over_baseline", "env": env, "order": "interleaved: baseline, this, baseline, ...",
+            "repeats": len(pairs), "this_over_baseline_median": round(statistics.median(ratios), 3),
+            "this_over_baseline_each": [round(r, 3) for r in ratios],
+            "baseline_env_steps_per_s_each": [b["env_steps_per_s"] for b, _ in pairs],
+            "env_steps_per_s_each": [n["env_steps_per_s"] for _, n in pairs],
+            "load_avg_1min_baseline": [b["load_avg_1min"] for b, _ in pairs],
+            "load_avg_1min_this": [n["load_avg_1min"] for _, n in pairs]}
 
 
 def main():
@@ -96,7 +126,19 @@ def main():
                         help="darkroom pairs (sb3, batched) run one after the other, interleaved; the speedup is "
                              "the median of the pairs' ratios (default 3)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout of the toolkit whose batched backend is timed interleaved with this "
+                             "one (e.g. `git worktree add /tmp/base <commit>`)")
+    # internal: one timed batched collection of the given config (how --baseline runs DIR's code)
+    parser.add_argument("--time-config", help=argparse.SUPPRESS)
+    parser.add_argument("--time-tasks", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.time_config:
+        emit(timed_collect(batched_ppo, json.loads(args.time_config), list(range(args.time_tasks))))
+        return
+    if args.baseline is not None and not (args.baseline / "algorithm/batched_ppo.py").is_file():
+        parser.error(f"--baseline {args.baseline} is not a checkout of the toolkit (no algorithm/batched_ppo.py); "
+                     "make one with `git worktree add DIR <commit>`")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.rollouts == 1 or args.k2d_rollouts < 2:
@@ -110,18 +152,26 @@ def main():
 
     # A, B, A, B, ...: both backends see the same spells of load, and the ratio of each
     # pair is taken before the median, so a busy spell shifts both halves of a pair
-    pairs = []
+    pairs, baseline_pairs = [], []
     for repeat in range(args.repeats):
         sb3 = None
         if not args.skip_sb3:
             sb3 = {"backend": "sb3", "env": "darkroom", "repeat": repeat, "n_process": dark["n_process"],
                    **timed_collect(sb3_ppo, dark, list(range(args.sb3_tasks))), **info}
             emit(sb3)
+        if args.baseline is not None:
+            base = {"backend": "baseline", "env": "darkroom", "repeat": repeat, "root": str(args.baseline),
+                    **timed_baseline(args.baseline, dark, args.batched_tasks), **info}
+            emit(base)
         batched = {"backend": "batched", "env": "darkroom", "repeat": repeat,
                    "workers": batched_ppo.n_workers(dark, device),
                    **timed_collect(batched_ppo, dark, list(range(args.batched_tasks))), **info}
         emit(batched)
         pairs.append((sb3, batched))
+        if args.baseline is not None:
+            baseline_pairs.append((base, batched))
+    if baseline_pairs:
+        emit(ratio_record("darkroom", baseline_pairs))
     # both rates as in a full-length run of the measured tasks
     full_length = {**dark, "total_source_timesteps": dark_full["total_source_timesteps"]}
 
@@ -149,13 +199,24 @@ def main():
     if args.k2d_tasks:
         k2d = config("dark_key_to_door", args.k2d_rollouts, common)
         k2d_full = load_config(CONFIGS["dark_key_to_door"], {"device": args.device})
-        measured = timed_collect(batched_ppo, k2d, list(range(args.k2d_tasks)))
         n_full = len(envs.task_list(k2d_full))
-        seconds = full_estimate(measured, k2d_full, n_full)
-        emit({"backend": "batched", "env": "dark_key_to_door", "grid_size": k2d["grid_size"],
-              "horizon": k2d["horizon"], "n_steps": k2d["n_steps"], "batch_size": k2d["batch_size"],
-              **measured, "full_dataset_tasks": n_full, "full_dataset_estimate_hours": round(seconds / 3600, 1),
-              **info})
+        settings = {"grid_size": k2d["grid_size"], "horizon": k2d["horizon"], "n_steps": k2d["n_steps"],
+                    "batch_size": k2d["batch_size"]}
+        k2d_pairs = []
+        for repeat in range(args.repeats if args.baseline is not None else 1):
+            if args.baseline is not None:
+                base = {"backend": "baseline", "env": "dark_key_to_door", "repeat": repeat,
+                        "root": str(args.baseline), **settings,
+                        **timed_baseline(args.baseline, k2d, args.k2d_tasks), **info}
+                emit(base)
+            measured = timed_collect(batched_ppo, k2d, list(range(args.k2d_tasks)))
+            seconds = full_estimate(measured, k2d_full, n_full)
+            emit({"backend": "batched", "env": "dark_key_to_door", "repeat": repeat, **settings, **measured,
+                  "full_dataset_tasks": n_full, "full_dataset_estimate_hours": round(seconds / 3600, 1), **info})
+            if args.baseline is not None:
+                k2d_pairs.append((base, measured))
+        if k2d_pairs:
+            emit(ratio_record("dark_key_to_door", k2d_pairs))
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ SCHEMA: dict[str, Key] = {
         n_stream=(int, 100, "parallel copies of each task (independent histories)", {"min": 1}),
         n_process=(int, 2, "worker processes: one per task at a time (sb3), or the slices of a task "
                    "chunk (batched, on CPU)", {"min": 1}),
-        task_chunk=(int, 0, "batched backend: tasks trained together per chunk (0 = all that fit in "
-                    "half of the free memory); smaller chunks bound memory and write results sooner",
+        task_chunk=(int, 0, "batched backend: tasks trained together per chunk (0 = up to 256, and no "
+                    "more than fit in half of the free memory); smaller chunks bound memory and "
+                    "write results sooner",
                     {"min": 0}),
         alg_seed=(int, 42, "seed of the source learners (names the dataset file)", SEED),
     ),

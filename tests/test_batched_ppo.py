@@ -335,6 +335,10 @@ def test_task_chunk_0_is_cut_to_fit_memory(monkeypatch, capsys):
     assert batched_ppo.chunk_size(small_cfg(task_chunk=4), 10, 10, torch.device("cpu")) == 4  # asked for
     monkeypatch.setattr(batched_ppo, "available_memory", lambda device: 1 << 40)
     assert batched_ppo.chunk_size(cfg, 10, 10, torch.device("cpu")) == 10
+    # however much memory there is, an automatic chunk is at most AUTO_CHUNK_TASKS tasks, so
+    # finished tasks reach the disk while a big collection runs
+    assert batched_ppo.chunk_size(cfg, 650, 10, torch.device("cpu")) == batched_ppo.AUTO_CHUNK_TASKS == 256
+    assert capsys.readouterr().err == ""
 
 
 def test_learns_on_a_small_darkroom():
