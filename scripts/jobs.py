@@ -39,13 +39,16 @@ def run(cmd: list[str]) -> float:
 
 def run_jobs(jobs: list[tuple[str, list[str]]], n_parallel: int, log_dir: Path) -> dict:
     """Run (name, argv) jobs, n_parallel at a time, each logging to log_dir/name.log;
-    stop at the first failure. Returns seconds per job."""
+    stop at the first failure. Returns seconds per job. Logs are appended to, each run
+    under a `=== <time> <command>` line: a rerun (a study adding seeds) keeps earlier logs."""
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running, seconds = list(jobs), {}, {}
     while pending or running:
         while pending and len(running) < n_parallel:
             name, argv = pending.pop(0)
-            log = open(log_dir / f"{name}.log", "w")
+            log = open(log_dir / f"{name}.log", "a")
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
+            log.flush()
             print(f"  start {name}: {' '.join(argv)}", flush=True)
             running[name] = (subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                               preexec_fn=stop_with_parent),

@@ -121,3 +121,11 @@ def test_study_plot_draws_budgets_where_only_some_seeds_reach_80_percent(tmp_pat
             {**row, "n_transit": 10, "context_tokens": 10, "seed": 0, "episodes_to_80": None}]
     memory_study.plot_study(tmp_path / "study.png", rows, "test")
     assert (tmp_path / "study.png").stat().st_size > 0
+
+
+def test_job_logs_keep_earlier_runs(tmp_path):
+    import jobs
+    for word in ("first", "second"):
+        jobs.run_jobs([("say", ["-c", f"print('{word}')"])], 1, tmp_path)
+    log = (tmp_path / "say.log").read_text()
+    assert log.count("=== ") == 2 and log.index("first") < log.index("second")
