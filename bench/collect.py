@@ -16,7 +16,7 @@ Prints one JSON object per result:
   full-length run (see below): the median over --repeats pairs run interleaved (SB3, batched,
   SB3, batched, ...), each pair's ratio and the 1-minute load average of each half;
 - `backend: batched, env: dark_key_to_door`: the same measurement on Dark Key-to-Door
-  (default 9x9 settings: n_steps 100, batch 50, 20 epochs) for --k2d-tasks tasks, and an
+  (default 9x9 settings: 8 streams, n_steps 100, batch 50, 20 epochs) for --k2d-tasks tasks, and an
   estimate for its full dataset (6561 tasks) trained in chunks of that size;
 - with --baseline DIR (another checkout of the toolkit, e.g. an older commit made with
   `git worktree add`): `backend: baseline` records, the batched backend of DIR's code
@@ -117,7 +117,7 @@ def main():
     parser.add_argument("--batched-tasks", type=int, default=81, help="darkroom tasks for batched (default 81)")
     parser.add_argument("--rollouts", type=int, default=0,
                         help="PPO rollouts to time per backend (default 0: the full 13)")
-    parser.add_argument("--n-stream", type=int, default=100, help="streams per task (default 100)")
+    parser.add_argument("--n-stream", type=int, default=100, help="streams per darkroom task (default 100)")
     parser.add_argument("--k2d-tasks", type=int, default=81,
                         help="Dark Key-to-Door tasks for batched (default 81; 0 skips it)")
     parser.add_argument("--k2d-rollouts", type=int, default=3, help="Dark Key-to-Door rollouts to time (default 3)")
@@ -197,7 +197,7 @@ def main():
               "load_avg_1min_batched": [b["load_avg_1min"] for _, b in pairs]})
 
     if args.k2d_tasks:
-        k2d = config("dark_key_to_door", args.k2d_rollouts, common)
+        k2d = config("dark_key_to_door", args.k2d_rollouts, {"device": args.device})  # its own 8 streams
         k2d_full = load_config(CONFIGS["dark_key_to_door"], {"device": args.device})
         n_full = len(envs.task_list(k2d_full))
         settings = {"grid_size": k2d["grid_size"], "horizon": k2d["horizon"], "n_steps": k2d["n_steps"],
