@@ -188,6 +188,7 @@ def plot_study(path: Path, rows: list[dict], title: str):
     if not any_reached:  # nothing to draw on a log axis
         ax2.text(0.5, 0.5, "no budget reached 80% of optimal in every seed", ha="center", transform=ax2.transAxes)
         ax2.set_xlim(min(r["context_tokens"] for r in rows), max(r["context_tokens"] for r in rows))
+    ax2.set_ylim(0, rows[0]["n_episodes"])  # the whole evaluation: "never" sits at the top, PPO in context
     for ax, label in ((ax1, f"% of optimal, episode {rows[0]['n_episodes']}"), (ax2, "episodes to 80% of optimal")):
         ax.set_xscale("log")
         ax.set_xlabel("context tokens attended (log)")
