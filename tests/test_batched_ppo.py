@@ -10,8 +10,8 @@ import torch
 
 import env as envs
 from algorithm import batched_ppo, history
-from algorithm.batched_ppo import (BatchedActorCritic, BatchedAdam, ObsEncoder, normalize_advantages, ppo_loss,
-                                   ppo_loss_gradients)
+from algorithm.batched_net import BatchedActorCritic, BatchedAdam, normalize_advantages, ppo_loss, ppo_loss_gradients
+from algorithm.batched_ppo import ObsEncoder
 from utils import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
