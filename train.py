@@ -181,10 +181,12 @@ def previous_training(run_dir: Path) -> dict:
         raise UserError(f"{path} is damaged ({first_line(e)}); move it away (the run itself is fine)") from None
 
 
-def setup_distributed():
+def setup_distributed(device: torch.device):
+    """(rank, world size) under torchrun, else (0, 1). nccl only when the run trains on
+    CUDA: a `device=cpu` run on a GPU box needs gloo (nccl cannot reduce CPU tensors)."""
     if "RANK" not in os.environ:
         return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -201,8 +203,8 @@ def train(cfg: dict):
 
 
 def _train(cfg: dict):
-    rank, world = setup_distributed()
     device = pick_device(cfg["device"])
+    rank, world = setup_distributed(device)
     if device.type == "cpu":
         torch.set_num_threads(cfg["cpu_threads"])
     if device.type == "cuda" and world > 1:

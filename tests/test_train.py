@@ -328,6 +328,21 @@ def test_ddp_two_processes_gloo_on_cpu(data_dir, tmp_path, variant):
         assert any(0 in d[:-1] for d in depths) and any(x > 0 for d in depths for x in d), depths
 
 
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "nccl")])
+def test_ddp_backend_follows_the_training_device(monkeypatch, device, backend):
+    """A device=cpu run on a GPU box must use gloo: nccl cannot reduce CPU tensors."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(train.dist, "init_process_group", chosen.append)
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert train.setup_distributed(torch.device(device)) == (0, 2)
+    assert chosen == [backend]
+
+
 @pytest.mark.slow  # three torchrun runs: ~40 s on 2 cores
 @pytest.mark.parametrize("variant", ["AD", "CompressedAD"])
 def test_ddp_resume_after_kill_gives_the_same_parameters(data_dir, tmp_path, variant):
