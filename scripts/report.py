@@ -14,14 +14,23 @@ BOOTSTRAP_REPS = 2000  # enough for a 2-decimal interval; rliable's default (50k
 
 
 def iqm_with_ci(scores: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """(IQM, CI low, CI high) of a (runs, tasks) score matrix."""
+    """(IQM, CI low, CI high) of a (runs, tasks) score matrix; the same numbers for the
+    same scores and seed, whatever else has drawn random numbers in this process."""
     from rliable import library as rly, metrics
     scores = np.asarray(scores, dtype=np.float64)
-    with warnings.catch_warnings():  # arch's notice that it will prefer numpy Generators
-        warnings.simplefilter("ignore", FutureWarning)
-        point, interval = rly.get_interval_estimates(
-            {"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=BOOTSTRAP_REPS,
-            random_state=np.random.RandomState(seed))
+    # rliable's StratifiedBootstrap draws its resamples from numpy's global RNG and ignores
+    # the random_state it is given (rliable 1.2), so the interval moved between runs:
+    # seed the global RNG for the call and give the caller's state back afterwards
+    outer_state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():  # arch's notice that it will prefer numpy Generators
+            warnings.simplefilter("ignore", FutureWarning)
+            point, interval = rly.get_interval_estimates(
+                {"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=BOOTSTRAP_REPS,
+                random_state=np.random.RandomState(seed))
+    finally:
+        np.random.set_state(outer_state)
     return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
 
 
