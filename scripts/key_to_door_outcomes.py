@@ -1,0 +1,94 @@
+"""Where a Dark Key-to-Door agent falls short: finding the key, remembering it, or the door.
+
+Every episode ends with return 0 (no key), 1 (the key only) or 2 (key, then door). For the
+source PPO (the held-out tasks' streams in the history file) and for evaluated runs (their
+rollouts, pooled over the runs given), this prints
+- the share of episodes ending 0 / 1 / 2 at a few points of the learning curve;
+- how often the next episode repeats what this one reached (exploitation: is the key, or the
+  door, remembered once found?) and how often an episode without the key is followed by one
+  with it (exploration: how well does it search?).
+
+    python scripts/key_to_door_outcomes.py runs/dark_key_to_door_9x9/AD-dark_key_to_door-seed*
+    python scripts/key_to_door_outcomes.py RUN... --tag val_T075      # eval_result_val_T075.npy
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from ppo_curve import fraction_of_optimal  # noqa: E402
+from utils import UserError, dataset_path, load_config, run_cli  # noqa: E402
+
+POINTS = {"1-5": slice(0, 5), "10": slice(9, 10), "20": slice(19, 20), "50": slice(49, 50), "91-100": slice(90, 100)}
+
+
+def run_outcomes(run_dir: Path, tag: str) -> tuple[np.ndarray, dict]:
+    """(rollouts, episodes) outcomes 0/1/2 of one evaluated run, and its eval summary."""
+    suffix = f"_{tag}" if tag else ""
+    returns, summary = run_dir / f"eval_result{suffix}.npy", run_dir / f"eval_summary{suffix}.json"
+    if not (returns.is_file() and summary.is_file()):
+        raise UserError(f"{run_dir} has no evaluation{' tagged ' + tag if tag else ''} ({returns.name}); run "
+                        f"evaluate.py {run_dir}{' --tag ' + tag if tag else ''} first")
+    summary = json.loads(summary.read_text())
+    optimal = {t["optimal"] for t in summary["per_task"]}
+    if optimal != {2.0}:
+        raise UserError(f"{run_dir} is not a Dark Key-to-Door evaluation (optimal returns {sorted(optimal)}, "
+                        "expected 2: key, then door)")
+    return np.rint(np.load(returns)), summary
+
+
+def source_outcomes(run_dir: Path, split: str) -> np.ndarray:
+    """(tasks x streams, episodes) outcomes of the source PPO on a run's evaluation split."""
+    cfg = load_config([run_dir / "config.yaml"])
+    frac = fraction_of_optimal(dataset_path(cfg), split)  # (tasks, episodes, streams)
+    return np.rint(2 * frac).transpose(0, 2, 1).reshape(-1, frac.shape[1])
+
+
+def shares(outcomes: np.ndarray, episodes: slice) -> str:
+    x = outcomes[:, episodes]
+    return " / ".join(f"{100 * np.mean(x == k):.0f}" for k in (0, 1, 2)) if x.size else "-"
+
+
+def transitions(outcomes: np.ndarray) -> list[str]:
+    """P(key next | key now), P(door next | door now), P(key next | no key now), each with its count."""
+    now, then = outcomes[:, :-1], outcomes[:, 1:]
+
+    def conditional(given, event):
+        return f"{100 * event[given].mean():.0f}% ({given.sum()})" if given.any() else "-"
+    return [conditional(now >= 1, then >= 1), conditional(now == 2, then == 2), conditional(now == 0, then >= 1)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("runs", type=Path, nargs="+", help="evaluated run directories (pooled: e.g. the seeds of one variant)")
+    p.add_argument("--tag", default="", help="read eval_result_TAG.npy (evaluate.py --tag) instead of eval_result.npy")
+    p.add_argument("--no-source", action="store_true", help="leave out the source PPO's row")
+    args = p.parse_args()
+    rows, splits = {}, set()
+    for run_dir in args.runs:
+        outcomes, summary = run_outcomes(run_dir, args.tag)
+        splits.add(summary["eval_split"])
+        name = f"{run_dir.name.replace('-dark_key_to_door', '').split('-seed')[0]} (T {summary['temperature']})"
+        rows[name] = np.concatenate([rows[name], outcomes]) if name in rows else outcomes
+    if len(splits) > 1:
+        raise UserError(f"the runs were evaluated on different splits ({sorted(splits)}); compare one split at a time")
+    if not args.no_source:
+        rows = {"source PPO": source_outcomes(args.runs[0], splits.pop())} | rows
+    print("% of episodes ending with no key / the key only / key and door, by episode\n")
+    print("| who | " + " | ".join(f"episode {k}" for k in POINTS) + " |\n|---|" + "---|" * len(POINTS))
+    for name, outcomes in rows.items():
+        print(f"| {name} | " + " | ".join(shares(outcomes, s) for s in POINTS.values()) + " |")
+    print("\nnext episode given this one, over all episodes (count of this-episode cases)\n")
+    print("| who | key again after the key | door again after the door | key after no key |\n|---|---|---|---|")
+    for name, outcomes in rows.items():
+        print(f"| {name} | " + " | ".join(transitions(outcomes)) + " |")
+
+
+if __name__ == "__main__":
+    run_cli(main)

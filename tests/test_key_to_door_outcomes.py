@@ -1,0 +1,51 @@
+"""scripts/key_to_door_outcomes.py: outcome shares and next-episode rates from evaluated runs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import key_to_door_outcomes as outcomes  # noqa: E402
+
+
+def test_transitions_count_what_the_next_episode_reaches():
+    # rollout 0 finds the key and keeps it, then the door once and loses it; rollout 1 never finds the key
+    runs = np.array([[0, 1, 1, 2, 1],
+                     [0, 0, 0, 0, 0]])
+    key_again, door_again, key_after_none = outcomes.transitions(runs)
+    assert key_again == "100% (3)"       # after 1, 1, 2 comes 1, 2, 1
+    assert door_again == "0% (1)"        # after the 2 comes a 1
+    assert key_after_none == "20% (5)"   # five episodes without the key, one followed by the key
+    assert outcomes.shares(runs, slice(0, 2)) == "75 / 25 / 0"
+
+
+def fake_run(path: Path, returns: np.ndarray, optimal: float = 2.0) -> Path:
+    path.mkdir()
+    np.save(path / "eval_result.npy", returns)
+    (path / "eval_summary.json").write_text(json.dumps({
+        "per_task": [{"optimal": optimal}], "eval_split": "test", "temperature": 0.75}))
+    return path
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts/key_to_door_outcomes.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_runs_of_one_variant_are_pooled(tmp_path):
+    a = fake_run(tmp_path / "AD-dark_key_to_door-seed0", np.full((2, 100), 2.0))
+    b = fake_run(tmp_path / "AD-dark_key_to_door-seed1", np.zeros((2, 100)))
+    proc = run_script(str(a), str(b), "--no-source")
+    assert proc.returncode == 0, proc.stderr
+    assert "| AD (T 0.75) | 50 / 0 / 50 |" in proc.stdout
+    assert "source PPO" not in proc.stdout
+
+
+def test_refuses_a_run_that_is_not_key_to_door(tmp_path):
+    darkroom = fake_run(tmp_path / "AD-darkroom-seed0", np.full((2, 100), 15.0), optimal=17.0)
+    proc = run_script(str(darkroom), "--no-source")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "not a Dark Key-to-Door evaluation" in proc.stderr
