@@ -158,9 +158,6 @@ class AD(nn.Module):
     `new_episode` (0/1); `targets` for training: `action` and `next_kind` (IGNORE where there
     is none).
     """
-    # every training step uses every parameter, so DDP need not search the graph for unused ones
-    ddp_find_unused_parameters = False
-
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.config = c

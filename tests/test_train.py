@@ -344,7 +344,7 @@ def test_ddp_backend_follows_the_training_device(monkeypatch, device, backend):
 
 
 @pytest.mark.slow  # three torchrun runs: ~40 s on 2 cores
-@pytest.mark.parametrize("variant", ["AD", "CompressedAD"])
+@pytest.mark.parametrize("variant", list(DDP_VARIANTS))
 def test_ddp_resume_after_kill_gives_the_same_parameters(data_dir, tmp_path, variant):
     a, b = tmp_path / "A", tmp_path / "B"
     assert torchrun_train(variant, data_dir, a).returncode == 0
