@@ -62,13 +62,15 @@ SETUPS = {
 }
 SETUPS.update({
     "bandit": {
-        # 5-armed Bernoulli bandits, 500 tasks; AD with a 150-pull window and its short-window
-        # ablation (10 pulls), each in its own folder (same run name); the regret table against
-        # UCB1, Thompson sampling and the source PPO comes from the report script
+        # 5-armed Bernoulli bandits, 500 tasks; AD with a 150-pull window, its short-window
+        # ablation (10 pulls; own folder, same run name) and CompressedAD with AD-10's window
+        # plus latents; the regret table against UCB1, Thompson sampling and the source PPO
+        # comes from the report script
         "cpu": {"data": ["config/algorithm/ppo_bandit.yaml", "config/env/bandit.yaml"], "train": []},
         "full": {"data": ["config/algorithm/ppo_bandit.yaml", "config/env/bandit.yaml"], "train": FULL_MODEL},
         "variants": {"AD": "config/model/ad_bandit.yaml",
-                     "AD-10": ("config/model/ad_bandit_short.yaml", "ad10")},
+                     "AD-10": ("config/model/ad_bandit_short.yaml", "ad10"),
+                     "CompressedAD": "config/model/ad_compressed_bandit.yaml"},
         "report": "scripts/bandit_baselines.py",
     },
     "point_robot": {
