@@ -123,6 +123,24 @@ def test_study_plot_draws_budgets_where_only_some_seeds_reach_80_percent(tmp_pat
     assert (tmp_path / "study.png").stat().st_size > 0
 
 
+def test_goal_check_compares_compressed_ad_with_the_longest_ad_window():
+    import memory_study
+    base = {"seed": 0, "n_episodes": 100, "long_episodes": 400, "final_fraction_of_optimal_memory_off": 0.2}
+    row = lambda variant, n, tokens, final, long, off=0.2: {  # noqa: E731
+        **base, "variant": variant, "n_transit": n, "context_tokens": tokens, "final_fraction_of_optimal": final,
+        "final_fraction_of_optimal_at_400_episodes": long, "final_fraction_of_optimal_memory_off": off}
+    rows = [row("AD", 100, 100, 0.9, 0.9), row("AD", 1000, 1000, 0.7, 0.68),
+            row("CompressedAD", 25, 33, 0.66, 0.65, off=0.3),   # within 5 of 70 (not of AD-100's 90), loses 36
+            row("CompressedAD", 10, 18, 0.66, 0.6, off=0.5),    # loses only 16, and 8 below at the long episode
+            row("CompressedAD", 200, 208, 0.8, 0.8)]            # more than 1/8 of 1000 tokens
+    lines = {line.split(" |")[0]: line for line in memory_study.goal_check(rows).splitlines() if line.startswith("| ")}
+    assert "n_transit 1000, 1000 tokens" in memory_study.goal_check(rows)
+    assert lines["| 25"].endswith("| yes |")
+    assert lines["| 10"].count("**no**") == 3  # memory, the long episode, all met
+    assert "over 1/8" in lines["| 200"] and lines["| 200"].endswith("| **no** |")
+    assert memory_study.goal_check(rows[:2]).startswith("Goal check: needs")
+
+
 def test_job_logs_keep_earlier_runs(tmp_path):
     import jobs
     for word in ("first", "second"):
