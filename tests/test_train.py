@@ -260,7 +260,7 @@ def test_missing_dataset_exits_2(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------- DDP
 
 MODEL_COMPRESSED_AD = ROOT / "config/model/ad_compressed_dr.yaml"
-# a tiny CompressedAD: stages of 10..20 steps, depths 0..2 (tests/test_compressed.py's sizes)
+# a tiny CompressedAD: stages of 10..20 steps, depths 0..2 (tests/compressed_helpers.py's sizes)
 COMPRESSED_AD_SETS = ["n_transit=40", "n_latent=4", "enc_n_layer=1", "max_compression_depth=2",
                       "grad_compression_rounds=1"]
 DDP_VARIANTS = {  # name: (run directory, model config, extra --set, two-region)
