@@ -10,6 +10,7 @@ rollouts, pooled over the runs given), this prints
 
     python scripts/key_to_door_outcomes.py runs/dark_key_to_door_9x9/AD-dark_key_to_door-seed*
     python scripts/key_to_door_outcomes.py RUN... --tag val_T075      # eval_result_val_T075.npy
+    python scripts/key_to_door_outcomes.py RUN... --episodes 10       # the first 10 episodes only
 """
 import argparse
 import json
@@ -42,10 +43,13 @@ def run_outcomes(run_dir: Path, tag: str) -> tuple[np.ndarray, dict]:
     return np.rint(np.load(returns)), summary
 
 
-def source_outcomes(run_dir: Path, split: str) -> np.ndarray:
-    """(tasks x streams, episodes) outcomes of the source PPO on a run's evaluation split."""
-    cfg = load_config([run_dir / "config.yaml"])
-    frac = fraction_of_optimal(dataset_path(cfg), split)  # (tasks, episodes, streams)
+def source_outcomes(run_dirs: list[Path], split: str) -> np.ndarray:
+    """(tasks x streams, episodes) outcomes of the source PPO on the runs' evaluation split."""
+    datasets = {dataset_path(load_config([d / "config.yaml"])) for d in run_dirs}
+    if len(datasets) > 1:
+        raise UserError(f"the runs were trained on different datasets ({', '.join(map(str, sorted(datasets)))}); "
+                        "compare runs of one dataset, or pass --no-source")
+    frac = fraction_of_optimal(datasets.pop(), split)  # (tasks, episodes, streams)
     return np.rint(2 * frac).transpose(0, 2, 1).reshape(-1, frac.shape[1])
 
 
@@ -69,7 +73,11 @@ def main():
     p.add_argument("runs", type=Path, nargs="+", help="evaluated run directories (pooled: e.g. the seeds of one variant)")
     p.add_argument("--tag", default="", help="read eval_result_TAG.npy (evaluate.py --tag) instead of eval_result.npy")
     p.add_argument("--no-source", action="store_true", help="leave out the source PPO's row")
+    p.add_argument("--episodes", type=int, help="count only the first N episodes (default: as many as the runs' "
+                   "evaluations hold; the source PPO's streams are cut to the same length)")
     args = p.parse_args()
+    if args.episodes is not None and args.episodes < 2:
+        raise UserError(f"--episodes {args.episodes}: the next-episode rates need at least 2 episodes")
     rows, splits = {}, set()
     for run_dir in args.runs:
         outcomes, summary = run_outcomes(run_dir, args.tag)
@@ -79,12 +87,14 @@ def main():
     if len(splits) > 1:
         raise UserError(f"the runs were evaluated on different splits ({sorted(splits)}); compare one split at a time")
     if not args.no_source:
-        rows = {"source PPO": source_outcomes(args.runs[0], splits.pop())} | rows
+        rows = {"source PPO": source_outcomes(args.runs, splits.pop())} | rows
+    episodes = args.episodes or min(r.shape[1] for name, r in rows.items() if name != "source PPO")
+    rows = {name: r[:, :episodes] for name, r in rows.items()}  # every row over the same episodes
     print("% of episodes ending with no key / the key only / key and door, by episode\n")
     print("| who | " + " | ".join(f"episode {k}" for k in POINTS) + " |\n|---|" + "---|" * len(POINTS))
     for name, outcomes in rows.items():
         print(f"| {name} | " + " | ".join(shares(outcomes, s) for s in POINTS.values()) + " |")
-    print("\nnext episode given this one, over all episodes (count of this-episode cases)\n")
+    print(f"\nnext episode given this one, over episodes 1-{episodes} (count of this-episode cases)\n")
     print("| who | key again after the key | door again after the door | key after no key |\n|---|---|---|---|")
     for name, outcomes in rows.items():
         print(f"| {name} | " + " | ".join(transitions(outcomes)) + " |")

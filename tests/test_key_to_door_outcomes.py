@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -49,3 +50,17 @@ def test_refuses_a_run_that_is_not_key_to_door(tmp_path):
     proc = run_script(str(darkroom), "--no-source")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "not a Dark Key-to-Door evaluation" in proc.stderr
+
+
+def test_source_streams_become_rows_and_one_dataset_is_required(monkeypatch, tmp_path):
+    frac = np.zeros((2, 3, 2))  # (tasks, episodes, streams) fractions of optimal
+    frac[1, :, 0] = [0.5, 1.0, 1.0]  # task 1, stream 0: key, then key and door twice
+    monkeypatch.setattr(outcomes, "fraction_of_optimal", lambda path, split: frac)
+    monkeypatch.setattr(outcomes, "load_config", lambda paths: {"data": Path(paths[0]).parent.name})
+    monkeypatch.setattr(outcomes, "dataset_path", lambda cfg: Path("datasets") / cfg["data"][:1])
+    rows = outcomes.source_outcomes([tmp_path / "a1", tmp_path / "a2"], "test")
+    assert rows.shape == (4, 3)  # task-major: task 0 streams 0, 1, then task 1 streams 0, 1
+    np.testing.assert_array_equal(rows[2], [1, 2, 2])
+    assert not rows[[0, 1, 3]].any()
+    with pytest.raises(outcomes.UserError, match="different datasets"):
+        outcomes.source_outcomes([tmp_path / "a1", tmp_path / "b1"], "test")
