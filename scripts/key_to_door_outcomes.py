@@ -70,7 +70,8 @@ def transitions(outcomes: np.ndarray) -> list[str]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("runs", type=Path, nargs="+", help="evaluated run directories (pooled: e.g. the seeds of one variant)")
+    p.add_argument("runs", type=Path, nargs="+", help="evaluated run directories; the seeds of one variant in one "
+                   "folder are pooled into one row")
     p.add_argument("--tag", default="", help="read eval_result_TAG.npy (evaluate.py --tag) instead of eval_result.npy")
     p.add_argument("--no-source", action="store_true", help="leave out the source PPO's row")
     p.add_argument("--episodes", type=int, help="count only the first N episodes (default: as many as the runs' "
@@ -83,6 +84,8 @@ def main():
         outcomes, summary = run_outcomes(run_dir, args.tag)
         splits.add(summary["eval_split"])
         name = f"{run_dir.name.replace('-dark_key_to_door', '').split('-seed')[0]} (T {summary['temperature']})"
+        if len({d.resolve().parent for d in args.runs}) > 1:  # runs of several folders: pool within a folder only
+            name = f"{run_dir.resolve().parent.name}/{name}"
         rows[name] = np.concatenate([rows[name], outcomes]) if name in rows else outcomes
     if len(splits) > 1:
         raise UserError(f"the runs were evaluated on different splits ({sorted(splits)}); compare one split at a time")

@@ -45,6 +45,16 @@ def test_runs_of_one_variant_are_pooled(tmp_path):
     assert "source PPO" not in proc.stdout
 
 
+def test_runs_of_different_folders_stay_apart(tmp_path):
+    (tmp_path / "long").mkdir()
+    (tmp_path / "short").mkdir()
+    a = fake_run(tmp_path / "long" / "AD-dark_key_to_door-seed0", np.full((2, 100), 2.0))
+    b = fake_run(tmp_path / "short" / "AD-dark_key_to_door-seed0", np.zeros((2, 100)))
+    proc = run_script(str(a), str(b), "--no-source")
+    assert proc.returncode == 0, proc.stderr
+    assert "| long/AD (T 0.75) | 0 / 0 / 100 |" in proc.stdout and "| short/AD (T 0.75) | 100 / 0 / 0 |" in proc.stdout
+
+
 def test_refuses_a_run_that_is_not_key_to_door(tmp_path):
     darkroom = fake_run(tmp_path / "AD-darkroom-seed0", np.full((2, 100), 15.0), optimal=17.0)
     proc = run_script(str(darkroom), "--no-source")
