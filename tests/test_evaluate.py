@@ -76,7 +76,9 @@ def recorded_rollout(monkeypatch, model, cfg, use_cache, n_episodes=8, n_rollout
 
 VARIANTS = {"AD": (False, []), "two_region_interval": (True, ["eval_markers=interval"]),
             "two_region_model": (True, ["eval_markers=model"]),
-            "two_region_model_long": (True, ["eval_markers=model", "n_transit=60"])}
+            "two_region_model_long": (True, ["eval_markers=model", "n_transit=60"]),
+            "AD_shuffle": (False, ["eval_memory=shuffle"]),  # rows swap contexts (and caches) at episode starts
+            "two_region_shuffle": (True, ["eval_memory=shuffle"])}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
