@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import env as envs
 from dataset import CompressedADDataset, collate_compressed_batch
 from fixtures_history import ALG, ENV, N_STREAM, T, build_history_file, cli_sets
-from model import build
 from model.compressed import CompressedAD
+from model_helpers import sensitive_model
 from utils import load_config, parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,14 +117,10 @@ def collate_with_indices(items):
     return collate_compressed_batch(items), [it["index"] for it in items]
 
 
-def sensitive_model(cfg, seed=0, grad_rounds=None) -> CompressedAD:
-    """Random weights large enough that outputs depend strongly on every input (the default
-    init is so small that a mask or position bug could hide in the noise)."""
-    torch.manual_seed(seed)
-    model = build(cfg, envs.model_inputs(cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
+def sensitive_compressed_model(cfg, seed=0, grad_rounds=None) -> CompressedAD:
+    """model_helpers.sensitive_model in eval mode, optionally with gradients through another
+    number of compression rounds."""
+    model = sensitive_model(cfg, seed)
     if grad_rounds is not None:
         model.grad_rounds = grad_rounds
     return model.eval()

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from compressed_helpers import (MAX_DEPTH, N_TRANSIT, STAGE, TOKEN_FIELDS, TRAIN_STREAMS, T, Indexed, all_steps,
+                                collate_with_indices, compressed_cfg, depth2_items_with_uneven_stages, expected_steps,
+                                first_of_depth, flat, origins, stream_of)
+from compressed_helpers import data, raw, small  # noqa: F401 - fixtures
 from dataset import BucketBatches, BucketSampler, CompressedADDataset, LazyPermutation, collate_compressed_batch
 from utils import ConfigError, UserError
-from compressed_helpers import (MAX_DEPTH, N_TRANSIT, STAGE, TOKEN_FIELDS, TRAIN_STREAMS, T, Indexed, all_steps,  # noqa: F401
-                                collate_with_indices, compressed_cfg, data, depth2_items_with_uneven_stages,
-                                expected_steps, first_of_depth, flat, origins, raw, small, stream_of)
 
 
 # ----------------------------------------------------------------------------- CompressedADDataset

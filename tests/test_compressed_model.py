@@ -12,14 +12,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import env as envs
 import train
+from compressed_helpers import (MAX_DEPTH, N_LATENT, N_TRANSIT, STAGE, STEPS, compressed_cfg,
+                                depth2_items_with_uneven_stages, first_of_depth, sensitive_compressed_model)
+from compressed_helpers import data, small  # noqa: F401 - fixtures
 from dataset import BucketBatches, BucketSampler, CompressedADDataset, collate_compressed_batch
 from model import build, rollout as rollout_mod
 from model.ad import KVCache, _cross_entropy
 from model.compressed import LatentMemory, split_compressed_batch
 from model.rollout import rollout, sample_actions
+from model_helpers import assert_same_state, interrupted_then_resumed
 from utils import run_path
-from compressed_helpers import (MAX_DEPTH, N_LATENT, N_TRANSIT, STAGE, STEPS, compressed_cfg, data,  # noqa: F401
-                                depth2_items_with_uneven_stages, first_of_depth, sensitive_model, small)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -53,7 +55,7 @@ def with_garbage_in_padding(cfg, batch, seed=0) -> dict:
 @pytest.mark.parametrize("depth", [1, 2])
 def test_outputs_do_not_depend_on_padding(data, small, depth):
     _, cfg, _, _ = data
-    model = sensitive_model(cfg)
+    model = sensitive_compressed_model(cfg)
     items = depth2_items_with_uneven_stages(small) if depth == 2 else \
         [small[i] for i in first_of_depth(small, 1, 3)]
     batch = collate_compressed_batch(items)
@@ -140,7 +142,7 @@ def assert_same_grads(a: dict, b: dict):
 
 def test_gradients_flow_through_the_last_grad_compression_rounds_only(data, small):
     _, cfg, _, _ = data
-    model = sensitive_model(cfg, grad_rounds=1).train()
+    model = sensitive_compressed_model(cfg, grad_rounds=1).train()
     batch = collate_compressed_batch(depth2_items_with_uneven_stages(small))
     fwd = lambda: model(*split_compressed_batch(batch))[1]  # noqa: E731
     one_round = grads_of(model, fwd)
@@ -190,7 +192,7 @@ def depth_after(steps: int) -> int:
 
 def test_cached_latent_memory_rollout_equals_uncached(data, monkeypatch):
     _, cfg, _, _ = data
-    model = sensitive_model(cfg)
+    model = sensitive_compressed_model(cfg)
     n_episodes = 12  # 120 steps: 4 compressions (deeper than the deepest trained depth)
     r1, s1, l1, a1, m1 = recorded_rollout(monkeypatch, model, cfg, True, n_episodes)
     r0, s0, l0, a0, m0 = recorded_rollout(monkeypatch, model, cfg, False, n_episodes)
@@ -211,7 +213,7 @@ def test_rollout_latents_are_the_training_fold_of_the_oldest_stages(data, monkey
     """What LatentMemory holds after a rollout is what training computes for the same steps:
     latents_of(stages of stage_len oldest steps, oldest first), then decode(latents, recent)."""
     _, cfg, _, _ = data
-    model = sensitive_model(cfg)
+    model = sensitive_compressed_model(cfg)
     tokens = []
     real_step = LatentMemory.step
 
@@ -238,7 +240,7 @@ def test_rollout_latents_are_the_training_fold_of_the_oldest_stages(data, monkey
 
 def test_compression_depth_grows_with_episodes(data, monkeypatch):
     _, cfg, _, _ = data
-    model = sensitive_model(cfg)
+    model = sensitive_compressed_model(cfg)
     reached = []
     for n_episodes in (3, 5, 8):
         _, stats, _, _, mem = recorded_rollout(monkeypatch, model, cfg, True, n_episodes, n_rollouts=1)
@@ -249,7 +251,7 @@ def test_compression_depth_grows_with_episodes(data, monkeypatch):
 
 def test_rollout_memory_does_not_grow_with_the_history(data, monkeypatch):
     _, cfg, _, _ = data
-    model = sensitive_model(cfg)
+    model = sensitive_compressed_model(cfg)
     peaks, seen = {}, []
     real_update = KVCache.update
 
@@ -319,33 +321,10 @@ def test_train_compressed_ad_end_to_end(data, trained):
     assert not torch.equal(init["encoder.queries"], state["model"]["encoder.queries"])
 
 
-class Killed(Exception):
-    pass
-
-
 def test_train_compressed_ad_resume_is_exact(data, trained, tmp_path, monkeypatch):
     d, _, _, _ = data
     cfg_a, run_a = trained
     cfg_b = compressed_cfg(d, tmp_path / "B", extra=["eval_episodes=6"])
-    real_lr_at = train.lr_at
-
-    def dying_lr_at(step, c):
-        if step == 6:
-            raise Killed
-        return real_lr_at(step, c)
-
-    with monkeypatch.context() as m:
-        m.setattr(train, "lr_at", dying_lr_at)
-        with pytest.raises(Killed):
-            train.train(cfg_b)
-    assert torch.load(run_path(cfg_b) / "ckpt-last.pt", weights_only=True)["step"] == 4  # ckpt_interval=4
-    train.train(cfg_b)
-    a = torch.load(run_a / "ckpt-last.pt", weights_only=True)
-    b = torch.load(run_path(cfg_b) / "ckpt-last.pt", weights_only=True)
-    assert a["step"] == b["step"] == STEPS
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for pid, sa in a["optimizer"]["state"].items():
-        for k in sa:
-            assert torch.equal(sa[k], b["optimizer"]["state"][pid][k]), (pid, k)
+    left, b = interrupted_then_resumed(monkeypatch, cfg_b, kill_at_step=6)
+    assert left["step"] == 4  # ckpt_interval=4
+    assert_same_state(torch.load(run_a / "ckpt-last.pt", weights_only=True), b, STEPS)

@@ -18,9 +18,10 @@ import evaluate
 import train
 from cli_in_process import run_in_process
 from fixtures_history import HORIZON, N_STEPS, build_history_file, make_cfg
-from model import build, rollout as rollout_mod
+from model import rollout as rollout_mod
 from model.ad import KIND_END, KIND_START, KIND_STEP
 from model.rollout import rollout, sample_actions
+from model_helpers import sensitive_model
 from utils import run_cli, run_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +45,6 @@ def trained(data_dir, tmp_path_factory):
         out[name] = train.train(cfg)
     return out
 
-
-def sensitive_model(cfg, seed=0):
-    """Random weights large enough that the policy depends strongly on the context (with the
-    default tiny init every action is nearly uniform and a broken cache could go unnoticed)."""
-    torch.manual_seed(seed)
-    model = build(cfg, envs.model_inputs(cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
 
 
 def recorded_rollout(monkeypatch, model, cfg, use_cache, n_episodes=8, n_rollouts=2, seed=5):

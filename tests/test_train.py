@@ -17,6 +17,7 @@ import env as envs
 import train
 from cli_in_process import run_in_process
 from fixtures_history import build_history_file, cli_sets, config_files, make_cfg
+from model_helpers import assert_same_state, interrupted_then_resumed
 from utils import run_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,48 +115,14 @@ def test_step_batches_are_a_pure_function_of_seed_rank_and_step():
 
 # ----------------------------------------------------------------------------- resume
 
-class Killed(Exception):
-    pass
-
-
-def interrupted_then_resumed(monkeypatch, cfg, kill_at_step):
-    """Run until `kill_at_step` steps are done (the last checkpoint is older), die, rerun."""
-    real_lr_at = train.lr_at
-
-    def dying_lr_at(step, c):
-        if step == kill_at_step:
-            raise Killed
-        return real_lr_at(step, c)
-
-    with monkeypatch.context() as m:
-        m.setattr(train, "lr_at", dying_lr_at)
-        with pytest.raises(Killed):
-            train.train(cfg)
-    ckpt = torch.load(run_path(cfg) / "ckpt-last.pt", weights_only=True)
-    assert 0 < ckpt["step"] < kill_at_step  # the rerun must redo some steps
-    train.train(cfg)
-    return torch.load(run_path(cfg) / "ckpt-last.pt", weights_only=True)
-
-
-def assert_same_state(a: dict, b: dict):
-    assert a["step"] == b["step"] == STEPS
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for pid, sa in a["optimizer"]["state"].items():
-        sb = b["optimizer"]["state"][pid]
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]), (pid, k)
-
-
 @pytest.mark.parametrize("compressed", [False, True], ids=["AD", "two_region"])
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(data_dir, tmp_path, monkeypatch, compressed):
     cfg_a = make_cfg(data_dir, tmp_path / "A", compressed=compressed)
     cfg_b = make_cfg(data_dir, tmp_path / "B", compressed=compressed)
     train.train(cfg_a)
     a = torch.load(run_path(cfg_a) / "ckpt-last.pt", weights_only=True)
-    b = interrupted_then_resumed(monkeypatch, cfg_b, kill_at_step=STEPS // 2)  # last checkpoint: step 4
-    assert_same_state(a, b)
+    _, b = interrupted_then_resumed(monkeypatch, cfg_b, kill_at_step=STEPS // 2)  # last checkpoint: step 4
+    assert_same_state(a, b, STEPS)
     # the check is not vacuous: the run moved the parameters away from their initialisation
     torch.manual_seed(cfg_a["seed"])
     init = train.build(cfg_a, envs.model_inputs(cfg_a)).state_dict()
@@ -170,8 +137,8 @@ def test_resume_is_exact_with_dropout(data_dir, tmp_path, monkeypatch, device):
     cfg_b = make_cfg(data_dir, tmp_path / "B", extra=extra)
     train.train(cfg_a)
     a = torch.load(run_path(cfg_a) / "ckpt-last.pt", weights_only=True)
-    b = interrupted_then_resumed(monkeypatch, cfg_b, kill_at_step=STEPS // 2)
-    assert_same_state(a, b)
+    _, b = interrupted_then_resumed(monkeypatch, cfg_b, kill_at_step=STEPS // 2)
+    assert_same_state(a, b, STEPS)
 
 
 def test_finished_run_is_not_retrained_and_free_keys_may_change(data_dir, tmp_path, capsys):
