@@ -12,7 +12,6 @@ comparison). Runs given the same --label are pooled (seeds). The 95% interval is
 bootstrap over tasks of the per-task mean regret.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import env as envs  # noqa: E402
+from report import load_evaluation  # noqa: E402
 from utils import UserError, dataset_path, load_config, run_cli  # noqa: E402
 
 BOOTSTRAP_REPS = 2000
@@ -129,15 +129,11 @@ def table(rows: list[dict], checkpoints: list[int]) -> str:
 
 
 def load_eval(run: Path, tag: str) -> tuple[dict, dict, np.ndarray]:
-    suffix = f"_{tag}" if tag else ""
-    summary_path, returns_path = run / f"eval_summary{suffix}.json", run / f"eval_result{suffix}.npy"
-    if not summary_path.is_file() or not returns_path.is_file():
-        raise UserError(f"{run} has no evaluation {summary_path.name}; run evaluate.py {run} first")
+    summary, returns = load_evaluation(run, tag)
     cfg = load_config([run / "config.yaml"], {})
-    summary = json.loads(summary_path.read_text())
     if cfg["env"] != "bandit":
         raise UserError(f"{run} is a run on env={cfg['env']}; this script compares bandit runs")
-    return cfg, summary, np.load(returns_path)
+    return cfg, summary, returns
 
 
 def compare(runs: list[Path], labels: list[str], tag: str = "", checkpoints=None) -> tuple[str, list[dict]]:

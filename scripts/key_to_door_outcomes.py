@@ -13,7 +13,6 @@ rollouts, pooled over the runs given), this prints
     python scripts/key_to_door_outcomes.py RUN... --episodes 10       # the first 10 episodes only
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from ppo_curve import fraction_of_optimal  # noqa: E402
+from report import load_evaluation  # noqa: E402
 from utils import UserError, dataset_path, load_config, run_cli  # noqa: E402
 
 POINTS = {"1-5": slice(0, 5), "10": slice(9, 10), "20": slice(19, 20), "50": slice(49, 50), "91-100": slice(90, 100)}
@@ -30,17 +30,12 @@ POINTS = {"1-5": slice(0, 5), "10": slice(9, 10), "20": slice(19, 20), "50": sli
 
 def run_outcomes(run_dir: Path, tag: str) -> tuple[np.ndarray, dict]:
     """(rollouts, episodes) outcomes 0/1/2 of one evaluated run, and its eval summary."""
-    suffix = f"_{tag}" if tag else ""
-    returns, summary = run_dir / f"eval_result{suffix}.npy", run_dir / f"eval_summary{suffix}.json"
-    if not (returns.is_file() and summary.is_file()):
-        raise UserError(f"{run_dir} has no evaluation{' tagged ' + tag if tag else ''} ({returns.name}); run "
-                        f"evaluate.py {run_dir}{' --tag ' + tag if tag else ''} first")
-    summary = json.loads(summary.read_text())
+    summary, returns = load_evaluation(run_dir, tag)
     optimal = {t["optimal"] for t in summary["per_task"]}
     if optimal != {2.0}:
         raise UserError(f"{run_dir} is not a Dark Key-to-Door evaluation (optimal returns {sorted(optimal)}, "
                         "expected 2: key, then door)")
-    return np.rint(np.load(returns)), summary
+    return np.rint(returns), summary
 
 
 def source_outcomes(run_dirs: list[Path], split: str) -> np.ndarray:

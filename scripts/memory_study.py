@@ -73,11 +73,6 @@ def evaluated(run_dir: Path, tag: str, expected: dict) -> bool:
         return False
 
 
-def load_eval(run_dir: Path, tag: str) -> tuple[dict, np.ndarray]:
-    return (json.loads((run_dir / f"eval_summary_{tag}.json").read_text()),
-            np.load(run_dir / f"eval_result_{tag}.npy"))
-
-
 def curve_metrics(summary: dict, returns: np.ndarray, n_episodes: int) -> tuple[float, int | None]:
     """(fraction of optimal in episode n_episodes, episodes to 80% within the first n_episodes)."""
     from evaluate import episodes_to_fraction
@@ -99,13 +94,13 @@ def t1_tag(cfg: dict) -> str:
 
 
 def study_row(variant: str, seed: int, cfg: dict, run_dir: Path, n_episodes: int) -> dict:
-    keep, keep_r = load_eval(run_dir, "keep")
+    keep, keep_r = report.load_evaluation(run_dir, "keep")
     final, to80 = curve_metrics(keep, keep_r, n_episodes)
     final_long, _ = curve_metrics(keep, keep_r, keep_r.shape[1])
-    drop, drop_r = load_eval(run_dir, "drop")
+    drop, drop_r = report.load_evaluation(run_dir, "drop")
     final_off, to80_off = curve_metrics(drop, drop_r, n_episodes)
-    final_shuffle, _ = curve_metrics(*load_eval(run_dir, "shuffle"), n_episodes)
-    final_t1, to80_t1 = curve_metrics(*load_eval(run_dir, t1_tag(cfg)), n_episodes)
+    final_shuffle, _ = curve_metrics(*report.load_evaluation(run_dir, "shuffle"), n_episodes)
+    final_t1, to80_t1 = curve_metrics(*report.load_evaluation(run_dir, t1_tag(cfg)), n_episodes)
     first, _ = curve_metrics(keep, keep_r, 1)
     train = json.loads((run_dir / "train_summary.json").read_text())
     return {"variant": variant, "seed": seed, "n_transit": cfg["n_transit"],
@@ -134,7 +129,7 @@ def earlier_rows(path: Path, plan: dict) -> list[dict]:
 
 
 def group_iqm(run_dirs: list[Path], tag: str, episode: int) -> str:
-    loaded = [load_eval(d, tag) for d in run_dirs]
+    loaded = [report.load_evaluation(d, tag) for d in run_dirs]
     scores = report.fraction_scores([s for s, _ in loaded], [r for _, r in loaded], episode)
     return report.format_iqm(report.iqm_with_ci(scores))
 

@@ -6,9 +6,13 @@ A score matrix has one row per independent run and one column per task. Here a r
 learning episode sequence on its task, so seeds x rollouts rows are resampled within each
 task (stratified by task).
 """
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
+
+from utils import UserError
 
 BOOTSTRAP_REPS = 2000  # enough for a 2-decimal interval; rliable's default (50k) takes minutes
 
@@ -32,6 +36,17 @@ def iqm_with_ci(scores: np.ndarray, seed: int = 0) -> tuple[float, float, float]
     finally:
         np.random.set_state(outer_state)
     return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+
+
+def load_evaluation(run_dir: Path, tag: str = "") -> tuple[dict, np.ndarray]:
+    """(eval_summary, eval_result returns) of one evaluate.py run of a run directory, tagged
+    `tag` (evaluate.py --tag) or untagged; a one-line UserError naming the fix when missing."""
+    suffix = f"_{tag}" if tag else ""
+    summary, returns = run_dir / f"eval_summary{suffix}.json", run_dir / f"eval_result{suffix}.npy"
+    if not (summary.is_file() and returns.is_file()):
+        raise UserError(f"{run_dir} has no evaluation{' tagged ' + tag if tag else ''} ({returns.name}); run "
+                        f"evaluate.py {run_dir}{' --tag ' + tag if tag else ''} first")
+    return json.loads(summary.read_text()), np.load(returns)
 
 
 def fraction_scores(summaries: list[dict], returns: list[np.ndarray], episode: int = -1) -> np.ndarray:
