@@ -75,11 +75,12 @@ def main():
     if args.episodes is not None and args.episodes < 2:
         raise UserError(f"--episodes {args.episodes}: the next-episode rates need at least 2 episodes")
     rows, splits = {}, set()
+    several_folders = len({d.resolve().parent for d in args.runs}) > 1  # then pool within a folder only
     for run_dir in args.runs:
         outcomes, summary = run_outcomes(run_dir, args.tag)
         splits.add(summary["eval_split"])
         name = f"{run_dir.name.replace('-dark_key_to_door', '').split('-seed')[0]} (T {summary['temperature']})"
-        if len({d.resolve().parent for d in args.runs}) > 1:  # runs of several folders: pool within a folder only
+        if several_folders:
             name = f"{run_dir.resolve().parent.name}/{name}"
         rows[name] = np.concatenate([rows[name], outcomes]) if name in rows else outcomes
     if len(splits) > 1:
