@@ -101,6 +101,11 @@ class ADDataset:
             self.T = first["actions"].shape[0]
             has_markers = "compress_markers" in first
             markers = first["compress_markers"][:, 0] if has_markers else None
+            dones = first["dones"][:, self.streams[0]]
+        self.stride = cfg["episode_stride"]
+        if self.stride > 1:
+            self.episode_len, self.T = subsampled_length(self.path, dones, self.stride)
+            self.streams = [(s, o) for s in self.streams for o in range(self.stride)]
         self.compressed = cfg["use_compressed_context"] if two_region is None else two_region
         if self.compressed and not has_markers:
             warnings.warn(f"{self.path} has no compress_markers: FALLING BACK TO STANDARD AD WINDOWS "
@@ -149,6 +154,14 @@ class ADDataset:
         return (f"note: windows of {len(self.tasks)} tasks are read from the file through {_Tasks.KEEP} open "
                 f"ones; --set data_cache_mb={int(self.data_mb()) + 1} holds them in memory instead (faster)")
 
+    def stream_view(self, task: int, stream):
+        """One stream of one task, or with episode_stride k, (stream, offset): its episodes
+        offset, offset + k, offset + 2k, ... one after another."""
+        arrays = self._load()[task]
+        if self.stride == 1:
+            return _StreamView(arrays, stream)
+        return _SubsampledView(arrays, *stream, self.stride, self.episode_len)
+
     def locate(self, index: int) -> tuple[int, int, int]:
         """index -> (task, stream, position): window start, or region k in compressed mode."""
         per_task = len(self.streams) * self.per_stream
@@ -158,8 +171,7 @@ class ADDataset:
 
     def __getitem__(self, index: int) -> dict:
         task, stream, pos = self.locate(int(index))
-        arrays = self._load()[task]
-        one = _StreamView(arrays, stream)
+        one = self.stream_view(task, stream)
         if not self.compressed:
             return step_tokens(self.cfg, one, pos, pos + self.cfg["n_transit"])
         k = pos + 1
@@ -218,6 +230,47 @@ class _Column:
         return self.array[sl, self.stream]
 
 
+def subsampled_length(path: Path, dones: np.ndarray, stride: int) -> tuple[int, int]:
+    """(episode length, steps of one subsampled stream) for episode_stride; the episodes of
+    a stream must all have one length (read from the first stream's dones)."""
+    ends = np.flatnonzero(dones) + 1
+    length = int(ends[0]) if len(ends) else 0
+    if not len(ends) or np.any(ends != length * np.arange(1, len(ends) + 1)) or len(dones) % length:
+        raise ConfigError(f"episode_stride={stride} needs streams of equal-length episodes, and {path}'s are "
+                          "not; use episode_stride=1")
+    n_episodes = len(dones) // length
+    if n_episodes < stride:
+        raise ConfigError(f"episode_stride={stride} is more than the {n_episodes} episodes of a stream in {path}")
+    return length, (n_episodes // stride) * length
+
+
+class _SubsampledView:
+    """Episodes offset, offset + stride, ... of one stream as one stream: step v of the view is
+    step v % L of episode offset + (v // L) * stride. The step before each episode is the end
+    of the previous one shown, so the tokens see a finished episode there, as in the data."""
+
+    def __init__(self, arrays: dict, stream: int, offset: int, stride: int, episode_len: int):
+        self.arrays, self.stream = arrays, stream
+        self.offset, self.stride, self.L = offset, stride, episode_len
+
+    def real_steps(self, a: int, b: int) -> np.ndarray:
+        v = np.arange(a, b)
+        return (self.offset + (v // self.L) * self.stride) * self.L + v % self.L
+
+    def __getitem__(self, field):
+        return _SubsampledColumn(self, self.arrays[field])
+
+
+class _SubsampledColumn:
+    def __init__(self, view: _SubsampledView, array):
+        self.view, self.array = view, array
+
+    def __getitem__(self, sl: slice):
+        real = self.view.real_steps(sl.start or 0, sl.stop)
+        span = self.array[real[0]:real[-1] + 1, self.view.stream]  # one contiguous read, then the picked steps
+        return np.asarray(span)[real - real[0]]
+
+
 # ----------------------------------------------------------------------------- CompressedAD
 
 class CompressedADDataset(ADDataset):
@@ -263,7 +316,7 @@ class CompressedADDataset(ADDataset):
         n_starts = self.depth_sizes[d] // (len(self.tasks) * len(self.streams))
         task_stream, start = divmod(rest, n_starts)
         task, stream = divmod(task_stream, len(self.streams))
-        one = _StreamView(self._load()[self.tasks[task]], self.streams[stream])
+        one = self.stream_view(self.tasks[task], self.streams[stream])
         lengths = np.random.default_rng([index, 17]).integers(self.stage_min, self.stage_max + 1, d)
         stages, a = [], start
         for length in lengths:

@@ -95,6 +95,9 @@ SCHEMA: dict[str, Key] = {
         region_end_weight=(float, 10.0, "compressed mode: class weight of the region end in the token-type loss "
                            "(one token per region: at weight 1 the darkroom head never predicted it, recall 0.0 on "
                            "held-out streams; at 10 and 80 recall 1.0)", {"min": 0.0}),
+        episode_stride=(int, 1, "training windows show every k-th episode of a learning history (the AD paper's "
+                        "subsampling: a window spans k times as much of the source's improvement); 1 = consecutive "
+                        "episodes. Needs episodes of one length; standard AD and CompressedAD only", {"min": 1}),
         state_embedding=(str, "factored", "'factored': sum of per-coordinate embeddings (generalises to "
                          "held-out goal cells); 'cell': one learned vector per grid cell",
                          {"choices": ("factored", "cell")}),

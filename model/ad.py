@@ -279,6 +279,9 @@ class ADVariant(Variant):
     def check_config(self, cfg: dict):
         if not cfg["use_compressed_context"]:
             return
+        if cfg["episode_stride"] > 1:
+            raise ConfigError(f"episode_stride={cfg['episode_stride']} does not work with use_compressed_context=true: "
+                              "a two-region sample is two consecutive PPO rollouts; use episode_stride=1")
         if cfg["n_transit"] < 2 * cfg["compress_interval"]:
             raise ConfigError(
                 f"n_transit={cfg['n_transit']} is smaller than two regions "

@@ -79,6 +79,37 @@ def test_stages_and_recent_are_consecutive_steps_of_one_train_stream(data, raw, 
         assert [len(p["state"]) for p in all_steps(again)] == [len(p["state"]) for p in parts]
 
 
+def test_episode_stride_stages_and_recent_are_consecutive_steps_of_a_subsampled_stream(data, raw):
+    """With episode_stride=2 a sample's stages and recent window are consecutive steps of
+    episodes offset, offset + 2, ... of one train stream (10-step episodes in the fixture)."""
+    d_, _, path, train_tasks = data
+    cfg = compressed_cfg(d_, d_ / "runs", extra=["episode_stride=2"])
+    ds = CompressedADDataset(path, cfg, task_indices=train_tasks[:2])
+    virtual_T, horizon = T // 2, cfg["horizon"]
+    assert ds.T == virtual_T and len(ds.streams) == 2 * len(TRAIN_STREAMS)
+    for d, r in ds.depth_ranges().items():
+        for index in (r.start, r.stop - 1):
+            parts = all_steps(ds[index])
+            actions = np.concatenate([p["action"] for p in parts])
+            matches = []
+            for task in train_tasks[:2]:
+                for stream in TRAIN_STREAMS:
+                    for offset in (0, 1):
+                        one = stream_of(raw, task, stream)
+                        steps = ((np.arange(virtual_T) // horizon) * 2 + offset) * horizon + np.arange(virtual_T) % horizon
+                        view = {k: v[steps] for k, v in one.items()}
+                        for a in range(virtual_T - len(actions) + 1):
+                            if np.array_equal(view["actions"][a:a + len(actions)], actions):
+                                matches.append((view, a))
+            assert len(matches) == 1, (d, index)
+            view, a = matches[0]
+            for k, p in enumerate(parts):
+                want = expected_steps(cfg, view, a, len(p["state"]))
+                for f in TOKEN_FIELDS:
+                    np.testing.assert_array_equal(p[f], want[f], err_msg=f"depth {d} part {k} {f}")
+                a += len(p["state"])
+
+
 def test_test_part_reads_only_the_held_out_stream(data, raw):
     _, cfg, path, train_tasks = data
     ds = CompressedADDataset(path, cfg, part="test", task_indices=train_tasks[:3])

@@ -257,3 +257,56 @@ def test_many_tasks_read_from_the_file_get_a_hint_with_the_memory_they_need(data
     assert ADDataset(path, {**cfg, "data_cache_mb": 64}).reading_hint() is None
     monkeypatch.setattr(_Tasks, "KEEP", 10**6)
     assert ADDataset(path, cfg).reading_hint() is None
+
+
+def subsampled(raw: dict, offset: int, stride: int) -> dict:
+    """Episodes offset, offset + stride, ... of a raw stream, one after another (HORIZON steps each)."""
+    episodes = np.arange(offset, T // HORIZON, stride)[:(T // HORIZON) // stride]
+    steps = (episodes[:, None] * HORIZON + np.arange(HORIZON)).ravel()
+    return {k: v[steps] for k, v in raw.items()}
+
+
+@pytest.mark.parametrize("index", [0, 1, 20, 21, 200, -1])
+def test_episode_stride_windows_show_every_kth_episode(data, index):
+    """With episode_stride=3 each train stream is 3 streams (offsets 0, 1, 2) of 6 of its 20
+    episodes; a window is n_transit steps of one of them, tokens built as for a real stream."""
+    d, _, _, path = data
+    cfg = make_cfg(d, d / "runs", extra=["episode_stride=3"])
+    ds = ADDataset(path, cfg)
+    n, virtual_T = cfg["n_transit"], (T // HORIZON // 3) * HORIZON
+    assert ds.T == virtual_T == 60 and ds.per_stream == virtual_T - n + 1
+    assert len(ds) == len(ds.tasks) * 3 * 3 * ds.per_stream
+    index = index % len(ds)
+    task, (stream, offset), a = ds.locate(index)
+    want = expected_window(cfg, subsampled(read_stream(path, task, stream), offset, 3), a, n)
+    sample = ds[index]
+    for k, v in want.items():
+        np.testing.assert_array_equal(sample[k], v, err_msg=k)
+    # the episodes shown are every third one: a new episode every HORIZON steps of the window
+    np.testing.assert_array_equal(sample["new_episode"].astype(bool)[1:], (np.arange(a + 1, a + n) % HORIZON) == 0)
+
+
+def test_episode_stride_covers_every_offset_and_only_train_streams(data):
+    d, _, _, path = data
+    cfg = make_cfg(d, d / "runs", extra=["episode_stride=4"])
+    train, test = ADDataset(path, cfg), ADDataset(path, cfg, part="test")
+    assert train.streams == [(s, o) for s in (1, 2, 3) for o in range(4)]
+    assert test.streams == [(0, o) for o in range(4)]
+    task, (stream, offset), a = test.locate(len(test) - 1)
+    want = expected_window(cfg, subsampled(read_stream(path, task, 0), 3, 4), a, cfg["n_transit"])
+    np.testing.assert_array_equal(test[len(test) - 1]["action"], want["action"])
+
+
+def test_episode_stride_refusals(data, tmp_path):
+    d, _, _, path = data
+    with pytest.raises(ConfigError, match="episode_stride=2 does not work with use_compressed_context"):
+        make_cfg(d, d / "runs", compressed=True, extra=["episode_stride=2"])
+    with pytest.raises(ConfigError, match="episode_stride=21 is more than the 20 episodes"):
+        ADDataset(path, make_cfg(d, d / "runs", extra=["episode_stride=21"]))
+    uneven = tmp_path / path.name
+    shutil.copyfile(path, uneven)
+    with h5py.File(uneven, "a") as f:
+        first_train = str(ADDataset(path, make_cfg(d, d / "runs")).tasks[0])
+        f[first_train]["dones"][4, 1] = True  # an episode of 5 steps in the first train stream
+    with pytest.raises(ConfigError, match="equal-length episodes.*episode_stride=1"):
+        ADDataset(uneven, make_cfg(tmp_path, tmp_path / "runs", extra=["episode_stride=2"]))
