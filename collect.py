@@ -65,10 +65,25 @@ def check_fits(cfg: dict, n_tasks: int):
 
 def collect(cfg: dict, path: Path, indices: list[int]):
     """Collect the missing (or damaged) tasks among `indices` into `path`."""
+    if already_complete(cfg, path, indices):
+        return
     check_fits(cfg, len(indices))
     ensure_writable_dir(path.parent, "dataset directory")
     with history.lock(path):
         _collect(cfg, path, indices)
+
+
+def already_complete(cfg: dict, path: Path, indices: list[int]) -> bool:
+    """Whether every task is already on disk, undamaged: checked as a reader, without the
+    lock, so that pipelines sharing a finished dataset can start side by side."""
+    if not path.exists():
+        return False
+    header = history.read_header(path)
+    history.check_matches(path, header, cfg)
+    if set(indices) - set(header["done"]) or history.damaged_tasks(path, header, indices):
+        return False
+    print(f"{path}: all {len(indices)} tasks already collected (backend={cfg['backend']})")
+    return True
 
 
 def _collect(cfg: dict, path: Path, indices: list[int]):

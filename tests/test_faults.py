@@ -614,6 +614,24 @@ def test_dataset_in_use_is_refused(tmp_path, monkeypatch, capsys):
     assert not path.exists()
 
 
+def test_a_finished_dataset_in_use_is_read_not_refused(tmp_path, capsys):
+    """Two pipelines on one finished dataset: the second's collect.py finds every task on
+    disk without waiting for the lock the first one holds, and changes nothing."""
+    cfg = make_cfg(tmp_path)
+    path = build_history_file(cfg)
+    before = snapshot(tmp_path)
+    holder = hold_lock(path.with_name(path.name + ".lock"))
+    try:
+        collect.collect(cfg, path, list(range(25)))
+        with pytest.raises(UserError, match="in use by another process"):  # a task missing: it must wait
+            collect.collect(cfg, path, list(range(26)))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "all 25 tasks already collected" in capsys.readouterr().out
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.name.endswith(".lock")} == before
+
+
 def test_memory_study_with_its_dataset_in_use_stops_in_one_line(tmp_path):
     """The study runs collect.py first; a refusal there ends the study with exit 2 and the
     stage's own message, not a traceback."""
