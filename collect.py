@@ -76,13 +76,13 @@ def collect(cfg: dict, path: Path, indices: list[int]):
 def already_complete(cfg: dict, path: Path, indices: list[int]) -> bool:
     """Whether every task is already on disk, undamaged: checked as a reader, without the
     lock, so that pipelines sharing a finished dataset can start side by side."""
-    if not path.exists():
+    if not path.exists() or history.has_leftovers(path):  # leftovers are cleared under the lock
         return False
     header = history.read_header(path)
     history.check_matches(path, header, cfg)
     if set(indices) - set(header["done"]) or history.damaged_tasks(path, header, indices):
         return False
-    print(f"{path}: all {len(indices)} tasks already collected (backend={cfg['backend']})")
+    print(f"{path}: {len(indices)} of {len(indices)} tasks already collected, 0 to go (backend={cfg['backend']})")
     return True
 
 

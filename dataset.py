@@ -163,7 +163,8 @@ class ADDataset:
         return _SubsampledView(arrays, *stream, self.stride, self.episode_len)
 
     def locate(self, index: int) -> tuple[int, int, int]:
-        """index -> (task, stream, position): window start, or region k in compressed mode."""
+        """index -> (task, stream, position): window start, or region k in compressed mode;
+        with episode_stride the stream is (stream, offset), see stream_view."""
         per_task = len(self.streams) * self.per_stream
         task, rest = divmod(index, per_task)
         stream, pos = divmod(rest, self.per_stream)

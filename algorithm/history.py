@@ -127,6 +127,11 @@ def recover(path: Path):
     journal.recover(path)
 
 
+def has_leftovers(path: Path) -> bool:
+    """Whether a killed collection left a journal or a `.tmp` copy that a writer must clear."""
+    return journal.journal_path(Path(path)).exists() or _tmp(Path(path)).exists()
+
+
 def _recover_for_reader(path: Path):
     """A reader finishes an append that a killed collection left; a running collection
     (holding the lock) finishes its own, and until then the file's old part is intact."""

@@ -628,7 +628,7 @@ def test_a_finished_dataset_in_use_is_read_not_refused(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    assert "all 25 tasks already collected" in capsys.readouterr().out
+    assert "25 of 25 tasks already collected, 0 to go" in capsys.readouterr().out
     assert {k: v for k, v in snapshot(tmp_path).items() if not k.name.endswith(".lock")} == before
 
 
