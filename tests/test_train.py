@@ -202,6 +202,24 @@ def test_two_region_context_shorter_than_two_regions_exits_2(data_dir, tmp_path,
     assert not runs.exists()  # stopped before any work
 
 
+def test_tiny_run_on_subsampled_histories(data_dir, tmp_path):
+    """episode_stride reaches the dataset through train.py: training and held-out windows of
+    every second episode, the stride saved with the run."""
+    cfg = make_cfg(data_dir, tmp_path / "runs", extra=["episode_stride=2"])
+    run_dir = train.train(cfg)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["episode_stride"] == 2
+    assert torch.load(run_dir / "ckpt-last.pt", weights_only=True)["step"] == STEPS
+    assert [s for s, _ in scalars(run_dir)["test/loss_action"]] == [6, 12]
+
+
+def test_episode_stride_with_two_region_context_exits_2(data_dir, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    code, err = run_main_in_process(monkeypatch, capsys, [*config_files(True), "--set",
+                                                          *cli_sets(data_dir, runs, True, extra=["episode_stride=2"])])
+    assert_one_line_error(code, err, "episode_stride=2", "use_compressed_context")
+    assert not runs.exists()
+
+
 def test_unknown_key_exits_2(data_dir, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     code, err = run_main_in_process(monkeypatch, capsys, [*config_files(), "--set",
