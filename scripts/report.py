@@ -60,6 +60,19 @@ def fraction_scores(summaries: list[dict], returns: list[np.ndarray], episode: i
     return np.concatenate(per_seed, 0)
 
 
+def paired_difference(base: list[np.ndarray], new: list[np.ndarray], seed: int = 0,
+                      reps: int = 10_000) -> tuple[list[float], float, float, float]:
+    """new minus base for pairs of (rollouts, tasks) score matrices of the same tasks (one pair
+    per training seed): (each pair's mean difference, the mean difference, and a 95% bootstrap
+    interval over tasks of the pair-averaged per-task difference). The interval says how much
+    the task sample moves the difference, not how much another set of seeds would."""
+    per_task = np.mean([n.mean(0) - b.mean(0) for b, n in zip(base, new)], 0)
+    draws = np.random.default_rng(seed).integers(0, len(per_task), (reps, len(per_task)))
+    low, high = np.percentile(per_task[draws].mean(1), [2.5, 97.5])
+    return ([float(n.mean() - b.mean()) for b, n in zip(base, new)], float(per_task.mean()),
+            float(low), float(high))
+
+
 def format_iqm(stats: tuple[float, float, float]) -> str:
     point, low, high = stats
     return f"{100 * point:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
