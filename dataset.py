@@ -117,7 +117,8 @@ class ADDataset:
             self.per_stream = len(self.region_starts) - 1  # sample = region k-1 and k, k >= 1
         else:
             if cfg["n_transit"] > self.T:
-                raise ConfigError(f"n_transit={cfg['n_transit']} is longer than a stream ({self.T} steps)")
+                raise ConfigError(f"n_transit={cfg['n_transit']} is longer than a stream ({self.T} steps"
+                                  f"{self.stride_note()})")
             self.per_stream = self.T - cfg["n_transit"] + 1
         if self.per_stream < 1:
             raise UserError(f"{self.path}: streams of {self.T} steps are too short for a sample")
@@ -153,6 +154,10 @@ class ADDataset:
             return None
         return (f"note: windows of {len(self.tasks)} tasks are read from the file through {_Tasks.KEEP} open "
                 f"ones; --set data_cache_mb={int(self.data_mb()) + 1} holds them in memory instead (faster)")
+
+    def stride_note(self) -> str:
+        """For error messages about stream lengths: the length is the subsampled one."""
+        return f" after episode_stride={self.stride}" if self.stride > 1 else ""
 
     def stream_view(self, task: int, stream):
         """One stream of one task, or with episode_stride k, (stream, offset): its episodes
@@ -236,9 +241,12 @@ def subsampled_length(path: Path, dones: np.ndarray, stride: int) -> tuple[int, 
     a stream must all have one length (read from the first stream's dones)."""
     ends = np.flatnonzero(dones) + 1
     length = int(ends[0]) if len(ends) else 0
-    if not len(ends) or np.any(ends != length * np.arange(1, len(ends) + 1)) or len(dones) % length:
+    if not len(ends) or np.any(ends != length * np.arange(1, len(ends) + 1)):
         raise ConfigError(f"episode_stride={stride} needs streams of equal-length episodes, and {path}'s are "
                           "not; use episode_stride=1")
+    if len(dones) % length:
+        raise ConfigError(f"episode_stride={stride} needs streams of whole episodes, and {path}'s end inside an "
+                          f"episode ({len(dones)} steps, episodes of {length}); use episode_stride=1")
     n_episodes = len(dones) // length
     if n_episodes < stride:
         raise ConfigError(f"episode_stride={stride} is more than the {n_episodes} episodes of a stream in {path}")
@@ -295,7 +303,7 @@ class CompressedADDataset(ADDataset):
         if starts[-1] < 1:
             deepest = max(d for d, s in enumerate(starts) if s >= 1) if starts[0] >= 1 else None
             raise ConfigError(f"max_compression_depth={cfg['max_compression_depth']} does not fit streams of "
-                              f"{self.T} steps with n_transit={cfg['n_transit']} (stages of up to "
+                              f"{self.T} steps{self.stride_note()} with n_transit={cfg['n_transit']} (stages of up to "
                               f"{self.stage_max} steps); the deepest that fits is {deepest}")
         per_start = len(self.tasks) * len(self.streams)
         self.depth_sizes = [s * per_start for s in starts]

@@ -189,5 +189,5 @@ COLLECTION_KEYS = [  # a list: add_keys(..., family=...) extends it in place
 ]
 
 # keys added after datasets and runs were saved: the value those were made with
-KEYS_ADDED_LATER = {"region_end_weight": 1.0, "max_tasks": 0}
+KEYS_ADDED_LATER = {"region_end_weight": 1.0, "max_tasks": 0, "episode_stride": 1}
 COLLECTION_KEYS_ADDED_LATER = {k: v for k, v in KEYS_ADDED_LATER.items() if k in COLLECTION_KEYS}

@@ -22,8 +22,8 @@ def paired_runs(base: Path, new: Path, variant: str | None) -> list[str]:
     """Names of the run directories (with a config.yaml) that both folders hold."""
     names = lambda folder: {p.parent.name for p in folder.glob("*/config.yaml")}  # noqa: E731
     both = sorted(names(base) & names(new))
-    if variant:
-        both = [n for n in both if n.startswith(f"{variant}-")]
+    if variant:  # run names are {variant}-{env}-seed{seed}; a variant name may hold '-' (AD-tworegion)
+        both = [n for n in both if n.rsplit("-", 2)[0] == variant]
     if not both:
         raise UserError(f"{base} and {new} hold no runs of the same name{' of ' + variant if variant else ''}: "
                         "give two folders that pipeline.py wrote with different --set run_dir=")
@@ -35,13 +35,28 @@ def scores(run_dir: Path, tag: str):
     return summary, report.fraction_scores([summary], [returns])
 
 
+# what an evaluation must share with its pair for the difference to measure the runs alone
+SAME_EVALUATION = ("tasks", "n_rollouts", "n_episodes", "eval_split", "temperature", "greedy", "seed", "memory")
+
+
+def check_comparable(base_run: Path, base: dict, new_run: Path, new: dict):
+    differ = [f"{k} {base.get(k)!r} vs {new.get(k)!r}" for k in SAME_EVALUATION if base.get(k) != new.get(k)]
+    if differ:
+        shown = ", ".join(d if not d.startswith("tasks") else "tasks" for d in differ)
+        raise UserError(f"{base_run} and {new_run} were evaluated differently ({shown}): evaluate both with the "
+                        "same settings, or compare other --tag evaluations")
+
+
 def compare(base: Path, new: Path, tag: str = "", variant: str | None = None) -> str:
     lines, pairs = [], []
-    for name in paired_runs(base, new, variant):
+    names = paired_runs(base, new, variant)
+    for name in names:
         (sb, b), (sn, n) = scores(base / name, tag), scores(new / name, tag)
-        if sb["tasks"] != sn["tasks"] or b.shape != n.shape:
-            raise UserError(f"{base / name} and {new / name} were evaluated on different tasks or rollouts: "
-                            "evaluate both with the same eval_split and eval_rollouts")
+        check_comparable(base / name, sb, new / name, sn)
+        if pairs and sb["tasks"] != first_tasks:  # per-task differences are averaged over the pairs
+            raise UserError(f"{base / name} was evaluated on other tasks than {base / names[0]}: evaluate every "
+                            "run on the same eval_split")
+        first_tasks = sb["tasks"] if not pairs else first_tasks
         pairs.append((b, n))
         lines.append(f"{name}: {100 * b.mean():.1f}% -> {100 * n.mean():.1f}% ({100 * (n.mean() - b.mean()):+.1f})")
     _, mean, low, high = report.paired_difference([b for b, _ in pairs], [n for _, n in pairs])

@@ -303,6 +303,8 @@ def test_episode_stride_refusals(data, tmp_path):
         make_cfg(d, d / "runs", compressed=True, extra=["episode_stride=2"])
     with pytest.raises(ConfigError, match="episode_stride=21 is more than the 20 episodes"):
         ADDataset(path, make_cfg(d, d / "runs", extra=["episode_stride=21"]))
+    with pytest.raises(ConfigError, match=r"n_transit=41 is longer than a stream \(40 steps after episode_stride=5\)"):
+        ADDataset(path, make_cfg(d, d / "runs", extra=["episode_stride=5", "n_transit=41"]))
     uneven = tmp_path / path.name
     shutil.copyfile(path, uneven)
     with h5py.File(uneven, "a") as f:

@@ -629,6 +629,11 @@ def test_a_finished_dataset_in_use_is_read_not_refused(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert "25 of 25 tasks already collected, 0 to go" in capsys.readouterr().out
+    # a killed run's leftover beside the finished file is the writer's to clear, under the lock
+    stale = path.with_name(path.name + ".tmp")
+    stale.write_bytes(b"left by a run killed while writing")
+    collect.collect(cfg, path, list(range(25)))
+    assert not stale.exists() and "25 of 25 tasks already collected" in capsys.readouterr().out
     assert {k: v for k, v in snapshot(tmp_path).items() if not k.name.endswith(".lock")} == before
 
 

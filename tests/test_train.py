@@ -155,10 +155,11 @@ def test_finished_run_is_not_retrained_and_free_keys_may_change(data_dir, tmp_pa
 
 def test_runs_saved_before_a_key_existed_resume_with_the_value_they_used(data_dir, tmp_path):
     """region_end_weight came later (runs before it trained with 1): a two-region run saved
-    without it is another setting than the new default; plain AD does not read it."""
+    without it is another setting than the new default; plain AD does not read it. A run
+    saved before episode_stride trained on consecutive episodes (1, the default)."""
     from utils import UserError
     cfg = make_cfg(data_dir, tmp_path / "runs")
-    old = {k: v for k, v in cfg.items() if k not in ("region_end_weight", "data_cache_mb", "max_tasks")}
+    old = {k: v for k, v in cfg.items() if k not in ("region_end_weight", "data_cache_mb", "max_tasks", "episode_stride")}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     train.check_resumable(tmp_path, cfg)
     two_region = {**cfg, "use_compressed_context": True}
@@ -166,6 +167,9 @@ def test_runs_saved_before_a_key_existed_resume_with_the_value_they_used(data_di
     with pytest.raises(UserError, match="region_end_weight=1.0"):
         train.check_resumable(tmp_path, two_region)
     train.check_resumable(tmp_path, {**two_region, "region_end_weight": 1.0})
+    with pytest.raises(UserError, match="episode_stride=1"):  # a run on consecutive episodes is not a stride-2 run
+        train.check_resumable(tmp_path, {**two_region, "region_end_weight": 1.0, "use_compressed_context": False,
+                                         "episode_stride": 2})
 
 
 def test_resume_with_another_config_is_refused(data_dir, tmp_path):
