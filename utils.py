@@ -203,14 +203,27 @@ def check_combinations(cfg: dict):
     if (cfg["tf_n_embd"] // cfg["tf_n_head"]) % 2:
         raise ConfigError(f"tf_n_embd / tf_n_head = {cfg['tf_n_embd'] // cfg['tf_n_head']} must be even "
                           "(rotary position embedding rotates pairs of channels)")
-    if cfg["batch_size"] > cfg["n_steps"] * cfg["n_stream"]:
-        raise ConfigError(f"batch_size={cfg['batch_size']} is larger than one rollout "
-                          f"(n_steps x n_stream = {cfg['n_steps'] * cfg['n_stream']})")
-    if cfg["n_steps"] * cfg["n_stream"] % cfg["batch_size"]:
-        raise ConfigError(f"batch_size={cfg['batch_size']} must divide a rollout "
-                          f"(n_steps x n_stream = {cfg['n_steps'] * cfg['n_stream']}) so every "
-                          "minibatch has the same size")
+    check_learners(cfg)
     check_split(cfg)
+
+
+def check_learners(cfg: dict):
+    """A PPO learner's rollout is n_steps x its streams; its minibatches must tile it."""
+    learners = cfg["learners_per_task"]
+    if cfg["n_stream"] % learners:
+        raise ConfigError(f"learners_per_task={learners} must divide n_stream={cfg['n_stream']} "
+                          "(each learner gets the same number of streams)")
+    if learners > 1 and cfg["backend"] != "batched":
+        raise ConfigError(f"learners_per_task={learners} needs backend=batched (the sb3 backend trains one "
+                          "learner per task); set backend=batched or learners_per_task=1")
+    streams = cfg["n_stream"] // learners
+    rollout = (f"n_steps x n_stream = {cfg['n_steps'] * streams}" if learners == 1 else
+               f"n_steps x n_stream / learners_per_task = {cfg['n_steps'] * streams}")
+    if cfg["batch_size"] > cfg["n_steps"] * streams:
+        raise ConfigError(f"batch_size={cfg['batch_size']} is larger than one rollout ({rollout})")
+    if cfg["n_steps"] * streams % cfg["batch_size"]:
+        raise ConfigError(f"batch_size={cfg['batch_size']} must divide a rollout ({rollout}) so every "
+                          "minibatch has the same size")
 
 
 def check_split(cfg: dict):

@@ -1,15 +1,18 @@
-"""Batched backend: one independent PPO learner per task, many tasks computed together.
+"""Batched backend: independent PPO learners per task (one, or `learners_per_task`), many
+tasks computed together.
 The network, Adam and PPO-loss gradients are in `algorithm/batched_net.py`; this file
 holds the rollouts, the per-chunk learner and the worker processes.
 
-Every task gets its own Stable-Baselines3-style `MlpPolicy` network, its own Adam state,
-its own random stream and its own `n_stream` environment copies; the tasks are only
-*computed* together. Each layer is one weight tensor with a leading network dimension
-(`torch.bmm`), and the numpy batched env steps tasks x streams copies at once, so one
-PPO minibatch update for 81 tasks is a few dozen large tensor ops instead of 81 x that
-many small ones. Nothing is reduced over the task dimension: advantage normalisation,
-losses, gradient-norm clipping and Adam are all per task, so no information passes
-between tasks.
+Every learner gets its own Stable-Baselines3-style `MlpPolicy` network, its own Adam
+state, its own random stream and its own environment copies (by default one learner per
+task with all `n_stream` copies, as SB3 and DICP; `learners_per_task` splits them into
+independent learners, whose policies then change only on what their own streams saw); the
+learners are only *computed* together. Each layer is one weight tensor with a leading
+network dimension (`torch.bmm`), and the numpy batched env steps tasks x streams copies at
+once, so one PPO minibatch update for 81 tasks is a few dozen large tensor ops instead of
+81 x that many small ones. Nothing is reduced over the learner dimension: advantage
+normalisation, losses, gradient-norm clipping and Adam are all per learner, so no
+information passes between learners.
 
 What follows SB3 PPO (2.x) exactly:
 - observations: each MultiDiscrete dimension one-hot encoded and concatenated
@@ -162,11 +165,14 @@ class History:
         self.next_states[:, t] = next_states.reshape(n, -1, next_states.shape[-1])
         self.dones[:, t] = dones.reshape(n, -1)
 
-    def task(self, slot: int, n_steps: int) -> dict:
-        T, S = self.actions.shape[1:]
-        return {"states": self.states[slot], "actions": self.actions[slot], "rewards": self.rewards[slot],
-                "next_states": self.next_states[slot], "dones": self.dones[slot],
-                "compress_markers": compress_markers(T, n_steps, S)}
+    def task(self, slots: slice, n_steps: int) -> dict:
+        """One task's history: the streams of its learners' `slots`, side by side."""
+        def streams(a):
+            part = a[slots]
+            return part[0] if len(part) == 1 else np.concatenate(list(part), axis=1)
+        out = {k: streams(getattr(self, k)) for k in ("states", "actions", "rewards", "next_states", "dones")}
+        T, S = out["actions"].shape
+        return {**out, "compress_markers": compress_markers(T, n_steps, S)}
 
 
 def _gae(rewards, values, dones, last_values, gamma, lam):
@@ -192,24 +198,37 @@ def _sample(logits: torch.Tensor, uniforms: torch.Tensor):
     return actions, log_p.gather(1, actions.unsqueeze(1)).squeeze(1)
 
 
+def learner_seed(alg_seed: int, task_index: int, learner: int) -> int:
+    """Learner 0 of a task has the task's seed (one learner per task: as before learners existed)."""
+    if learner == 0:
+        return task_seed(alg_seed, task_index)
+    return int(np.random.SeedSequence([alg_seed, task_index, learner]).generate_state(1)[0])
+
+
 class ChunkLearner:
-    """PPO on one chunk of tasks: the network, optimizer, env and per-task generators."""
+    """PPO on one chunk of tasks: the network, optimizer, env and per-learner generators.
+
+    A task has `learners_per_task` learners of S = n_stream / learners_per_task streams
+    each; the batch dimension B runs over (task, learner), task-major, so the streams of a
+    task's learners are its n_stream streams in order."""
 
     def __init__(self, cfg: dict, indices: list, tasks: list, device):
         self.cfg, self.device = cfg, device
-        self.B, self.S = len(indices), cfg["n_stream"]
-        copies = [tasks[i] for i in indices for _ in range(self.S)]
+        self.L = cfg["learners_per_task"]
+        self.B, self.S = len(indices) * self.L, cfg["n_stream"] // self.L
+        copies = [tasks[i] for i in indices for _ in range(cfg["n_stream"])]
         self.env = envs.make_batched_env(cfg, copies, seed=cfg["alg_seed"])  # the seed: stochastic families
         self.encode = observation_encoder(cfg, device)
         self.net = BatchedActorCritic(self.B, self.encode.dim, envs.n_actions(cfg), device)
-        self.generators = [torch.Generator().manual_seed(task_seed(cfg["alg_seed"], i)) for i in indices]
+        self.generators = [torch.Generator().manual_seed(learner_seed(cfg["alg_seed"], i, j))
+                           for i in indices for j in range(self.L)]
         for slot, g in enumerate(self.generators):
             self.net.init_task(slot, g)
         self.adam = BatchedAdam(self.net.parameters(), cfg["source_lr"])
         self.history = History(self.B, steps_per_stream(cfg), self.S, envs.state_dim(cfg))
 
-    def _per_task(self, draw) -> torch.Tensor:
-        """Stack one draw per task from the task's own generator (chunk-independent)."""
+    def _per_learner(self, draw) -> torch.Tensor:
+        """Stack one draw per learner from the learner's own generator (chunk-independent)."""
         return torch.stack([draw(g) for g in self.generators], 0).to(self.device)
 
     def _hot(self, obs: np.ndarray) -> torch.Tensor:
@@ -221,7 +240,7 @@ class ChunkLearner:
         """n_steps in every stream; records history from step t0. Returns the next obs
         and the rollout as tensors shaped (B, n_steps * S, ...)."""
         n_steps, B, S, gamma = self.cfg["n_steps"], self.B, self.S, self.cfg["gamma"]
-        uniforms = self._per_task(lambda g: torch.rand(n_steps, S, generator=g))  # (B, n_steps, S)
+        uniforms = self._per_learner(lambda g: torch.rand(n_steps, S, generator=g))  # (B, n_steps, S)
         keys = ("hot", "actions", "log_prob", "values", "rewards", "dones")
         buf = {k: [] for k in keys}
         for t in range(n_steps):
@@ -253,12 +272,12 @@ class ChunkLearner:
         return obs, flat
 
     def train(self, data: dict):
-        """n_epochs over the rollout, minibatches of batch_size, per task."""
+        """n_epochs over the rollout, minibatches of batch_size, per learner."""
         cfg, n = self.cfg, data["actions"].shape[1]
         m = cfg["batch_size"]
         keys = ("hot", "actions", "log_prob", "advantages", "returns")
         for _ in range(cfg["n_epochs"]):
-            perm = self._per_task(lambda g: torch.randperm(n, generator=g))  # (B, n)
+            perm = self._per_learner(lambda g: torch.randperm(n, generator=g))  # (B, n)
             shuffled = {k: data[k].gather(1, perm.view(*perm.shape, *[1] * (data[k].dim() - 2))
                                           .expand_as(data[k])) for k in keys}
             shuffled["advantages"] = normalize_advantages(shuffled["advantages"], m)
@@ -284,7 +303,9 @@ class ChunkLearner:
                 progress(0, self.B * self.S * n_steps)
 
     def histories(self, indices: list[int]) -> dict:
-        return {index: self.history.task(slot, self.cfg["n_steps"]) for slot, index in enumerate(indices)}
+        L = self.L
+        return {index: self.history.task(slice(k * L, (k + 1) * L), self.cfg["n_steps"])
+                for k, index in enumerate(indices)}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -394,7 +415,7 @@ def _gather(queue, procs, progress) -> dict:
 
 
 def collect(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress=None):
-    """Train one PPO learner per task index, `task_chunk` tasks at a time; after each chunk
+    """Train the PPO learners of every task index, `task_chunk` tasks at a time; after each chunk
     hand its histories to `on_done({index: history})` and call `progress(n_tasks, 0)`
     (env steps are reported with `progress(0, n)` after every rollout)."""
     device = pick_device(cfg["device"])

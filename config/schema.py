@@ -76,6 +76,11 @@ SCHEMA: dict[str, Key] = {
         total_source_timesteps=(int, 100_000, "env steps per task, summed over streams "
                                 "(rounded up to whole rollouts)", {"min": 1}),
         n_stream=(int, 100, "parallel copies of each task (independent histories)", {"min": 1}),
+        learners_per_task=(int, 1, "batched backend: independent PPO learners per task, n_stream / "
+                           "learners_per_task streams each. 1 (DICP's setting): all streams share one "
+                           "learner, so a stream's policy also improves on what the other streams found, "
+                           "which its own history does not show; n_stream: every stream is a learner of "
+                           "its own, whose every change of policy its history explains", {"min": 1}),
         n_process=(int, 2, "worker processes: one per task at a time (sb3), or the slices of a task "
                    "chunk (batched, on CPU)", {"min": 1}),
         task_chunk=(int, 0, "batched backend: tasks trained together per chunk (0 = up to 256, and no "
@@ -185,9 +190,9 @@ COLLECTION_KEYS = [  # a list: add_keys(..., family=...) extends it in place
     "env", "grid_size", "horizon", "max_tasks", "env_split_seed", "train_env_ratio", "val_env_ratio",
     "alg", "n_steps", "batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda",
     "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "total_source_timesteps",
-    "n_stream", "alg_seed",
+    "n_stream", "learners_per_task", "alg_seed",
 ]
 
 # keys added after datasets and runs were saved: the value those were made with
-KEYS_ADDED_LATER = {"region_end_weight": 1.0, "max_tasks": 0, "episode_stride": 1}
+KEYS_ADDED_LATER = {"region_end_weight": 1.0, "max_tasks": 0, "episode_stride": 1, "learners_per_task": 1}
 COLLECTION_KEYS_ADDED_LATER = {k: v for k, v in KEYS_ADDED_LATER.items() if k in COLLECTION_KEYS}

@@ -2,6 +2,11 @@
 tasks and streams, and the share of streams at optimal; the first thing to measure before
 distilling a new setting (are the streams long enough for PPO to solve most tasks?).
 
+It also says how much of a stream's learning its own history explains. Streams that share
+one learner (`learners_per_task` below `n_stream`) share a policy: a stream whose first
+reward comes after the learner was updated on another stream's first reward may have been
+led there by what it never saw, which a model reading that one stream cannot predict.
+
     python scripts/ppo_curve.py datasets/dark_key_to_door_9x9/history_dark_key_to_door_PPO_alg-seed42.hdf5
     python scripts/ppo_curve.py FILE --split test        # only the held-out test tasks
 """
@@ -33,6 +38,49 @@ def fraction_of_optimal(path: Path, split: str) -> np.ndarray:
     return np.stack(out)
 
 
+def first_reward_steps(path: Path, split: str) -> tuple[list[np.ndarray], dict]:
+    """Per finished task of `split`: the step of each stream's first nonzero reward (the
+    stream's length T if none), shape (n_stream,); and the collection config."""
+    header = history.read_header(path)
+    indices = [i for i in header["done"] if split == "all" or header["split"][i] == split]
+    out = []
+    with h5py.File(path, "r") as f:
+        for i in indices:
+            rewarded = f[str(i)]["rewards"][()] != 0  # (T, S)
+            out.append(np.where(rewarded.any(0), rewarded.argmax(0), rewarded.shape[0]))
+    return out, header["collection_config"]
+
+
+def led_by_another_stream(first: np.ndarray, n_steps: int, learners: int, length: int) -> np.ndarray:
+    """(n_stream,) bool: the stream got a reward (first < length) and its first came after its
+    learner's policy had been updated on another stream's first reward (updates follow each
+    rollout of n_steps; the streams of a task are its learners' streams in order)."""
+    out = np.zeros(len(first), bool)
+    for group in np.split(np.arange(len(first)), learners):
+        for s in group:
+            others = first[group[group != s]]
+            if len(others) == 0 or first[s] >= length:
+                continue
+            earliest = others.min()
+            updated_at = (earliest // n_steps + 1) * n_steps  # the update after the rollout holding it
+            out[s] = earliest < first[s] and first[s] >= updated_at
+    return out
+
+
+def print_first_rewards(path: Path, split: str):
+    firsts, cfg = first_reward_steps(path, split)
+    learners = cfg.get("learners_per_task", 1)  # files collected before the key had one learner
+    first = np.concatenate(firsts)
+    length = history.steps_per_stream(cfg)
+    found = first < length
+    led = np.concatenate([led_by_another_stream(f, cfg["n_steps"], learners, length) for f in firsts])
+    per = cfg["n_stream"] // learners
+    print(f"first reward of a stream: median episode {np.median(first[found]) // cfg['horizon'] + 1:.0f} "
+          f"({100 * found.mean():.0f}% of streams get one); {per} stream(s) per learner; "
+          f"{100 * led.mean():.0f}% of streams got theirs after their learner was updated on another "
+          "stream's first reward")
+
+
 def first_episode_reaching(curve: np.ndarray, level: float):
     hit = np.flatnonzero(curve >= level)
     return int(hit[0]) + 1 if len(hit) else None
@@ -52,6 +100,7 @@ def main():
             print(f"| {ep} | {100 * curve[ep - 1]:.1f}% | {100 * np.mean(frac[:, ep - 1] >= 0.99):.0f}% |")
     print(f"episodes to 80% of optimal: {first_episode_reaching(curve, 0.8)}, "
           f"to 90%: {first_episode_reaching(curve, 0.9)}")
+    print_first_rewards(args.file, args.split)
 
 
 if __name__ == "__main__":

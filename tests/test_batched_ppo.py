@@ -316,6 +316,25 @@ def test_task_history_independent_of_chunk():
     assert not np.array_equal(together[1]["actions"], together[9]["actions"])
 
 
+def test_learners_per_task_split_a_task_into_independent_learners():
+    """learners_per_task=2 over 4 streams: learner 0 (streams 0-1) is exactly the task's
+    one learner of 2 streams, so nothing from learner 1's streams reaches it; learner 1 is
+    another learner (its own seed), and the task keeps its 4 streams in the file's layout."""
+    split = run_collect(small_cfg(learners_per_task=2), [3, 5])
+    alone = run_collect(small_cfg(n_stream=2, total_source_timesteps=3 * 20 * 2), [3, 5])
+    for i in (3, 5):
+        assert split[i]["actions"].shape == (60, 4)
+        assert split[i]["compress_markers"].shape == (60, 4)
+        for f in history.FIELDS:
+            np.testing.assert_array_equal(split[i][f][:, :2], alone[i][f], err_msg=f)
+        assert not np.array_equal(split[i]["actions"][:, 2:], alone[i]["actions"])
+    # one learner per stream also runs, and with one learner per task nothing changes
+    per_stream = run_collect(small_cfg(learners_per_task=4, batch_size=10), [3])[3]
+    assert per_stream["actions"].shape == (60, 4)
+    one = run_collect(small_cfg(learners_per_task=1), [3])[3]
+    np.testing.assert_array_equal(one["actions"], run_collect(small_cfg(), [3])[3]["actions"])
+
+
 def test_task_chunk_calls_on_done_per_chunk():
     cfg = small_cfg(task_chunk=2)
     calls, progress = [], []

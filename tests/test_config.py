@@ -259,6 +259,17 @@ def test_two_region_context_limits():
     assert load_config([], {"n_transit": 20})["n_transit"] == 20
 
 
+def test_learners_per_task_must_divide_n_stream_and_fit_the_backend():
+    raises_naming(["learners_per_task=3", "n_stream=8"], load_config, [],
+                  {"n_stream": 8, "learners_per_task": 3, "batch_size": 16, "n_steps": 16})
+    raises_naming(["learners_per_task=2", "backend=batched"], load_config, [],
+                  {"n_stream": 4, "learners_per_task": 2, "backend": "sb3", "batch_size": 16, "n_steps": 16})
+    # a learner's rollout is n_steps x its own streams: its minibatches must tile it
+    raises_naming(["batch_size=32", "learners_per_task", "16"], load_config, [],
+                  {"n_stream": 4, "learners_per_task": 4, "batch_size": 32, "n_steps": 16})
+    assert load_config([], {"n_stream": 4, "learners_per_task": 4, "batch_size": 16, "n_steps": 16})
+
+
 def test_compress_interval_must_equal_n_steps():
     raises_naming(["compress_interval", "n_steps"], load_config, [],
                   _compressed(compress_interval=40, n_transit=400))

@@ -39,3 +39,30 @@ def test_command_prints_the_table_and_refuses_a_missing_file(tmp_path):
     assert proc.returncode == 0 and "| 1 |" in proc.stdout and "episodes to 80% of optimal" in proc.stdout
     proc = run(str(tmp_path / "nothing.hdf5"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_stream_is_led_when_its_learner_was_updated_on_another_streams_first_reward():
+    # rollouts of 10 steps: an update follows steps 9, 19, 29, ...
+    first = np.array([3, 25, 12, 8])  # stream 0 first at step 3 (rollout 0), update at step 10
+    # one learner for all four: streams 1 (25) and 2 (12) came after that update; stream 3
+    # (8) came before it, inside the same rollout: not led; stream 0 was the first
+    np.testing.assert_array_equal(ppo_curve.led_by_another_stream(first, 10, 1, 40), [False, True, True, False])
+    # two learners of two streams: stream 1 is led by stream 0; stream 2 (12) by stream 3 (8,
+    # update at 10); stream 3 came first in its learner
+    np.testing.assert_array_equal(ppo_curve.led_by_another_stream(first, 10, 2, 40), [False, True, True, False])
+    # a learner per stream: nobody else's reward can reach a stream's policy
+    assert not ppo_curve.led_by_another_stream(first, 10, 4, 40).any()
+    # a stream that never got a reward (its first is the stream's length) was not led to one
+    assert ppo_curve.led_by_another_stream(np.array([5, 40]), 10, 1, 40).tolist() == [False, False]
+
+
+def test_first_reward_steps_read_each_streams_first_nonzero_reward(tmp_path):
+    cfg = make_cfg(tmp_path)
+    path = build_history_file(cfg)
+    firsts, collection = ppo_curve.first_reward_steps(path, "all")
+    with h5py.File(path, "r") as f:
+        rewards = f["0"]["rewards"][()]
+    for s in range(rewards.shape[1]):
+        hits = np.flatnonzero(rewards[:, s])
+        assert firsts[0][s] == (hits[0] if len(hits) else rewards.shape[0])
+    assert collection["n_stream"] == cfg["n_stream"]
