@@ -157,11 +157,21 @@ def compare(runs: list[Path], labels: list[str], tag: str = "", checkpoints=None
                                best_of(n_rollouts), n_tasks, checkpoints))
     ppo = ppo_rewards(cfg, task_indices, n_pulls)
     if ppo is not None:
-        rows.append(regret_row(f"source PPO ({cfg['n_stream']} streams share one learner)", ppo,
+        rows.append(regret_row(f"source PPO ({describe_learners(cfg)})", ppo,
                                best_of(cfg["n_stream"]), n_tasks, checkpoints))
     rows.append(regret_row("uniform random", _random_rewards(cfg, task_indices, n_rollouts, n_pulls),
                            best_of(n_rollouts), n_tasks, checkpoints))
     return table(rows, checkpoints), rows
+
+
+def describe_learners(cfg: dict) -> str:
+    """How the source PPO's streams of a task were trained: one shared learner, or several."""
+    streams, learners = cfg["n_stream"], cfg.get("learners_per_task", 1)
+    if learners == 1:
+        return f"{streams} streams share one learner"
+    if learners == streams:
+        return f"{streams} streams, one learner each"
+    return f"{streams} streams, {learners} learners of {streams // learners}"
 
 
 def _random_rewards(cfg, task_indices, n_rollouts, n_pulls) -> np.ndarray:

@@ -183,3 +183,9 @@ def test_tiny_collect_train_evaluate_and_regret_table(tmp_path, monkeypatch, cap
     assert labels[:3] == ["AD", "UCB1", "Thompson"] and labels[3].startswith("source PPO")
     assert labels[4] == "uniform random"
     assert "regret @12" in text and all(r["rows"] > 0 for r in rows)
+
+
+def test_the_source_row_says_how_the_streams_were_trained():
+    assert bb.describe_learners({"n_stream": 4}) == "4 streams share one learner"
+    assert bb.describe_learners({"n_stream": 4, "learners_per_task": 4}) == "4 streams, one learner each"
+    assert bb.describe_learners({"n_stream": 4, "learners_per_task": 2}) == "4 streams, 2 learners of 2"
