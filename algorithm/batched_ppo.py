@@ -76,7 +76,8 @@ Memory: peak memory grows linearly with tasks x streams (x steps for the history
 task, the recorded history holds T x n_stream steps of 2 x state_dim x 4 + 8 bytes
 (darkroom: 1040 x 100 x 24 B = 2.5 MB) and the rollout buffers n_steps x n_stream
 samples of about 2 x ((state_dim + 1) x 8 + 24) bytes, the rollout and its shuffled copy
-(darkroom: 8000 x 96 B = 0.8 MB); the network, Adam state and activations add ~0.3 MB.
+(darkroom: 8000 x 96 B = 0.8 MB); the network, Adam state and activations add ~0.3 MB,
+and each further learner of a task (learners_per_task) its own ~0.2 MB.
 With worker processes the histories of a chunk exist twice while they are sent back,
 and each process carries ~0.3 GB of torch itself: the full darkroom run (81 tasks, 100
 streams, 2 workers) peaked at 1.2 GB summed over all processes. `task_chunk` bounds how many tasks
@@ -145,11 +146,11 @@ def observation_encoder(cfg: dict, device):
 # ----------------------------------------------------------------------------- one chunk
 
 class History:
-    """The recorded arrays of a chunk, laid out (task, T, stream, ...) so that each task's
-    arrays are contiguous slices in the layout of HistoryLoggerCallback."""
+    """The recorded arrays of a chunk, laid out (learner, T, stream, ...): a task's learners
+    are consecutive rows, and `task` joins their streams into HistoryLoggerCallback's layout."""
 
-    def __init__(self, n_tasks: int, T: int, n_stream: int, state_dim: int):
-        shape = (n_tasks, T, n_stream)
+    def __init__(self, n_learners: int, T: int, streams: int, state_dim: int):
+        shape = (n_learners, T, streams)
         self.states = np.zeros((*shape, state_dim), np.float32)
         self.next_states = np.zeros((*shape, state_dim), np.float32)
         self.actions = np.zeros(shape, np.int16)
@@ -157,7 +158,7 @@ class History:
         self.dones = np.zeros(shape, bool)
 
     def record(self, t: int, states, actions, rewards, next_states, dones):
-        """One env step; all arguments are (n_tasks * n_stream, ...), task-major."""
+        """One env step; all arguments are (n_learners * streams per learner, ...), learner-major."""
         n = self.states.shape[0]
         self.states[:, t] = states.reshape(n, -1, states.shape[-1])
         self.actions[:, t] = actions.reshape(n, -1)
@@ -266,7 +267,7 @@ class ChunkLearner:
         adv, ret = _gae(data["rewards"], data["values"], data["dones"], last_values,
                         gamma, self.cfg["gae_lambda"])
         data.update(advantages=adv, returns=ret)
-        # (n_steps, B, S, ...) -> (B, n_steps * S, ...): each task's samples in one row
+        # (n_steps, B, S, ...) -> (B, n_steps * S, ...): each learner's samples in one row
         flat = {k: data[k].transpose(0, 1).reshape(B, n_steps * S, *data[k].shape[3:])
                 for k in ("hot", "actions", "log_prob", "advantages", "returns")}
         return obs, flat
@@ -319,9 +320,13 @@ def bytes_per_task(cfg: dict, obs_dim: int) -> int:
     # per sample: ds one-hot indices and an action (int64), 6 float32 fields, twice
     # (the rollout and its shuffled copy)
     rollout = cfg["n_steps"] * cfg["n_stream"] * 2 * ((ds + 1) * 8 + 6 * 4)
-    # forward/backward buffers for minibatches and for rollout steps, both branches
-    activations = 2 * (obs_dim + 4 * HIDDEN) * (cfg["batch_size"] + cfg["n_stream"]) * 4
-    return history + rollout + activations
+    # forward/backward buffers for minibatches (one per learner) and for rollout steps, both branches
+    learners = cfg["learners_per_task"]
+    activations = 2 * (obs_dim + 4 * HIDDEN) * (learners * cfg["batch_size"] + cfg["n_stream"]) * 4
+    # every learner's two-branch MLP: parameters, gradients and Adam's two moments (float32)
+    n_params = 2 * (obs_dim * HIDDEN + HIDDEN * HIDDEN + 2 * HIDDEN) + (HIDDEN + 1) * (envs.n_actions(cfg) + 1)
+    networks = learners * n_params * 4 * 4
+    return history + rollout + activations + networks
 
 
 # task_chunk=0 trains at most this many tasks per chunk: a chunk's histories reach the

@@ -10,8 +10,9 @@ import torch
 
 import env as envs
 from algorithm import batched_ppo, history
-from algorithm.batched_net import BatchedActorCritic, BatchedAdam, normalize_advantages, ppo_loss, ppo_loss_gradients
+from algorithm.batched_net import HIDDEN, BatchedActorCritic, BatchedAdam, normalize_advantages, ppo_loss, ppo_loss_gradients
 from algorithm.batched_ppo import ObsEncoder
+from algorithm.sb3_ppo import task_seed
 from utils import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,11 +329,21 @@ def test_learners_per_task_split_a_task_into_independent_learners():
         for f in history.FIELDS:
             np.testing.assert_array_equal(split[i][f][:, :2], alone[i][f], err_msg=f)
         assert not np.array_equal(split[i]["actions"][:, 2:], alone[i]["actions"])
-    # one learner per stream also runs, and with one learner per task nothing changes
+    # one learner per stream also runs
     per_stream = run_collect(small_cfg(learners_per_task=4, batch_size=10), [3])[3]
     assert per_stream["actions"].shape == (60, 4)
-    one = run_collect(small_cfg(learners_per_task=1), [3])[3]
-    np.testing.assert_array_equal(one["actions"], run_collect(small_cfg(), [3])[3]["actions"])
+    # a task's only (or first) learner keeps the seed tasks had before the key existed, so
+    # files collected with learners_per_task=1 are the ones collected before it
+    assert all(batched_ppo.learner_seed(a, i, 0) == task_seed(a, i) for a in (0, 42) for i in (0, 3, 640))
+    assert len({batched_ppo.learner_seed(42, 3, j) for j in range(8)} | {task_seed(42, 4)}) == 9
+
+
+def test_memory_estimate_counts_every_learner():
+    """Each learner of a task has its own network, gradients, Adam state and minibatch."""
+    one = batched_ppo.bytes_per_task(small_cfg(), 10)
+    four = batched_ppo.bytes_per_task(small_cfg(learners_per_task=4, batch_size=10), 10)
+    n_params = 2 * (10 * HIDDEN + HIDDEN * HIDDEN + 2 * HIDDEN) + (HIDDEN + 1) * (envs.n_actions(small_cfg()) + 1)
+    assert four - one >= 3 * n_params * 16
 
 
 def test_task_chunk_calls_on_done_per_chunk():

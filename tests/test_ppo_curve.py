@@ -37,6 +37,7 @@ def test_command_prints_the_table_and_refuses_a_missing_file(tmp_path):
                                     capture_output=True, text=True)
     proc = run(str(path))
     assert proc.returncode == 0 and "| 1 |" in proc.stdout and "episodes to 80% of optimal" in proc.stdout
+    assert "first reward of a stream:" in proc.stdout and "stream(s) per learner" in proc.stdout
     proc = run(str(tmp_path / "nothing.hdf5"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
