@@ -35,6 +35,17 @@ def _tanh_backward_(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.tanh_backward.grad_input(grad, h, grad_input=grad)
 
 
+def parameter_shapes(n_nets: int, obs_dim: int, n_actions: int) -> dict:
+    """Shapes of BatchedActorCritic's tensors for n_nets networks (layout: see the class)."""
+    B, D, H, A = n_nets, obs_dim, HIDDEN, n_actions
+    return {"W1": (2, B, D, H), "b1": (2, B, 1, H), "W2": (2, B, H, H), "b2": (2, B, H, 1),
+            "W_pi": (B, A, H), "b_pi": (B, A, 1), "W_vf": (B, 1, H), "b_vf": (B, 1, 1)}
+
+
+def parameters_per_network(obs_dim: int, n_actions: int) -> int:
+    return sum(math.prod(shape) for shape in parameter_shapes(1, obs_dim, n_actions).values())
+
+
 class BatchedActorCritic:
     """`n_tasks` independent SB3 `MlpPolicy` networks, computed together.
 
@@ -60,15 +71,14 @@ class BatchedActorCritic:
 
     def __init__(self, n_tasks: int, obs_dim: int, n_actions: int, device):
         self.n, self.obs_dim, self.n_actions, self.device = n_tasks, obs_dim, n_actions, device
-        B, D, H, A = n_tasks, obs_dim, HIDDEN, n_actions
-        shapes = {"W1": (2, B, D, H), "b1": (2, B, 1, H), "W2": (2, B, H, H), "b2": (2, B, H, 1),
-                  "W_pi": (B, A, H), "b_pi": (B, A, 1), "W_vf": (B, 1, H), "b_vf": (B, 1, 1)}
+        shapes = parameter_shapes(n_tasks, obs_dim, n_actions)
         self.params = {k: torch.zeros(s, device=device) for k, s in shapes.items()}
         self.grads = {k: torch.zeros(s, device=device) for k, s in shapes.items()}
         for k, p in self.params.items():
             p.grad = self.grads[k]
         # views made once (an update is short enough for Python overheads to matter): the
         # trunk as 2 x n_tasks matrices for bmm, each gradient as one row per network
+        B = n_tasks
         G = 2 * B
         self.P = {**self.params, **{k: self.params[k].view(G, *shapes[k][2:]) for k in TRUNK}}
         self.Gr = {**self.grads, **{k: self.grads[k].view(G, *shapes[k][2:]) for k in TRUNK}}

@@ -94,7 +94,8 @@ import numpy as np
 import torch
 
 import env as envs
-from algorithm.batched_net import HIDDEN, BatchedActorCritic, BatchedAdam, normalize_advantages, ppo_loss_gradients
+from algorithm.batched_net import (HIDDEN, BatchedActorCritic, BatchedAdam, normalize_advantages,
+                                  parameters_per_network, ppo_loss_gradients)
 from algorithm.history import compress_markers, n_rollouts, steps_per_stream
 from algorithm.sb3_ppo import task_seed
 from utils import UserError, available_memory, exit_with_parent, pick_device
@@ -324,8 +325,7 @@ def bytes_per_task(cfg: dict, obs_dim: int) -> int:
     learners = cfg["learners_per_task"]
     activations = 2 * (obs_dim + 4 * HIDDEN) * (learners * cfg["batch_size"] + cfg["n_stream"]) * 4
     # every learner's two-branch MLP: parameters, gradients and Adam's two moments (float32)
-    n_params = 2 * (obs_dim * HIDDEN + HIDDEN * HIDDEN + 2 * HIDDEN) + (HIDDEN + 1) * (envs.n_actions(cfg) + 1)
-    networks = learners * n_params * 4 * 4
+    networks = learners * parameters_per_network(obs_dim, envs.n_actions(cfg)) * 4 * 4
     return history + rollout + activations + networks
 
 

@@ -73,11 +73,11 @@ def print_first_rewards(path: Path, split: str):
     first = np.concatenate(firsts)
     length = history.steps_per_stream(cfg)
     found = first < length
-    led = np.concatenate([led_by_another_stream(f, cfg["n_steps"], learners, length) for f in firsts])
     per = cfg["n_stream"] // learners
     if not found.any():
         print(f"first reward of a stream: no stream got a reward; {per} stream(s) per learner")
         return
+    led = np.concatenate([led_by_another_stream(f, cfg["n_steps"], learners, length) for f in firsts])
     print(f"first reward of a stream: median episode {np.median(first[found]) // cfg['horizon'] + 1:.0f} "
           f"({100 * found.mean():.0f}% of streams get one); {per} stream(s) per learner; "
           f"{100 * led.mean():.0f}% of streams got theirs after their learner was updated on another "

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import env as envs
-from algorithm import batched_ppo, history
-from algorithm.batched_net import HIDDEN, BatchedActorCritic, BatchedAdam, normalize_advantages, ppo_loss, ppo_loss_gradients
+from algorithm import batched_net, batched_ppo, history
+from algorithm.batched_net import BatchedActorCritic, BatchedAdam, normalize_advantages, ppo_loss, ppo_loss_gradients
 from algorithm.batched_ppo import ObsEncoder
 from algorithm.sb3_ppo import task_seed
 from utils import load_config
@@ -342,7 +342,9 @@ def test_memory_estimate_counts_every_learner():
     """Each learner of a task has its own network, gradients, Adam state and minibatch."""
     one = batched_ppo.bytes_per_task(small_cfg(), 10)
     four = batched_ppo.bytes_per_task(small_cfg(learners_per_task=4, batch_size=10), 10)
-    n_params = 2 * (10 * HIDDEN + HIDDEN * HIDDEN + 2 * HIDDEN) + (HIDDEN + 1) * (envs.n_actions(small_cfg()) + 1)
+    net = BatchedActorCritic(1, 10, envs.n_actions(small_cfg()), torch.device("cpu"))
+    n_params = sum(p.numel() for p in net.params.values())
+    assert n_params == batched_net.parameters_per_network(10, envs.n_actions(small_cfg()))
     assert four - one >= 3 * n_params * 16
 
 
