@@ -10,7 +10,8 @@
 #      0-2, sharing the GPU (what changes against the 2-core 16-stream runs is the task count);
 #   3. evaluates each finished run on the test tasks at temperature 0.75 (eval_summary.json),
 #      on the validation tasks at 0.75 and on the test tasks at 1.0;
-#   4. packs logs, summaries and per-episode returns (not checkpoints or data) into OUT.
+#   4. packs logs, summaries and per-episode returns (not checkpoints or data) into one file,
+#      OUT/results.tar.gz (the device tool brings back at most 8 files from OUT).
 #
 #   bash scripts/gpu_k2d9_papers.sh OUT [BUDGET_SECONDS]    # default budget 540 s
 #   MAX_TASKS=40 STEPS=6400 TRAIN_STEPS=30 EVAL_SET=eval_episodes=3 DEVICE=cpu bash scripts/gpu_k2d9_papers.sh /tmp/o 300   # smoke run
@@ -76,6 +77,7 @@ done
 wait $(jobs -p | grep -v "^$SAMPLER$")
 kill $SAMPLER 2>/dev/null
 stamp "pack"
-# the small files only: summaries, configs, per-episode returns, TensorBoard events
-tar czf "$OUT/runs.tar.gz" --exclude='*.pt' $RUNS 2>> "$OUT/timeline.txt"
+# the small files only: logs, summaries, configs, per-episode returns, TensorBoard events
+mkdir -p $RUNS/device_logs && cp "$OUT"/*.log "$OUT"/*.txt "$OUT"/*.csv $RUNS/device_logs/
+tar czf "$OUT/results.tar.gz" --exclude='*.pt' $RUNS
 stamp "done"

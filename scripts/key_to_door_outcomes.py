@@ -6,7 +6,8 @@ rollouts, pooled over the runs given), this prints
 - the share of episodes ending 0 / 1 / 2 at a few points of the learning curve;
 - how often the next episode repeats what this one reached (exploitation: is the key, or the
   door, remembered once found?) and how often an episode without the key is followed by one
-  with it (exploration: how well does it search?).
+  with it, or one that reached the key only by one that reached the door too (exploration: how
+  well does it search?).
 
     python scripts/key_to_door_outcomes.py runs/dark_key_to_door_9x9/AD-dark_key_to_door-seed*
     python scripts/key_to_door_outcomes.py RUN... --tag val_T075      # eval_result_val_T075.npy
@@ -54,12 +55,14 @@ def shares(outcomes: np.ndarray, episodes: slice) -> str:
 
 
 def transitions(outcomes: np.ndarray) -> list[str]:
-    """P(key next | key now), P(door next | door now), P(key next | no key now), each with its count."""
+    """P(key next | key now), P(door next | door now), P(key next | no key now),
+    P(door next | key only now), each with its count."""
     now, then = outcomes[:, :-1], outcomes[:, 1:]
 
     def conditional(given, event):
         return f"{100 * event[given].mean():.0f}% ({given.sum()})" if given.any() else "-"
-    return [conditional(now >= 1, then >= 1), conditional(now == 2, then == 2), conditional(now == 0, then >= 1)]
+    return [conditional(now >= 1, then >= 1), conditional(now == 2, then == 2), conditional(now == 0, then >= 1),
+            conditional(now == 1, then == 2)]
 
 
 def main():
@@ -94,7 +97,8 @@ def main():
     for name, outcomes in rows.items():
         print(f"| {name} | " + " | ".join(shares(outcomes, s) for s in POINTS.values()) + " |")
     print(f"\nnext episode given this one, over episodes 1-{episodes} (count of this-episode cases)\n")
-    print("| who | key again after the key | door again after the door | key after no key |\n|---|---|---|---|")
+    print("| who | key again after the key | door again after the door | key after no key | door after the key only |"
+          "\n|---|---|---|---|---|")
     for name, outcomes in rows.items():
         print(f"| {name} | " + " | ".join(transitions(outcomes)) + " |")
 

@@ -16,10 +16,11 @@ def test_transitions_count_what_the_next_episode_reaches():
     # rollout 0 finds the key and keeps it, then the door once and loses it; rollout 1 never finds the key
     runs = np.array([[0, 1, 1, 2, 1],
                      [0, 0, 0, 0, 0]])
-    key_again, door_again, key_after_none = outcomes.transitions(runs)
+    key_again, door_again, key_after_none, door_after_key = outcomes.transitions(runs)
     assert key_again == "100% (3)"       # after 1, 1, 2 comes 1, 2, 1
     assert door_again == "0% (1)"        # after the 2 comes a 1
     assert key_after_none == "20% (5)"   # five episodes without the key, one followed by the key
+    assert door_after_key == "50% (2)"   # after the two 1s (not the last) come 1 and 2
     assert outcomes.shares(runs, slice(0, 2)) == "75 / 25 / 0"
 
 
