@@ -1,6 +1,8 @@
 """Collect PPO learning histories for every task of an environment into one HDF5 file.
 
     python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml
+    python collect.py config/algorithm/noisy_expert_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
+                                                 # an expert with decaying noise instead of PPO (AD-epsilon)
     python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml --set n_stream=4
     python collect.py ... --tasks 0:40          # a slice, e.g. on another machine
     python collect.py ... --merge a.hdf5 b.hdf5 # combine slices into the full file
@@ -37,8 +39,16 @@ def slice_path(path: Path, indices: list[int]) -> Path:
     return path.with_name(f"{path.stem}.tasks{indices[0]}-{indices[-1] + 1}{path.suffix}")
 
 
+def backend_name(cfg: dict) -> str:
+    """What made the histories: the PPO backend, or the noisy expert (written into every task's group)."""
+    return "noisy_expert" if cfg["alg"] == "NoisyExpert" else cfg["backend"]
+
+
 def run_backend(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress):
-    if cfg["backend"] == "sb3":
+    if cfg["alg"] == "NoisyExpert":
+        from algorithm import noisy_expert
+        noisy_expert.collect(cfg, indices, tasks, on_done, progress)
+    elif cfg["backend"] == "sb3":
         from algorithm import sb3_ppo
         sb3_ppo.collect(cfg, indices, tasks, on_done, progress)
     else:
@@ -67,6 +77,8 @@ def collect(cfg: dict, path: Path, indices: list[int]):
     """Collect the missing (or damaged) tasks among `indices` into `path`."""
     if already_complete(cfg, path, indices):
         return
+    if cfg["alg"] == "NoisyExpert":
+        envs.expert(cfg, [])  # a family without an expert policy stops here, before any work
     check_fits(cfg, len(indices))
     ensure_writable_dir(path.parent, "dataset directory")
     with history.lock(path):
@@ -82,7 +94,7 @@ def already_complete(cfg: dict, path: Path, indices: list[int]) -> bool:
     history.check_matches(path, header, cfg)
     if set(indices) - set(header["done"]) or history.damaged_tasks(path, header, indices):
         return False
-    print(f"{path}: {len(indices)} of {len(indices)} tasks already collected, 0 to go (backend={cfg['backend']})")
+    print(f"{path}: {len(indices)} of {len(indices)} tasks already collected, 0 to go (backend={backend_name(cfg)})")
     return True
 
 
@@ -101,7 +113,7 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
         done, damaged = set(), {}
     todo = [i for i in indices if i not in done]
     print(f"{path}: {len(indices) - len(todo)} of {len(indices)} tasks already collected, "
-          f"{len(todo)} to go (backend={cfg['backend']})")
+          f"{len(todo)} to go (backend={backend_name(cfg)})")
     if not todo:
         return
     state_dim = envs.state_dim(cfg)
@@ -117,7 +129,7 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
     def on_done(results: dict):
         for h in results.values():
             history.check_history(h, cfg, state_dim)
-        history.append_tasks(path, results, tasks, split, cfg["backend"], replace=damaged)
+        history.append_tasks(path, results, tasks, split, backend_name(cfg), replace=damaged)
 
     def progress(n_tasks: int, n_env_steps: int):
         nonlocal steps, finished

@@ -59,7 +59,11 @@ SCHEMA: dict[str, Key] = {
     ),
     **_keys(
         "algorithm",
-        alg=(str, "PPO", "source RL algorithm whose learning histories are distilled", {"choices": ("PPO",)}),
+        alg=(str, "PPO", "what makes the learning histories: 'PPO' learners, or 'NoisyExpert', an expert "
+             "that knows the task acting epsilon-greedily with epsilon falling from 1 to 0 (AD-epsilon; "
+             "algorithm/noisy_expert.py)", {"choices": ("PPO", "NoisyExpert")}),
+        noise_decay_episodes=(int, 40, "alg NoisyExpert: episodes over which a stream's epsilon falls "
+                              "linearly from 1 to 0 (then 0)", {"min": 1}),
         backend=(str, "batched", "PPO implementation: 'batched' trains all tasks at once in one "
                  "process (fast); 'sb3' runs one Stable-Baselines3 learner per task (reference)",
                  {"choices": ("batched", "sb3")}),
@@ -190,9 +194,10 @@ COLLECTION_KEYS = [  # a list: add_keys(..., family=...) extends it in place
     "env", "grid_size", "horizon", "max_tasks", "env_split_seed", "train_env_ratio", "val_env_ratio",
     "alg", "n_steps", "batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda",
     "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "total_source_timesteps",
-    "n_stream", "learners_per_task", "alg_seed",
+    "n_stream", "learners_per_task", "alg_seed", "noise_decay_episodes",
 ]
 
 # keys added after datasets and runs were saved: the value those were made with
-KEYS_ADDED_LATER = {"region_end_weight": 1.0, "max_tasks": 0, "episode_stride": 1, "learners_per_task": 1}
+KEYS_ADDED_LATER = {"region_end_weight": 1.0, "max_tasks": 0, "episode_stride": 1, "learners_per_task": 1,
+                    "noise_decay_episodes": 40}
 COLLECTION_KEYS_ADDED_LATER = {k: v for k, v in KEYS_ADDED_LATER.items() if k in COLLECTION_KEYS}

@@ -102,6 +102,11 @@ def make_gym_env(cfg: dict, task: dict) -> gym.Env:
     return gym.make(f.gym_id, **f.gym_kwargs(cfg), **task, disable_env_checker=True)
 
 
+def expert(cfg: dict, tasks: list[dict]):
+    """The family's optimal policy for these tasks: states (N, state_dim) -> actions (N,)."""
+    return family(cfg).expert(cfg, tasks)
+
+
 def make_batched_env(cfg: dict, tasks: list[dict], seed: int | None = None):
     """One numpy env stepping one copy of each given task (repeat tasks for more copies);
     `seed` seeds a stochastic family's env (one with a `seed` method, e.g. the bandit)."""

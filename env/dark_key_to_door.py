@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 import env
-from env.darkroom import MOVES, N_ACTIONS, Darkroom, start_position
+from env.darkroom import MOVES, N_ACTIONS, Darkroom, start_position, step_toward
 
 
 def _rewards(pos, key, door, has_key, opened):
@@ -100,6 +100,12 @@ class DarkKeyToDoor(Darkroom):
 
     def observation_space(self, cfg):
         return observation_space(cfg["grid_size"])
+
+    def expert(self, cfg, tasks):
+        """To the key, then to the door (and stay there)."""
+        keys = np.array([t["key"] for t in tasks], dtype=np.int64)
+        doors = np.array([t["door"] for t in tasks], dtype=np.int64)
+        return lambda states: step_toward(states[:, :2].astype(np.int64), np.where(states[:, 2:3] > 0, doors, keys))
 
     def make_batched_env(self, cfg, tasks):
         return BatchedDarkKeyToDoor([t["key"] for t in tasks], [t["door"] for t in tasks],

@@ -69,6 +69,13 @@ class Family:
         with alg_seed, rollouts with eval_seed (env.make_batched_env)."""
         raise NotImplementedError
 
+    def expert(self, cfg: dict, tasks: list[dict]):
+        """An optimal policy that knows the tasks: a function from the batched env's states
+        (N, state_dim), one task per row, to actions (N,). Only `alg: NoisyExpert` collection
+        needs it."""
+        from utils import ConfigError
+        raise ConfigError(f"alg=NoisyExpert needs an expert policy, and env={self.name} has none; use alg=PPO")
+
     def gym_kwargs(self, cfg: dict) -> dict:
         """Keyword arguments of gym_class besides the task's."""
         return {"grid_size": cfg["grid_size"], "horizon": cfg["horizon"]}

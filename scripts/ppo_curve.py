@@ -74,11 +74,16 @@ def print_first_rewards(path: Path, split: str):
     length = history.steps_per_stream(cfg)
     found = first < length
     per = cfg["n_stream"] // learners
+    median = f"median episode {np.median(first[found]) // cfg['horizon'] + 1:.0f}" if found.any() else "no stream got one"
+    if cfg.get("alg", "PPO") != "PPO":  # no learner: the streams of a noisy expert never share anything
+        print(f"first reward of a stream: {median} ({100 * found.mean():.0f}% of streams get one); "
+              f"independent streams (alg {cfg['alg']})")
+        return
     if not found.any():
         print(f"first reward of a stream: no stream got a reward; {per} stream(s) per learner")
         return
     led = np.concatenate([led_by_another_stream(f, cfg["n_steps"], learners, length) for f in firsts])
-    print(f"first reward of a stream: median episode {np.median(first[found]) // cfg['horizon'] + 1:.0f} "
+    print(f"first reward of a stream: {median} "
           f"({100 * found.mean():.0f}% of streams get one); {per} stream(s) per learner; "
           f"{100 * led.mean():.0f}% of streams got theirs after their learner was updated on another "
           "stream's first reward")
