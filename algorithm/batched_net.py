@@ -78,11 +78,10 @@ class BatchedActorCritic:
             p.grad = self.grads[k]
         # views made once (an update is short enough for Python overheads to matter): the
         # trunk as 2 x n_tasks matrices for bmm, each gradient as one row per network
-        B = n_tasks
-        G = 2 * B
+        G = 2 * n_tasks
         self.P = {**self.params, **{k: self.params[k].view(G, *shapes[k][2:]) for k in TRUNK}}
         self.Gr = {**self.grads, **{k: self.grads[k].view(G, *shapes[k][2:]) for k in TRUNK}}
-        self._grad_rows = ([self.grads[k].view(G, -1) for k in TRUNK], [self.grads[k].view(B, -1) for k in HEADS])
+        self._grad_rows = ([self.grads[k].view(G, -1) for k in TRUNK], [self.grads[k].view(n_tasks, -1) for k in HEADS])
         self._buffers = {}
 
     # -- init

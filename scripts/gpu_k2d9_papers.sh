@@ -52,11 +52,10 @@ FILE=$(ls datasets/k2d9_papers/*.hdf5)
 ls -l "$FILE" >> "$OUT/timeline.txt"
 $PY scripts/ppo_curve.py "$FILE" --split test > "$OUT/ppo_curve_test.txt" 2>&1 &
 
-TRAIN_DEADLINE=$(( $(left) - EVAL_RESERVE ))
+TRAIN_END=$(( START + BUDGET - EVAL_RESERVE ))  # the trainings' deadline (epoch seconds)
 chain() {  # train one run, then evaluate it while time is left: test 0.75, val 0.75, test 1.0
     local name=$1 run_dir=$2 seed=$3; shift 3
-    local deadline=$(( START + BUDGET - EVAL_RESERVE ))
-    timeout $(( deadline - $(date +%s) )) $PY train.py $DATA config/model/ad_k2d9.yaml \
+    timeout $(( TRAIN_END - $(date +%s) )) $PY train.py $DATA config/model/ad_k2d9.yaml \
         --set $SCALE data_cache_mb=8192 run_dir=$run_dir seed=$seed "$@" > "$OUT/train_$name.log" 2>&1
     local rc=$?
     stamp "train $name rc=$rc"
@@ -70,7 +69,7 @@ chain() {  # train one run, then evaluate it while time is left: test 0.75, val 
         stamp "eval $name ${tag:-test_T075} rc=$?"
     done
 }
-stamp "train (deadline in $TRAIN_DEADLINE s)"
+stamp "train (deadline in $(( TRAIN_END - $(date +%s) )) s)"
 for seed in 0 1 2; do
     chain seed$seed $RUNS $seed train_timesteps=$TRAIN_STEPS &
 done
