@@ -3,6 +3,8 @@
     python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml
     python collect.py config/algorithm/noisy_expert_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
                                                  # an expert with decaying noise instead of PPO (AD-epsilon)
+    python collect.py config/algorithm/posterior_sampling_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
+                                                 # a learner that searches by posterior sampling
     python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml --set n_stream=4
     python collect.py ... --tasks 0:40          # a slice, e.g. on another machine
     python collect.py ... --merge a.hdf5 b.hdf5 # combine slices into the full file
@@ -39,15 +41,21 @@ def slice_path(path: Path, indices: list[int]) -> Path:
     return path.with_name(f"{path.stem}.tasks{indices[0]}-{indices[-1] + 1}{path.suffix}")
 
 
+def scripted_source(cfg: dict):
+    """The module that makes the histories where no PPO learner does (algorithm/scripted.py), or None."""
+    from algorithm import noisy_expert, posterior_sampling
+    return {"NoisyExpert": noisy_expert, "PosteriorSampling": posterior_sampling}.get(cfg["alg"])
+
+
 def backend_name(cfg: dict) -> str:
-    """What made the histories: the PPO backend, or the noisy expert (written into every task's group)."""
-    return "noisy_expert" if cfg["alg"] == "NoisyExpert" else cfg["backend"]
+    """What made the histories: the PPO backend, or the scripted source's module (written into every task's group)."""
+    source = scripted_source(cfg)
+    return source.__name__.rpartition(".")[2] if source else cfg["backend"]
 
 
 def run_backend(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress):
-    if cfg["alg"] == "NoisyExpert":
-        from algorithm import noisy_expert
-        noisy_expert.collect(cfg, indices, tasks, on_done, progress)
+    if scripted_source(cfg):
+        scripted_source(cfg).collect(cfg, indices, tasks, on_done, progress)
     elif cfg["backend"] == "sb3":
         from algorithm import sb3_ppo
         sb3_ppo.collect(cfg, indices, tasks, on_done, progress)
@@ -77,8 +85,8 @@ def collect(cfg: dict, path: Path, indices: list[int]):
     """Collect the missing (or damaged) tasks among `indices` into `path`."""
     if already_complete(cfg, path, indices):
         return
-    if cfg["alg"] == "NoisyExpert":
-        envs.expert(cfg, [])  # a family without an expert policy stops here, before any work
+    if scripted_source(cfg):
+        scripted_source(cfg).check(cfg)  # a family it cannot play stops here, before any work
     check_fits(cfg, len(indices))
     ensure_writable_dir(path.parent, "dataset directory")
     with history.lock(path):

@@ -59,9 +59,11 @@ SCHEMA: dict[str, Key] = {
     ),
     **_keys(
         "algorithm",
-        alg=(str, "PPO", "what makes the learning histories: 'PPO' learners, or 'NoisyExpert', an expert "
+        alg=(str, "PPO", "what makes the learning histories: 'PPO' learners; 'PosteriorSampling', a "
+             "learner that searches the grid for the hidden cells by posterior sampling "
+             "(algorithm/posterior_sampling.py); or 'NoisyExpert', an expert "
              "that knows the task acting epsilon-greedily with epsilon falling from 1 to 0 (AD-epsilon; "
-             "algorithm/noisy_expert.py)", {"choices": ("PPO", "NoisyExpert")}),
+             "algorithm/noisy_expert.py)", {"choices": ("PPO", "NoisyExpert", "PosteriorSampling")}),
         noise_decay_episodes=(int, 40, "alg NoisyExpert: episodes over which a stream's epsilon falls "
                               "linearly from 1 to 0 (then 0)", {"min": 1}),
         backend=(str, "batched", "PPO implementation: 'batched' trains all tasks at once in one "

@@ -80,6 +80,7 @@ class BatchedDarkroom:
 
 class Darkroom(Family):
     name, gym_id, gym_class = "darkroom", "Darkroom-v0", DarkroomEnv
+    hidden_cells = 1  # the goal
 
     def tasks(self, cfg):
         g = cfg["grid_size"]

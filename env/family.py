@@ -15,6 +15,9 @@ class Family:
     name = ""         # the config's `env` value
     gym_id = None     # gymnasium id of the one-task env (sb3 backend, tests), registered on `register`
     gym_class = None  # its class: gym_class(**gym_kwargs(cfg), **task)
+    # grid cells that hide the reward, found in order (darkroom: the goal; Dark Key-to-Door: key,
+    # then door); 0 for anything else. alg PosteriorSampling searches them.
+    hidden_cells = 0
 
     def check_config(self, cfg: dict):
         """Raise ConfigError (one line naming the key and what is allowed) for settings the

@@ -1,0 +1,54 @@
+"""Learning histories from a scripted policy instead of PPO learners: the loop that `alg:
+NoisyExpert` (algorithm/noisy_expert.py) and `alg: PosteriorSampling`
+(algorithm/posterior_sampling.py) share.
+
+A policy plays `n_stream` copies of each task of a chunk in one batched env. It is built per
+chunk by `make_policy(cfg, copies, generators)`, where `generators[k]` is the k-th task's
+own random generator: drawing a task's randomness from it, in the same order whatever the
+chunk, makes a task's history independent of which other tasks share its chunk. A policy
+has `act(states, episode) -> actions` and `observe(next_states, rewards)`; episodes start
+together (the batched env's shared clock), and `new_episode()` is called at each start.
+The file layout is PPO's (compress markers every `n_steps`), so every model variant trains
+on it unchanged.
+"""
+import numpy as np
+
+import env as envs
+from algorithm.batched_ppo import History
+from algorithm.history import steps_per_stream
+from algorithm.sb3_ppo import task_seed
+
+CHUNK_TASKS = 256  # tasks stepped together: numpy work per step is shared; memory stays small
+
+
+def run_chunk(cfg: dict, chunk: list[int], tasks: list[dict], make_policy) -> dict:
+    """{index: history} of every task in `chunk`, n_stream streams each."""
+    S, T = cfg["n_stream"], steps_per_stream(cfg)
+    copies = [tasks[i] for i in chunk for _ in range(S)]
+    batched = envs.make_batched_env(cfg, copies, seed=cfg["alg_seed"])
+    generators = [np.random.default_rng(task_seed(cfg["alg_seed"], i)) for i in chunk]
+    policy = make_policy(cfg, copies, generators)
+    record = History(len(chunk), T, S, envs.state_dim(cfg))
+    states, episode = batched.reset(), 0
+    policy.new_episode()
+    for t in range(T):
+        actions = policy.act(states, episode)
+        next_states, rewards, dones = batched.step(actions)
+        policy.observe(next_states, rewards)
+        record.record(t, states, actions, rewards, next_states, dones)
+        states = next_states
+        if dones.any():  # every copy shares one clock (Family.make_batched_env)
+            states, episode = batched.reset(), episode + 1
+            policy.new_episode()
+    return {index: record.task(slice(k, k + 1), cfg["n_steps"]) for k, index in enumerate(chunk)}
+
+
+def collect(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress, make_policy):
+    """Same contract as batched_ppo.collect: `on_done({index: history})` after each chunk."""
+    per_task = steps_per_stream(cfg) * cfg["n_stream"]
+    size = cfg["task_chunk"] or CHUNK_TASKS
+    for start in range(0, len(indices), size):
+        chunk = indices[start:start + size]
+        on_done(run_chunk(cfg, chunk, tasks, make_policy))
+        if progress is not None:
+            progress(len(chunk), len(chunk) * per_task)
