@@ -4,6 +4,7 @@
     python scripts/pipeline.py --size full               # darkroom at paper scale, for a GPU box
     python scripts/pipeline.py --seeds 0 1 2 --variants AD
     python scripts/pipeline.py --env dark_key_to_door    # 5x5 Dark Key-to-Door (CPU size)
+    python scripts/pipeline.py --env dark_key_to_door --size 9x9-psrl   # 9x9, posterior-sampling histories (about 1 h on 2 cores)
     python scripts/pipeline.py --env bandit              # 5-armed bandits: regret vs UCB1 / Thompson / PPO
     python scripts/pipeline.py --env point_robot         # 2-D point robot (continuous state)
     python scripts/pipeline.py --study memory            # return vs context size, memory on/off (scripts/memory_study.py)
@@ -53,6 +54,14 @@ SETUPS = {
                 "variants": {"AD": "config/model/ad_k2d9.yaml",
                              "AD-tworegion": "config/model/ad_k2d9_compressed.yaml",
                              "CompressedAD": "config/model/ad_compressed_k2d9.yaml"}},
+        # the same 650 tasks, histories from posterior sampling instead of PPO: 64 streams of 20
+        # episodes per task (algorithm/posterior_sampling.py; its own run folder)
+        "9x9-psrl": {"data": ["config/algorithm/posterior_sampling_dark_key_to_door.yaml",
+                              "config/env/dark_key_to_door_9x9.yaml"],
+                     "train": ["run_dir=runs/dark_key_to_door_9x9_psrl"],
+                     "variants": {"AD": "config/model/ad_k2d9.yaml",
+                                  "AD-tworegion": "config/model/ad_k2d9_compressed.yaml",
+                                  "CompressedAD": "config/model/ad_compressed_k2d9_short_streams.yaml"}},
         "full": {"data": ["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"],
                  "train": FULL_MODEL + ["n_transit=200", "compress_interval=100"]},
         "variants": {"AD": "config/model/ad_k2d.yaml",

@@ -25,6 +25,9 @@ def test_every_setup_resolves_to_its_own_run_and_matching_data_keys(env, size):
         assert cfg["env"] == env
         if cfg["use_compressed_context"]:  # a region is one PPO rollout of this data
             assert cfg["compress_interval"] == cfg["n_steps"]
+        if cfg["model"] == "CompressedAD":  # the deepest compression fits one stream of this data
+            steps_per_stream = cfg["total_source_timesteps"] // cfg["n_stream"]
+            assert cfg["max_compression_depth"] * (cfg["n_transit"] // 2) + cfg["n_transit"] <= steps_per_stream
         runs.add(run_path(cfg))
     assert len(runs) == len(variants)
 
