@@ -140,26 +140,28 @@ def with_set(values: list[str]) -> list[str]:
 
 
 def result_table(rows: list[dict]) -> str:
-    lines = ["| variant | seeds | final return | optimal | % of optimal | IQM [95% CI] | first-episode return "
+    lines = ["| variant | seeds | final return | optimal | % of optimal | per seed | IQM [95% CI] | first-episode return "
              "| episodes to 80% | PPO episodes to 80% | context tokens | train time / run | hardware |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        per_seed = " / ".join(f"{100 * f:.1f}" for f in r["per_seed"])
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['final']:.2f} | {r['optimal']:.2f} | "
-                     f"{100 * r['fraction']:.0f}% | {r['iqm']} | "
+                     f"{100 * r['fraction']:.0f}% | {per_seed} | {r['iqm']} | "
                      f"{r['first']:.2f} | {r['episodes_to_80']} | {r['ppo_episodes_to_80']} | {r['context']} | "
                      f"{r['train_seconds'] / 60:.1f} min | {r['hardware']} |")
     return "\n".join(lines)
 
 
-def table_row(variant: str, run_dirs: list[Path]) -> dict:
-    """Mean over seeds of what evaluate.py and train.py wrote into the run folders."""
-    summaries = [json.loads((d / "eval_summary.json").read_text()) for d in run_dirs]
-    returns = [np.load(d / "eval_result.npy") for d in run_dirs]
+def table_row(variant: str, run_dirs: list[Path], eval_tag: str = "") -> dict:
+    """Mean over seeds of what evaluate.py (its evaluation tagged `eval_tag`, or the untagged
+    one) and train.py wrote into the run folders."""
+    summaries, returns = zip(*(report.load_evaluation(d, eval_tag) for d in run_dirs))
     trainings = [json.loads((d / "train_summary.json").read_text()) for d in run_dirs]
     mean = lambda k: sum(s[k] for s in summaries) / len(summaries)  # noqa: E731
     optimal = summaries[0]["optimal_return"]
     return {"variant": variant, "seeds": len(summaries), "final": mean("final_return"),
             "optimal": sum(optimal) / len(optimal), "fraction": mean("final_fraction_of_optimal"),
+            "per_seed": [s["final_fraction_of_optimal"] for s in summaries],
             "iqm": report.format_iqm(report.iqm_with_ci(report.fraction_scores(summaries, returns))),
             "first": mean("first_return"), "episodes_to_80": [s["episodes_to_80pct"] for s in summaries],
             "ppo_episodes_to_80": summaries[0]["ppo_episodes_to_80pct"],
@@ -176,15 +178,17 @@ def train_config(configs: list[str], overrides: list[str]) -> dict:
 def write_table_of_finished(args, run_dirs: dict, out_dir: Path, tag: str):
     """--table-only: the table of the evaluated runs, each variant over the seeds it has."""
     rows, absent = [], []
+    summary = f"eval_summary_{args.eval_tag}.json" if args.eval_tag else "eval_summary.json"
     for variant in args.variants:
-        done = [ROOT / run_dirs[variant, s] for s in args.seeds if (ROOT / run_dirs[variant, s] / "eval_summary.json").is_file()]
+        done = [ROOT / run_dirs[variant, s] for s in args.seeds if (ROOT / run_dirs[variant, s] / summary).is_file()]
         absent += [f"{variant} seed {s}" for s in args.seeds if ROOT / run_dirs[variant, s] not in done]
         if done:
-            rows.append(table_row(variant, done))
+            rows.append(table_row(variant, done, args.eval_tag))
     if not rows:
-        raise UserError(f"no run of these variants and seeds has an evaluation under {out_dir}: run the pipeline first")
+        raise UserError(f"no run of these variants and seeds has an evaluation ({summary}) under {out_dir}: "
+                        "run the pipeline (or evaluate.py --tag) first")
     table = result_table(rows)
-    results = out_dir / f"results_{tag}_finished.md"
+    results = out_dir / f"results_{tag}{'_' + args.eval_tag if args.eval_tag else ''}_finished.md"
     with atomic_write(results, "w") as f:
         f.write(table + "\n")
     print(table + (f"\n\nnot evaluated (left out): {', '.join(absent)}" if absent else "") + f"\n\nwritten: {results}")
@@ -195,7 +199,8 @@ def main():
     p.add_argument("--env", choices=SETUPS, default="darkroom")
     p.add_argument("--size", choices=SIZES, default="cpu",
                    help="cpu: finishes on a laptop; full: paper scale, for a GPU box; 9x9 (dark_key_to_door): "
-                        "the 9x9 grid on 650 tasks, hours on 2 CPU cores")
+                        "the 9x9 grid on 650 tasks, hours on 2 CPU cores; 9x9-psrl (dark_key_to_door): the same tasks, "
+                        "histories from posterior sampling (algorithm/posterior_sampling.py), about an hour")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per variant")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: every variant of the --env")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -206,6 +211,8 @@ def main():
                    "(default: scripts/memory_study.py LADDERS)")
     p.add_argument("--table-only", action="store_true", help="run nothing: the table of the runs among "
                    "--variants x --seeds that have an evaluation (eval_summary.json), as they are")
+    p.add_argument("--eval-tag", default="", help="with --table-only: the evaluations tagged so (evaluate.py "
+                   "--tag TAG), e.g. test_T10 after evaluate.py RUN --tag test_T10 --set eval_temperature=1.0")
     p.add_argument("--jobs", type=int, help="trainings and evaluations run at once, each logging to a file "
                    "under the run_dir's logs/ (each uses one CPU thread; default 1, --study 2; on a GPU box the "
                    "small models share the GPU, e.g. --jobs 9 for 3 variants x 3 seeds)")
@@ -240,6 +247,8 @@ def main():
     if args.variants != all_variants:  # a subset gets its own files, so side-by-side runs never overwrite
         name += "_" + "-".join(args.variants)
     tag = f"{name}_seeds" + "-".join(map(str, args.seeds))
+    if args.eval_tag and not args.table_only:
+        p.error("--eval-tag reads evaluations that are already there: use it with --table-only")
     if args.table_only:
         return write_table_of_finished(args, run_dirs, out_dir, tag)
     # the last stages write there: find out now, not after the collection and the trainings

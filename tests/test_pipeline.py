@@ -73,6 +73,17 @@ def test_tiny_run_writes_table_timings_and_plot_under_run_dir(tmp_path):
     assert {"collect", "train AD seed0", "evaluate seed0", "total (this script)"} <= set(timings)
     assert (out / "comparison_darkroom_cpu_AD-AD-tworegion_seed0.png").stat().st_size > 0
     assert (out / "AD-tworegion-darkroom-seed0" / "eval_summary.json").exists()
+    # a tagged evaluation of one run: --table-only --eval-tag tables it and names the run without one
+    evaluation = subprocess.run([sys.executable, "evaluate.py", str(out / "AD-darkroom-seed0"), "--tag", "t1", "--set",
+                                 "eval_temperature=1.0"], cwd=ROOT, capture_output=True, text=True)
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    proc = _pipeline("--variants", "AD", "AD-tworegion", "--seeds", "0", "--table-only", "--eval-tag", "t1", "--set", *sets)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not evaluated (left out): AD-tworegion seed 0" in proc.stdout
+    tagged = (out / "results_darkroom_cpu_AD-AD-tworegion_seeds0_t1_finished.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in tagged[2:]] == ["AD"]
+    per_seed = 100 * json.loads((out / "AD-darkroom-seed0" / "eval_summary_t1.json").read_text())["final_fraction_of_optimal"]
+    assert tagged[2].split("|")[6].strip() == f"{per_seed:.1f}"
 
 
 def test_a_variant_the_env_does_not_have_is_refused_before_any_work(tmp_path):
@@ -105,6 +116,12 @@ def test_tiny_memory_study_writes_one_row_per_variant_budget_seed(tmp_path):
     table = (out / "memory_study.md").read_text()
     assert table.count("\n| AD |") == 2 and "IQM" in table
     assert (out / "memory_study.png").stat().st_size > 0
+
+
+def test_eval_tag_without_table_only_is_refused(tmp_path):
+    proc = _pipeline("--eval-tag", "t1", "--set", f"run_dir={tmp_path}/runs", f"dataset_dir={tmp_path}/data")
+    assert proc.returncode == 2 and "use it with --table-only" in proc.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_table_only_without_evaluations_runs_nothing_and_exits_2(tmp_path):
