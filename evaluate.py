@@ -122,13 +122,16 @@ def summarize(cfg, task_indices, returns, stats, elapsed, ppo_curve) -> dict:
         "max_context_tokens": int(stats["max_context_tokens"]), "steps_per_second": steps / elapsed,
         "greedy": cfg["eval_greedy"], "temperature": cfg["eval_temperature"], "seed": cfg["eval_seed"],
         "eval_split": cfg["eval_split"] if not cfg["eval_tasks"] else "chosen", "memory": cfg["eval_memory"],
+        "source_alg": cfg["alg"],  # the learner of the history file: what ppo_episodes_to_80pct measured
         "per_task": per_task,
         **{k: v for k, v in stats.items() if k != "max_context_tokens"},
     }
     return summary
 
 
-def plot_curves(path: Path, curves: dict, optimal: float, ppo_curve, title: str):
+def plot_curves(path: Path, curves: dict, optimal: float, ppo_curve, title: str, source: str = "PPO"):
+    """Mean (+- std) return per episode of each run, with the learner that made the data
+    (`source`: the history file's alg) on the same tasks."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -139,7 +142,7 @@ def plot_curves(path: Path, curves: dict, optimal: float, ppo_curve, title: str)
         ax.plot(x, mean, label=label)
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
     if ppo_curve is not None:
-        ax.plot(np.arange(1, len(ppo_curve) + 1), ppo_curve, "k--", label="source PPO (same tasks)")
+        ax.plot(np.arange(1, len(ppo_curve) + 1), ppo_curve, "k--", label=f"source {source} (same tasks)")
     ax.axhline(optimal, color="gray", linestyle=":", label="optimal")
     ax.set_xlabel("episode")
     ax.set_ylabel("return")
@@ -210,7 +213,8 @@ def evaluate_run(run_dir: Path, overrides: dict, tag: str = "",
     with atomic_write(run_dir / names["summary"], "w") as f:
         f.write(json.dumps(summary, indent=1))
     plot_curves(run_dir / names["curve"], {run_dir.name: returns}, float(np.mean(summary["optimal_return"])),
-                ppo_curve, f"{run_dir.name}: in-context return on {cfg['eval_split'] if not cfg['eval_tasks'] else 'chosen'} tasks")
+                ppo_curve, f"{run_dir.name}: in-context return on {cfg['eval_split'] if not cfg['eval_tasks'] else 'chosen'} tasks",
+                cfg["alg"])
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(str(run_dir)) as w:
         for ep, value in enumerate(returns.mean(0)):
@@ -250,7 +254,7 @@ def main():
     if len(results) > 1:
         first = next(iter(results.values()))
         plot_curves(plot, {k: v[1] for k, v in results.items()}, float(np.mean(first[0]["optimal_return"])),
-                    first[2], "in-context return, held-out tasks")
+                    first[2], "in-context return, held-out tasks", first[0]["source_alg"])
         print(f"\ncomparison plot: {plot}")
 
 

@@ -1,8 +1,8 @@
 """Where a Dark Key-to-Door agent falls short: finding the key, remembering it, or the door.
 
 Every episode ends with return 0 (no key), 1 (the key only) or 2 (key, then door). For the
-source PPO (the held-out tasks' streams in the history file) and for evaluated runs (their
-rollouts, pooled over the runs given), this prints
+learner that made the data (PPO, or another `alg`: the held-out tasks' streams in the history
+file) and for evaluated runs (their rollouts, pooled over the runs given), this prints
 - the share of episodes ending 0 / 1 / 2 at a few points of the learning curve;
 - how often the next episode repeats what this one reached (exploitation: is the key, or the
   door, remembered once found?) and how often an episode without the key is followed by one
@@ -39,14 +39,16 @@ def run_outcomes(run_dir: Path, tag: str) -> tuple[np.ndarray, dict]:
     return np.rint(returns), summary
 
 
-def source_outcomes(run_dirs: list[Path], split: str) -> np.ndarray:
-    """(tasks x streams, episodes) outcomes of the source PPO on the runs' evaluation split."""
-    datasets = {dataset_path(load_config([d / "config.yaml"])) for d in run_dirs}
+def source_outcomes(run_dirs: list[Path], split: str) -> tuple[str, np.ndarray]:
+    """(row name, (tasks x streams, episodes) outcomes) of the learner that made the runs'
+    data (PPO, or another `alg`) on the runs' evaluation split."""
+    configs = [load_config([d / "config.yaml"]) for d in run_dirs]
+    datasets = {dataset_path(cfg) for cfg in configs}
     if len(datasets) > 1:
         raise UserError(f"the runs were trained on different datasets ({', '.join(map(str, sorted(datasets)))}); "
                         "compare runs of one dataset, or pass --no-source")
     frac = fraction_of_optimal(datasets.pop(), split)  # (tasks, episodes, streams)
-    return np.rint(2 * frac).transpose(0, 2, 1).reshape(-1, frac.shape[1])
+    return f"source {configs[0]['alg']}", np.rint(2 * frac).transpose(0, 2, 1).reshape(-1, frac.shape[1])
 
 
 def shares(outcomes: np.ndarray, episodes: slice) -> str:
@@ -71,9 +73,9 @@ def main():
     p.add_argument("runs", type=Path, nargs="+", help="evaluated run directories; the seeds of one variant in one "
                    "folder are pooled into one row")
     p.add_argument("--tag", default="", help="read eval_result_TAG.npy (evaluate.py --tag) instead of eval_result.npy")
-    p.add_argument("--no-source", action="store_true", help="leave out the source PPO's row")
+    p.add_argument("--no-source", action="store_true", help="leave out the source learner's row")
     p.add_argument("--episodes", type=int, help="count only the first N episodes (default: as many as the runs' "
-                   "evaluations hold; the source PPO's streams are cut to the same length)")
+                   "evaluations hold; the source's streams are cut to the same length)")
     args = p.parse_args()
     if args.episodes is not None and args.episodes < 2:
         raise UserError(f"--episodes {args.episodes}: the next-episode rates need at least 2 episodes")
@@ -88,9 +90,10 @@ def main():
         rows[name] = np.concatenate([rows[name], outcomes]) if name in rows else outcomes
     if len(splits) > 1:
         raise UserError(f"the runs were evaluated on different splits ({sorted(splits)}); compare one split at a time")
+    episodes = args.episodes or min(r.shape[1] for r in rows.values())  # the runs' own, not the source's
     if not args.no_source:
-        rows = {"source PPO": source_outcomes(args.runs, splits.pop())} | rows
-    episodes = args.episodes or min(r.shape[1] for name, r in rows.items() if name != "source PPO")
+        source, outcomes = source_outcomes(args.runs, splits.pop())
+        rows = {source: outcomes} | rows
     rows = {name: r[:, :episodes] for name, r in rows.items()}  # every row over the same episodes
     print("% of episodes ending with no key / the key only / key and door, by episode\n")
     print("| who | " + " | ".join(f"episode {k}" for k in POINTS) + " |\n|---|" + "---|" * len(POINTS))

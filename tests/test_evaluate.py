@@ -312,6 +312,7 @@ def test_evaluate_outputs(trained, evaluated, name):
     optimal = [envs.optimal_return(cfg, all_tasks[i]) for i in rows]
     assert s["optimal_return"] == pytest.approx(optimal)
     assert s["n_episodes"] == 6
+    assert s["source_alg"] == cfg["alg"] == "PPO"  # whose curve ppo_episodes_to_80pct is
     assert s["first_return"] == pytest.approx(float(returns[:, 0].mean()))
     assert s["final_return"] == pytest.approx(float(returns[:, -1].mean()))
     assert s["final_fraction_of_optimal"] == pytest.approx(returns[:, -1].mean() / np.mean(optimal))

@@ -43,7 +43,7 @@ def test_runs_of_one_variant_are_pooled(tmp_path):
     proc = run_script(str(a), str(b), "--no-source")
     assert proc.returncode == 0, proc.stderr
     assert "| AD (T 0.75) | 50 / 0 / 50 |" in proc.stdout
-    assert "source PPO" not in proc.stdout
+    assert "| source" not in proc.stdout
 
 
 def test_runs_of_different_folders_stay_apart(tmp_path):
@@ -67,9 +67,11 @@ def test_source_streams_become_rows_and_one_dataset_is_required(monkeypatch, tmp
     frac = np.zeros((2, 3, 2))  # (tasks, episodes, streams) fractions of optimal
     frac[1, :, 0] = [0.5, 1.0, 1.0]  # task 1, stream 0: key, then key and door twice
     monkeypatch.setattr(outcomes, "fraction_of_optimal", lambda path, split: frac)
-    monkeypatch.setattr(outcomes, "load_config", lambda paths: {"data": Path(paths[0]).parent.name})
+    monkeypatch.setattr(outcomes, "load_config", lambda paths: {"data": Path(paths[0]).parent.name,
+                                                                "alg": "PosteriorSampling"})
     monkeypatch.setattr(outcomes, "dataset_path", lambda cfg: Path("datasets") / cfg["data"][:1])
-    rows = outcomes.source_outcomes([tmp_path / "a1", tmp_path / "a2"], "test")
+    name, rows = outcomes.source_outcomes([tmp_path / "a1", tmp_path / "a2"], "test")
+    assert name == "source PosteriorSampling"  # the row names the learner that made the data
     assert rows.shape == (4, 3)  # task-major: task 0 streams 0, 1, then task 1 streams 0, 1
     np.testing.assert_array_equal(rows[2], [1, 2, 2])
     assert not rows[[0, 1, 3]].any()
