@@ -4,7 +4,7 @@
     python scripts/pipeline.py --size full               # darkroom at paper scale, for a GPU box
     python scripts/pipeline.py --seeds 0 1 2 --variants AD
     python scripts/pipeline.py --env dark_key_to_door    # 5x5 Dark Key-to-Door (CPU size)
-    python scripts/pipeline.py --env dark_key_to_door --size 9x9-psrl   # 9x9, posterior-sampling histories (about 1 h on 2 cores)
+    python scripts/pipeline.py --env dark_key_to_door --size 9x9-psrl   # 9x9, posterior-sampling histories (about 1-1.5 h on 2 cores, --jobs 2)
     python scripts/pipeline.py --env bandit              # 5-armed bandits: regret vs UCB1 / Thompson / PPO
     python scripts/pipeline.py --env point_robot         # 2-D point robot (continuous state)
     python scripts/pipeline.py --study memory            # return vs context size, memory on/off (scripts/memory_study.py)
