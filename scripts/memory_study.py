@@ -62,8 +62,7 @@ def budget_overrides(cfg: dict, n_transit: int | None, steps_in_stream: int) -> 
 def evaluated(run_dir: Path, tag: str, expected: dict) -> bool:
     """An evaluation of this checkpoint with this tag and these summary values is on disk
     (a rerun reuses it)."""
-    summary, returns, ckpt = (run_dir / f"eval_summary_{tag}.json", run_dir / f"eval_result_{tag}.npy",
-                              run_dir / "ckpt-last.pt")
+    (summary, returns), ckpt = report.evaluation_files(run_dir, tag), run_dir / "ckpt-last.pt"
     if not (summary.is_file() and returns.is_file()) or summary.stat().st_mtime < ckpt.stat().st_mtime:
         return False
     try:

@@ -178,13 +178,14 @@ def train_config(configs: list[str], overrides: list[str]) -> dict:
 def write_table_of_finished(args, run_dirs: dict, out_dir: Path, tag: str):
     """--table-only: the table of the evaluated runs, each variant over the seeds it has."""
     rows, absent = [], []
-    summary = f"eval_summary_{args.eval_tag}.json" if args.eval_tag else "eval_summary.json"
     for variant in args.variants:
-        done = [ROOT / run_dirs[variant, s] for s in args.seeds if (ROOT / run_dirs[variant, s] / summary).is_file()]
+        done = [ROOT / run_dirs[variant, s] for s in args.seeds
+                if report.evaluation_files(ROOT / run_dirs[variant, s], args.eval_tag)[0].is_file()]
         absent += [f"{variant} seed {s}" for s in args.seeds if ROOT / run_dirs[variant, s] not in done]
         if done:
             rows.append(table_row(variant, done, args.eval_tag))
     if not rows:
+        summary = report.evaluation_files(out_dir, args.eval_tag)[0].name
         raise UserError(f"no run of these variants and seeds has an evaluation ({summary}) under {out_dir}: "
                         "run the pipeline (or evaluate.py --tag) first")
     table = result_table(rows)
@@ -200,7 +201,7 @@ def main():
     p.add_argument("--size", choices=SIZES, default="cpu",
                    help="cpu: finishes on a laptop; full: paper scale, for a GPU box; 9x9 (dark_key_to_door): "
                         "the 9x9 grid on 650 tasks, hours on 2 CPU cores; 9x9-psrl (dark_key_to_door): the same tasks, "
-                        "histories from posterior sampling (algorithm/posterior_sampling.py), about an hour")
+                        "histories from posterior sampling (algorithm/posterior_sampling.py), 1-1.5 h with --jobs 2")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per variant")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: every variant of the --env")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -230,6 +231,8 @@ def main():
         args.jobs = 2 if args.study else 1
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
+    if args.eval_tag and not args.table_only:
+        p.error("--eval-tag reads evaluations that are already there: use it with --table-only")
     if args.study == "memory":
         import memory_study
         memory_study.run_study(args, setup, size, train_config, ["collect.py", *size["data"], *with_set(args.set)])
@@ -247,8 +250,6 @@ def main():
     if args.variants != all_variants:  # a subset gets its own files, so side-by-side runs never overwrite
         name += "_" + "-".join(args.variants)
     tag = f"{name}_seeds" + "-".join(map(str, args.seeds))
-    if args.eval_tag and not args.table_only:
-        p.error("--eval-tag reads evaluations that are already there: use it with --table-only")
     if args.table_only:
         return write_table_of_finished(args, run_dirs, out_dir, tag)
     # the last stages write there: find out now, not after the collection and the trainings

@@ -38,11 +38,17 @@ def iqm_with_ci(scores: np.ndarray, seed: int = 0) -> tuple[float, float, float]
     return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
 
 
+def evaluation_files(run_dir: Path, tag: str = "") -> tuple[Path, Path]:
+    """(eval_summary, eval_result) paths of one evaluate.py run, tagged `tag` or untagged
+    (the names evaluate.output_names gives; repeated here so reports need not import torch)."""
+    suffix = f"_{tag}" if tag else ""
+    return run_dir / f"eval_summary{suffix}.json", run_dir / f"eval_result{suffix}.npy"
+
+
 def load_evaluation(run_dir: Path, tag: str = "") -> tuple[dict, np.ndarray]:
     """(eval_summary, eval_result returns) of one evaluate.py run of a run directory, tagged
     `tag` (evaluate.py --tag) or untagged; a one-line UserError naming the fix when missing."""
-    suffix = f"_{tag}" if tag else ""
-    summary, returns = run_dir / f"eval_summary{suffix}.json", run_dir / f"eval_result{suffix}.npy"
+    summary, returns = evaluation_files(run_dir, tag)
     if not (summary.is_file() and returns.is_file()):
         raise UserError(f"{run_dir} has no evaluation{' tagged ' + tag if tag else ''} ({returns.name}); run "
                         f"evaluate.py {run_dir}{' --tag ' + tag if tag else ''} first")
