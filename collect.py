@@ -22,8 +22,12 @@ from tqdm import tqdm
 
 import env as envs
 from algorithm import history
-from utils import (UserError, check_memory, config_arg_parser, dataset_path, ensure_writable_dir, load_config,
-                   parse_set, pick_device, run_cli)
+from algorithm.history import dataset_path
+from cli import config_arg_parser, load_config, run_cli
+from config.loading import parse_set
+from errors import UserError
+from files import ensure_writable_dir
+from runtime import check_memory, pick_device
 
 
 def parse_slice(text: str, n_tasks: int) -> list[int]:

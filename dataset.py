@@ -23,33 +23,16 @@ from collections import OrderedDict
 from pathlib import Path
 
 import h5py
-import torch
 import numpy as np
+import torch
 
 import env as envs
 from algorithm import history
-from model import tokens
-from model.tokens import KIND_END, KIND_START, KIND_STEP, concat_tokens, marker_token
-from utils import ConfigError, UserError, collection_keys
+from config.loading import collection_keys
+from errors import ConfigError, UserError
+from tokens import concat_tokens, region_tokens, window_tokens
 
 FIELDS = ("states", "actions", "rewards", "dones")
-
-
-def step_tokens(cfg: dict, stream: dict, a: int, b: int) -> dict:
-    """Tokens of steps [a, b) of one stream ({field: (T, ...) array-like}), with targets;
-    built by model/tokens.py, as rollouts build theirs."""
-    lo = max(a - 1, 0)  # one step earlier for the previous action/reward/done
-    actions = np.asarray(stream["actions"][lo:b]).astype(np.int64)
-    prev = tokens.previous_step(actions, stream["rewards"][lo:b], stream["dones"][lo:b], a == 0, envs.n_actions(cfg))
-    state = envs.state_token(cfg, np.asarray(stream["states"][a:b]))
-    return tokens.with_targets(tokens.step_tokens(state, *prev), actions[-(b - a):])
-
-
-def region_tokens(cfg: dict, stream: dict, a: int, b: int) -> list[dict]:
-    """[<compress>, steps a..b-1, </compress>] with token-type targets (next token's kind)."""
-    steps = step_tokens(cfg, stream, a, b)
-    steps["next_kind"][-1] = KIND_END
-    return [marker_token(KIND_START, KIND_STEP), steps, marker_token(KIND_END, KIND_START)]
 
 
 def check_dataset_matches(path: Path, header: dict, cfg: dict):
@@ -179,7 +162,7 @@ class ADDataset:
         task, stream, pos = self.locate(int(index))
         one = self.stream_view(task, stream)
         if not self.compressed:
-            return step_tokens(self.cfg, one, pos, pos + self.cfg["n_transit"])
+            return window_tokens(self.cfg, one, pos, pos + self.cfg["n_transit"])
         k = pos + 1
         parts = (region_tokens(self.cfg, one, self.region_starts[k - 1], self.region_ends[k - 1])
                  + region_tokens(self.cfg, one, self.region_starts[k], self.region_ends[k]))
@@ -282,6 +265,11 @@ class _SubsampledColumn:
 
 # ----------------------------------------------------------------------------- CompressedAD
 
+def stage_len(n_transit: int) -> int:
+    """Steps CompressedAD folds into latents at a time: the oldest half of its recent context."""
+    return n_transit // 2
+
+
 class CompressedADDataset(ADDataset):
     """CompressedAD samples: `compression_depth` d stages, then n_transit recent steps.
 
@@ -295,7 +283,6 @@ class CompressedADDataset(ADDataset):
     """
 
     def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=False):
-        from model.compressed import stage_len
         super().__init__(path, cfg, part, task_indices, in_memory, two_region=False)
         self.stage_max = stage_len(cfg["n_transit"])
         self.stage_min = max(1, self.stage_max // 2)
@@ -313,7 +300,8 @@ class CompressedADDataset(ADDataset):
         return int(self.depth_offsets[-1])
 
     def depth_ranges(self) -> dict[int, range]:
-        return {d: range(int(self.depth_offsets[d]), int(self.depth_offsets[d + 1])) for d in range(len(self.depth_sizes))}
+        offsets = self.depth_offsets
+        return {d: range(int(offsets[d]), int(offsets[d + 1])) for d in range(len(self.depth_sizes))}
 
     def depth_of(self, index: int) -> int:
         return int(np.searchsorted(self.depth_offsets, index, side="right") - 1)
@@ -329,10 +317,10 @@ class CompressedADDataset(ADDataset):
         lengths = np.random.default_rng([index, 17]).integers(self.stage_min, self.stage_max + 1, d)
         stages, a = [], start
         for length in lengths:
-            stages.append(step_tokens(self.cfg, one, a, a + int(length)))
+            stages.append(window_tokens(self.cfg, one, a, a + int(length)))
             a += int(length)
         return {"compression_depth": d, "stages": stages,
-                "recent": step_tokens(self.cfg, one, a, a + self.cfg["n_transit"])}
+                "recent": window_tokens(self.cfg, one, a, a + self.cfg["n_transit"])}
 
 
 class StepBatches:

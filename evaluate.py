@@ -18,11 +18,14 @@ from tqdm import tqdm
 
 import env as envs
 from algorithm import history
+from algorithm.history import dataset_path
+from cli import config_arg_parser, load_config, run_cli
+from config.loading import collection_keys, parse_set
+from errors import UserError, first_line
+from files import atomic_write, claim_run_dir, ensure_writable_dir, load_checkpoint
 from model import build, memory_estimate
 from model.rollout import rollout
-from utils import (UserError, atomic_write, check_memory, claim_run_dir, collection_keys, config_arg_parser,
-                   dataset_path, ensure_writable_dir, first_line, load_checkpoint, load_config, parse_set,
-                   pick_device, run_cli)
+from runtime import check_memory, pick_device
 
 
 def load_run(run_dir: Path, overrides: dict):
@@ -99,7 +102,7 @@ def episodes_to_fraction(curve: np.ndarray, optimal: float, fraction: float = 0.
     return int(hit[0]) + 1 if len(hit) else None
 
 
-def summarize(cfg, task_indices, returns, stats, elapsed, ppo_curve) -> dict:
+def summarize(cfg, task_indices, returns, stats, elapsed, source_returns) -> dict:
     n_rollouts = cfg["eval_rollouts"]
     all_tasks, split = envs.task_list(cfg), envs.task_split(cfg)
     rows = [i for i in task_indices for _ in range(n_rollouts)]
@@ -118,18 +121,19 @@ def summarize(cfg, task_indices, returns, stats, elapsed, ppo_curve) -> dict:
         "final_fraction_of_optimal": float(returns[:, -1].mean() / optimal.mean()),
         "first_fraction_of_optimal": float(returns[:, 0].mean() / optimal.mean()),
         "episodes_to_80pct": episodes_to_fraction(curve, optimal.mean()),
-        "ppo_episodes_to_80pct": None if ppo_curve is None else episodes_to_fraction(ppo_curve, optimal.mean()),
+        "source_episodes_to_80pct": (None if source_returns is None
+                                     else episodes_to_fraction(source_returns, optimal.mean())),
         "max_context_tokens": int(stats["max_context_tokens"]), "steps_per_second": steps / elapsed,
         "greedy": cfg["eval_greedy"], "temperature": cfg["eval_temperature"], "seed": cfg["eval_seed"],
         "eval_split": cfg["eval_split"] if not cfg["eval_tasks"] else "chosen", "memory": cfg["eval_memory"],
-        "source_alg": cfg["alg"],  # the learner of the history file: what ppo_episodes_to_80pct measured
+        "source_alg": cfg["alg"],  # the learner of the history file: what source_episodes_to_80pct measured
         "per_task": per_task,
         **{k: v for k, v in stats.items() if k != "max_context_tokens"},
     }
     return summary
 
 
-def plot_curves(path: Path, curves: dict, optimal: float, ppo_curve, title: str, source: str = "PPO"):
+def plot_curves(path: Path, curves: dict, optimal: float, source_returns, title: str, source: str = "PPO"):
     """Mean (+- std) return per episode of each run, with the learner that made the data
     (`source`: the history file's alg) on the same tasks."""
     import matplotlib
@@ -141,8 +145,8 @@ def plot_curves(path: Path, curves: dict, optimal: float, ppo_curve, title: str,
         x = np.arange(1, len(mean) + 1)
         ax.plot(x, mean, label=label)
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-    if ppo_curve is not None:
-        ax.plot(np.arange(1, len(ppo_curve) + 1), ppo_curve, "k--", label=f"source {source} (same tasks)")
+    if source_returns is not None:
+        ax.plot(np.arange(1, len(source_returns) + 1), source_returns, "k--", label=f"source {source} (same tasks)")
     ax.axhline(optimal, color="gray", linestyle=":", label="optimal")
     ax.set_xlabel("episode")
     ax.set_ylabel("return")
@@ -204,23 +208,24 @@ def evaluate_run(run_dir: Path, overrides: dict, tag: str = "",
                              seed=cfg["eval_seed"], greedy=cfg["eval_greedy"], progress=bar.update)
     elapsed = time.perf_counter() - tic
     bar.close()
-    ppo_curve = source_curve(cfg, task_indices)
-    summary = summarize(cfg, task_indices, returns, stats, elapsed, ppo_curve)
+    source_returns = source_curve(cfg, task_indices)
+    summary = summarize(cfg, task_indices, returns, stats, elapsed, source_returns)
     summary["train_step"] = step
     names = output_names(tag)
     with atomic_write(run_dir / names["returns"]) as f:
         np.save(f, returns)
     with atomic_write(run_dir / names["summary"], "w") as f:
         f.write(json.dumps(summary, indent=1))
+    which = cfg["eval_split"] if not cfg["eval_tasks"] else "chosen"
     plot_curves(run_dir / names["curve"], {run_dir.name: returns}, float(np.mean(summary["optimal_return"])),
-                ppo_curve, f"{run_dir.name}: in-context return on {cfg['eval_split'] if not cfg['eval_tasks'] else 'chosen'} tasks",
+                source_returns, f"{run_dir.name}: in-context return on {which} tasks",
                 cfg["alg"])
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(str(run_dir)) as w:
         for ep, value in enumerate(returns.mean(0)):
             w.add_scalar(f"eval_curve{'_' + tag if tag else ''}/return", float(value), ep)
     print_table(run_dir.name, summary)
-    return summary, returns, ppo_curve
+    return summary, returns, source_returns
 
 
 def main():
@@ -249,8 +254,8 @@ def main():
             check_plot_path(plot)
         results = {}
         for run, run_loaded in zip(runs, loaded):
-            summary, returns, ppo_curve = evaluate_run(run, overrides, args.tag, run_loaded)
-            results[str(run) if run.name in results else run.name] = (summary, returns, ppo_curve)
+            summary, returns, source_returns = evaluate_run(run, overrides, args.tag, run_loaded)
+            results[str(run) if run.name in results else run.name] = (summary, returns, source_returns)
     if len(results) > 1:
         first = next(iter(results.values()))
         plot_curves(plot, {k: v[1] for k, v in results.items()}, float(np.mean(first[0]["optimal_return"])),

@@ -17,21 +17,23 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import env as envs
-from dataset import StepBatches  # noqa: F401  (its home moved to dataset.py; tests use train.StepBatches)
 from algorithm import history
+from algorithm.history import dataset_path
+from cli import config_arg_parser, load_config, run_cli, run_path
+from config.loading import parse_set, read_yaml_mapping, save_config
+from config.schema import KEYS_ADDED_LATER, SCHEMA, applies
+from errors import UserError, first_line
+from files import atomic_write, claim_run_dir, load_checkpoint, read_text
 from model import build, memory_estimate, variant_of
 from model.rollout import rollout
-from config.schema import KEYS_ADDED_LATER, SCHEMA, applies
-from utils import (UserError, atomic_write, check_memory, claim_run_dir, config_arg_parser, dataset_path, first_line,
-                   load_checkpoint, load_config, parse_set, pick_device, read_text, read_yaml_mapping, run_cli,
-                   run_path, save_config, seed_everything)
+from runtime import check_memory, pick_device, seed_everything
 
 # Keys that may differ when resuming: they change where and how fast, or how the run is
 # evaluated, not what is learned.
@@ -131,12 +133,13 @@ def check_fits(cfg: dict, device):
 
 
 @torch.no_grad()
-def test_losses(model, loader, device, autocast) -> dict:
+def test_losses(model, loader, device) -> dict:
+    """Mean metrics over the held-out streams' batches."""
     model.eval()
     sums, n = {}, 0
     for tokens, targets in loader:
         tokens, targets = to_device(tokens, device), to_device(targets, device)
-        with autocast():
+        with autocast(device):
             logits, _ = model(tokens)
             metrics = model.metrics(tokens, logits, targets)
         for k, v in metrics.items():
@@ -194,7 +197,7 @@ def setup_distributed(device: torch.device):
 
 
 def train(cfg: dict):
-    """Train the run of `cfg`; rank 0 holds the run directory meanwhile (see utils.claim_run_dir)."""
+    """Train the run of `cfg`; rank 0 holds the run directory meanwhile (see files.claim_run_dir)."""
     if int(os.environ.get("RANK", 0)) != 0:
         return _train(cfg)
     check_fits(cfg, pick_device(cfg["device"]))
@@ -203,12 +206,7 @@ def train(cfg: dict):
 
 
 def _train(cfg: dict):
-    device = pick_device(cfg["device"])
-    rank, world = setup_distributed(device)
-    if device.type == "cpu":
-        torch.set_num_threads(cfg["cpu_threads"])
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    device, rank, world = prepare_process(cfg)
     seed_everything(cfg["seed"])
     model = build(cfg, envs.model_inputs(cfg)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
@@ -219,74 +217,120 @@ def _train(cfg: dict):
     if ckpt.exists():
         check_resumable(run_dir, cfg)
         start = resume(ckpt, model, opt, device)
+    if start >= cfg["train_timesteps"]:  # nothing to do: leave the run's files as they are
+        print(f"{run_dir} already finished {start} steps; nothing to do (evaluate with python evaluate.py {run_dir})")
+        return run_dir
     if rank == 0:
         previous_training(run_dir)  # a damaged summary stops here, not after the training
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    if start >= cfg["train_timesteps"]:
-        print(f"{run_dir} already finished {start} steps; nothing to do (evaluate with python evaluate.py {run_dir})")
-        return run_dir
     # DDP all-reduces gradients through hooks on forward(), so the loss goes through it
     ddp_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, find_unused_parameters=variant_of(cfg).find_unused_parameters)
     train_set, loader, test_loader = make_loaders(cfg, rank, world, start, pin=device.type == "cuda")
-    use_bf16 = device.type == "cuda"
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir))
-        print(f"{run_dir}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_set):,} training windows, "
-              f"device {device}, world size {world}, steps {start}..{cfg['train_timesteps']}")
-        if hint := train_set.reading_hint():
-            print(hint)
-    val_tasks = envs.tasks_of_split(cfg, "val")  # eval/ curves guide choices: never the test tasks
-    bar = tqdm(total=cfg["train_timesteps"], initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
-    tic, n_targets = time.perf_counter(), 0
+    log = TrainingLog(cfg, run_dir, model, test_loader, device, world, start) if rank == 0 else None
+    if log:
+        log.announce(len(train_set), train_set.reading_hint())
+    tic = time.perf_counter()
     step = start
     for tokens, targets in loader:
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
         tokens, targets = to_device(tokens, device), to_device(targets, device)
-        with autocast():
-            logits, loss = ddp_model(tokens, targets)
-            metrics = model.metrics(tokens, logits, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        opt.step()
+        lr, metrics = optimiser_step(cfg, model, ddp_model, opt, step, tokens, targets, device)
         step += 1
-        n_targets += count_targets(targets)
-        if rank == 0:
-            bar.update(1)
-            if step % cfg["log_interval"] == 0 or step == cfg["train_timesteps"]:
-                for k, v in metrics.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/targets_per_second", n_targets * world / (time.perf_counter() - tic), step)
-                bar.set_postfix(loss=f"{metrics['loss_action']:.3f}", acc=f"{metrics['acc_action']:.2f}")
-            if step % cfg["test_interval"] == 0 or step == cfg["train_timesteps"]:
-                for k, v in test_losses(model, test_loader, device, autocast).items():
-                    writer.add_scalar(f"test/{k}", v, step)
-            if val_tasks and cfg["eval_interval"] and (step % cfg["eval_interval"] == 0
-                                                       or step == cfg["train_timesteps"]):
-                returns, _ = rollout(model, cfg, val_tasks, n_episodes=min(cfg["eval_episodes"], 20),
-                                     n_rollouts=1, seed=cfg["eval_seed"])
-                writer.add_scalar("eval/return_first", float(returns[:, 0].mean()), step)
-                writer.add_scalar("eval/return_final", float(returns[:, -1].mean()), step)
-            if step % cfg["ckpt_interval"] == 0 or step == cfg["train_timesteps"]:
-                save_checkpoint(ckpt, model, opt, step, device)
-    bar.close()
-    if rank == 0:
-        writer.close()
+        if log:
+            log.step(step, lr, metrics, count_targets(targets))
+        if rank == 0 and (step % cfg["ckpt_interval"] == 0 or step == cfg["train_timesteps"]):
+            save_checkpoint(ckpt, model, opt, step, device)
+    if log:
+        log.close()
         seconds = time.perf_counter() - tic
         record_training_time(run_dir, step - start, seconds, device, world)
         print(f"done: {step} steps in {seconds:.0f}s -> {ckpt}")
     if world > 1:
         dist.destroy_process_group()
     return run_dir
+
+
+def prepare_process(cfg: dict) -> tuple[torch.device, int, int]:
+    """(device, rank, world size) of this process; its CPU threads set."""
+    device = pick_device(cfg["device"])
+    rank, world = setup_distributed(device)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg["cpu_threads"])
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device, rank, world
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op on CPU (float32 there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def optimiser_step(cfg, model, ddp_model, opt, step: int, tokens, targets, device) -> tuple[float, dict]:
+    """One AdamW step at the schedule's learning rate: (lr, the batch's metrics)."""
+    lr = lr_at(step, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with autocast(device):
+        logits, loss = ddp_model(tokens, targets)
+        metrics = model.metrics(tokens, logits, targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    opt.step()
+    return lr, metrics
+
+
+class TrainingLog:
+    """Rank 0's view of a training: the progress bar and the TensorBoard scalars (train/ every
+    log_interval steps, test/ losses on held-out streams every test_interval, eval/ in-context
+    returns on the validation tasks every eval_interval: never the test tasks)."""
+
+    def __init__(self, cfg: dict, run_dir: Path, model, test_loader, device, world: int, start: int):
+        from torch.utils.tensorboard import SummaryWriter
+        self.cfg, self.run_dir, self.model, self.test_loader = cfg, run_dir, model, test_loader
+        self.device, self.world, self.start = device, world, start
+        self.writer = SummaryWriter(str(run_dir))
+        self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg, sort_keys=False) + "```", start)
+        self.val_tasks = envs.tasks_of_split(cfg, "val")
+        self.bar = tqdm(total=cfg["train_timesteps"], initial=start, unit="step", dynamic_ncols=True)
+        self.tic, self.n_targets = time.perf_counter(), 0
+
+    def announce(self, n_windows: int, hint: str):
+        n_params = sum(p.numel() for p in self.model.parameters())
+        print(f"{self.run_dir}: {n_params:,} parameters, {n_windows:,} training windows, device {self.device}, "
+              f"world size {self.world}, steps {self.start}..{self.cfg['train_timesteps']}")
+        if hint:
+            print(hint)
+
+    def due(self, step: int, interval: int) -> bool:
+        return bool(interval) and (step % interval == 0 or step == self.cfg["train_timesteps"])
+
+    def step(self, step: int, lr: float, metrics: dict, n_targets: int):
+        cfg, writer = self.cfg, self.writer
+        self.bar.update(1)
+        self.n_targets += n_targets
+        if self.due(step, cfg["log_interval"]):
+            for k, v in metrics.items():
+                writer.add_scalar(f"train/{k}", v, step)
+            writer.add_scalar("train/lr", lr, step)
+            rate = self.n_targets * self.world / (time.perf_counter() - self.tic)
+            writer.add_scalar("train/targets_per_second", rate, step)
+            self.bar.set_postfix(loss=f"{metrics['loss_action']:.3f}", acc=f"{metrics['acc_action']:.2f}")
+        if self.due(step, cfg["test_interval"]):
+            for k, v in test_losses(self.model, self.test_loader, self.device).items():
+                writer.add_scalar(f"test/{k}", v, step)
+        if self.val_tasks and self.due(step, cfg["eval_interval"]):
+            returns, _ = rollout(self.model, cfg, self.val_tasks, n_episodes=min(cfg["eval_episodes"], 20),
+                                 n_rollouts=1, seed=cfg["eval_seed"])
+            writer.add_scalar("eval/return_first", float(returns[:, 0].mean()), step)
+            writer.add_scalar("eval/return_final", float(returns[:, -1].mean()), step)
+
+    def close(self):
+        self.bar.close()
+        self.writer.close()
 
 
 def main():

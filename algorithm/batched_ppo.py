@@ -94,12 +94,18 @@ import numpy as np
 import torch
 
 import env as envs
-from algorithm.batched_net import (HIDDEN, BatchedActorCritic, BatchedAdam, normalize_advantages,
-                                  parameters_per_network, ppo_loss_gradients)
+from algorithm.batched_net import (
+    HIDDEN,
+    BatchedActorCritic,
+    BatchedAdam,
+    normalize_advantages,
+    parameters_per_network,
+    ppo_loss_gradients,
+)
 from algorithm.history import compress_markers, n_rollouts, steps_per_stream
 from algorithm.sb3_ppo import task_seed
-from utils import UserError, available_memory, exit_with_parent, pick_device
-
+from errors import UserError
+from runtime import available_memory, exit_with_parent, pick_device
 
 # ----------------------------------------------------------------------------- observations
 

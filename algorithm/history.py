@@ -21,15 +21,23 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+import env as envs
 from algorithm import journal
+from config.loading import collection_config
 from config.schema import COLLECTION_KEYS_ADDED_LATER
-from utils import UserError, collection_config, first_line, locked
+from errors import UserError, first_line
+from files import locked
 
 FORMAT_VERSION = 1
 FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_markers")
 DTYPES = {"states": np.float32, "actions": np.int16, "rewards": np.float32,
           "next_states": np.float32, "dones": np.bool_, "compress_markers": np.int8}
 MARK_START, MARK_END = 1, 2
+
+
+def dataset_path(cfg: dict) -> Path:
+    """datasets/history_{env}_{alg}_alg-seed{alg_seed}.hdf5 under the config's dataset_dir."""
+    return Path(cfg["dataset_dir"]) / f"history_{cfg['env']}_{cfg['alg']}_alg-seed{cfg['alg_seed']}.hdf5"
 
 
 def n_rollouts(cfg: dict) -> int:
@@ -115,7 +123,7 @@ def append_tasks(path: Path, results: dict, tasks: list, split: list, backend: s
 
 
 def lock(path: Path):
-    """Hold the dataset file `path` against other collections or merges (see utils.locked)."""
+    """Hold the dataset file `path` against other collections or merges (see files.locked)."""
     path = Path(path)
     return locked(path.with_name(path.name + ".lock"), f"dataset {path}")
 
@@ -205,7 +213,6 @@ def damaged_tasks(path: Path, header: dict, indices, read_data: bool = True) -> 
 
 
 def _damaged_tasks(path: Path, header: dict, indices, read_data: bool) -> dict:
-    import env as envs
     cc = header["collection_config"]
     T, S, ds = steps_per_stream(cc), cc["n_stream"], envs.state_dim(cc)
     want = {f: (T, S, ds) if f in ("states", "next_states") else (T, S) for f in FIELDS}

@@ -16,6 +16,7 @@ import numpy as np
 
 import env as envs
 from algorithm import scripted
+from errors import ConfigError
 
 
 def epsilon(cfg: dict, episode: int) -> float:
@@ -43,7 +44,8 @@ class NoisyExpert:
 
 def check(cfg: dict):
     """Stop before any work where the family has no expert policy."""
-    envs.expert(cfg, [])
+    if envs.expert(cfg, []) is None:
+        raise ConfigError(f"alg=NoisyExpert needs an expert policy, and env={cfg['env']} has none; use alg=PPO")
 
 
 def run_chunk(cfg: dict, chunk: list[int], tasks: list[dict]) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 import env as envs
 from algorithm import scripted
 from env.darkroom import step_toward
-from utils import ConfigError
+from errors import ConfigError
 
 
 class PosteriorSampler:
@@ -86,7 +86,7 @@ class PosteriorSampler:
 
 def check(cfg: dict):
     """Stop before any work where the family is not a grid with hidden reward cells."""
-    if not envs.family(cfg).hidden_cells:
+    if not getattr(envs.family(cfg), "hidden_cells", 0):
         raise ConfigError(f"alg=PosteriorSampling searches grid cells, and env={cfg['env']} has none "
                           "to search; use alg=PPO")
 

@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from algorithm.history import n_rollouts
-from utils import exit_with_parent
+from runtime import exit_with_parent
 
 
 def task_seed(alg_seed: int, task_index: int) -> int:

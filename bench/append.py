@@ -29,13 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _toolkit import ROOT  # noqa: E402,F401  (first: puts the toolkit on sys.path)
-
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
+from _toolkit import ROOT  # noqa: E402,F401  (first: puts the toolkit on sys.path)
 
 from algorithm import history  # noqa: E402
-from utils import load_config  # noqa: E402
+from cli import load_config  # noqa: E402
 
 CONFIGS = [ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"]
 

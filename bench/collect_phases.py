@@ -27,13 +27,12 @@ import json
 import os
 import time
 
-from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
-
 import torch  # noqa: E402
+from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
 
 import env as envs  # noqa: E402
 from algorithm import batched_ppo  # noqa: E402
-from utils import load_config  # noqa: E402
+from cli import load_config  # noqa: E402
 
 CONFIGS = {"darkroom": ["config/algorithm/ppo_darkroom.yaml", "config/env/darkroom.yaml"],
            "dark_key_to_door": ["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9.yaml"]}
@@ -108,7 +107,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--env", default="darkroom", choices=sorted(CONFIGS))
-    parser.add_argument("--tasks", type=int, default=41, help="tasks in this worker (default 41: half of darkroom's 81)")
+    parser.add_argument("--tasks", type=int, default=41,
+                        help="tasks in this worker (default 41: half of darkroom's 81)")
     parser.add_argument("--rollouts", type=int, default=3, help="rollouts, all but the last trained (default 3)")
     args = parser.parse_args()
     if args.rollouts < 2:

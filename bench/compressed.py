@@ -58,8 +58,7 @@ import time
 
 from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
 
-from bench.train import (memory_tracker, rss_mb, saved_activation_mb, start_workers,  # noqa: E402
-                         serve, sync, IN_PROCESS_MEMORY)
+from bench.train import IN_PROCESS_MEMORY, memory_tracker, rss_mb, saved_activation_mb, serve, start_workers, sync  # noqa: E402
 
 BASE = [ROOT / "config/algorithm/ppo_base.yaml", ROOT / "config/env/darkroom.yaml"]
 COMPRESSED = ROOT / "config/model/ad_compressed_dr.yaml"
@@ -68,7 +67,7 @@ STREAM_STEPS, N_STREAM = 1040, 4
 
 
 def compressed_cfg(device: str, dataset_dir: str = "datasets") -> dict:
-    from utils import load_config
+    from cli import load_config
     return load_config(BASE + [COMPRESSED], {
         "device": device, "n_stream": N_STREAM, "total_source_timesteps": STREAM_STEPS * N_STREAM,
         "test_stream_ratio": 0.25, "dataset_dir": str(dataset_dir), "num_workers": 0})
@@ -85,6 +84,7 @@ def collate_old_padded(items: list[dict]) -> dict:
     longest stage in that slot, and the dummy stages count as real tokens in the mask, so
     the encoder processes them like data."""
     import numpy as np
+
     from dataset import _stack
     D = max(item["compression_depth"] for item in items)
     stages = []
@@ -118,11 +118,12 @@ class BucketVariant:
     def __init__(self, spec: dict):
         import numpy as np
         import torch
+
         import env as envs
         from dataset import BucketSampler, CompressedADDataset, collate_compressed_batch
         from model import build
+        from runtime import pick_device
         from train import to_device  # the root train.py (sys.path[0] = ROOT)
-        from utils import pick_device
 
         if spec["threads"]:
             torch.set_num_threads(spec["threads"])
@@ -256,10 +257,12 @@ class RolloutVariant:
     def __init__(self, spec: dict):
         import numpy as np
         import torch
+
         import env as envs
+        from cli import load_config
         from model import build
         from model.rollout import make_policy_context
-        from utils import load_config, pick_device
+        from runtime import pick_device
 
         torch.set_num_threads(1)  # as rollout() does on CPU
         h, k, self.kind = spec["history"], spec["probe"], spec["kind"]
@@ -284,6 +287,7 @@ class RolloutVariant:
 
     def _random_tokens(self, n: int, seed: int) -> dict:
         import torch
+
         import env as envs
         g = torch.Generator().manual_seed(seed)
         t = {"kind": torch.zeros(self.B, n, dtype=torch.long),
@@ -333,9 +337,10 @@ class RolloutVariant:
     def run(self) -> dict:
         import numpy as np
         import torch
+
         import env as envs
         from model.rollout import sample_actions
-        from model.tokens import step_tokens
+        from tokens import step_tokens
         if self.kind == "ad_full":  # rewind: every probe covers steps h - k + 1 .. h
             self.ctx.length = self.ctx.cache.length = self.h - self.k
         n_actions = envs.n_actions(self.cfg)
@@ -367,7 +372,7 @@ class RolloutVariant:
 
 def _fit(xs, ys):
     """Least-squares line y = a + b x."""
-    n, mx, my = len(xs), statistics.mean(xs), statistics.mean(ys)
+    _n, mx, my = len(xs), statistics.mean(xs), statistics.mean(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
     return my - b * mx, b
@@ -399,7 +404,8 @@ def part_ii(args) -> None:
             for job, w in zip(jobs, workers):  # interleaved: compressed h1, ad h1, compressed h2, ...
                 r = w.call("run")
                 runs[job].append(r)
-                print(f"[(ii) rep {rep + 1}/{args.reps}] {job[0]} h={job[1]}: {r['seconds']:.2f} s / {args.probe} steps",
+                print(f"[(ii) rep {rep + 1}/{args.reps}] {job[0]} h={job[1]}: "
+                      f"{r['seconds']:.2f} s / {args.probe} steps",
                       file=sys.stderr, flush=True)
         final = {job: w.call("finish") for job, w in zip(jobs, workers)}
     finally:
@@ -414,7 +420,8 @@ def part_ii(args) -> None:
                      "settings": settings if kind == "compressed" else {"n_transit": h, **{
                          k: settings[k] for k in ("tf_n_embd", "tf_n_layer", "tf_n_head", "state_embedding")}},
                      "method": "measured", "envs": B, "probe_steps": args.probe, "reps": args.reps,
-                     "env_steps_per_s": round(B * args.probe / sec, 1), "ms_per_step": round(1000 * sec / args.probe, 2),
+                     "env_steps_per_s": round(B * args.probe / sec, 1),
+                     "ms_per_step": round(1000 * sec / args.probe, 2),
                      "context_mb": round(f["context_mb"], 2),
                      "peak_mem_mb": None if args.in_process else round(f["peak_mem_mb"], 1),
                      "max_context_tokens": f["max_context_tokens"],

@@ -54,9 +54,11 @@ CONFIGS = {
 
 def build_variant(name: str, device: str, seed: int, extra: dict | None = None):
     import torch
+
     import env as envs
+    from cli import load_config
     from model import build
-    from utils import load_config, pick_device
+    from runtime import pick_device
     files, overrides = CONFIGS[name]
     cfg = load_config([ROOT / f for f in files], {"device": device, **overrides, **(extra or {})})
     torch.manual_seed(seed)
@@ -67,6 +69,7 @@ def build_variant(name: str, device: str, seed: int, extra: dict | None = None):
 def timed_rollout(model, cfg, tasks, episodes: int, rollouts: int, use_cache: bool, seed: int) -> dict:
     """Wall time of each episode of one rollout() call (the progress callback runs after each)."""
     import torch
+
     from model.rollout import rollout
     device = next(model.parameters()).device
     stamps = []

@@ -12,7 +12,7 @@ The context sizes are pinned by flags, not read from the configs: --n-transit (2
 the AD windows, --region (80, = PPO n_steps) for the two-region samples, --batch-size (32)
 samples per batch for every variant. Batches are built before timing (data loading is not
 measured) from a random synthetic darkroom stream with the dataset's own token builders
-(`dataset.step_tokens`, `dataset.region_tokens`), so no dataset file is needed.
+(`tokens.window_tokens`, `tokens.region_tokens`), so no dataset file is needed.
 
 Variants (the same number of samples per batch):
   a     standard AD, dense supervision: windows of n_transit=240 steps, an action target
@@ -152,9 +152,10 @@ def training_loss(model, batch: dict):
 
 def make_batches(variant: str, cfg: dict, batch_size: int, n_batches: int, seed: int) -> list[dict]:
     import numpy as np
+
     import env as envs
-    from dataset import concat_tokens, region_tokens, step_tokens
     from model.ad import IGNORE
+    from tokens import concat_tokens, region_tokens, window_tokens
     interval = cfg["compress_interval"]
     T = max(2000, 4 * cfg["n_transit"], 4 * interval)
     stream = synthetic_stream(T, cfg["grid_size"], cfg["horizon"], envs.n_actions(cfg), seed)
@@ -170,7 +171,7 @@ def make_batches(variant: str, cfg: dict, batch_size: int, n_batches: int, seed:
                 samples.append(concat_tokens(parts))
             else:
                 a = int(rng.integers(0, T - cfg["n_transit"] + 1))
-                s = step_tokens(cfg, stream, a, a + cfg["n_transit"])
+                s = window_tokens(cfg, stream, a, a + cfg["n_transit"])
                 if variant == "c":
                     s["action"][:-1] = IGNORE
                 samples.append(s)
@@ -305,9 +306,11 @@ class TrainVariant:
 
     def __init__(self, spec: dict):
         import torch
+
         import env as envs
+        from cli import load_config
         from model import build
-        from utils import load_config, pick_device
+        from runtime import pick_device
 
         self.variant = spec["variant"]
         if spec["threads"]:

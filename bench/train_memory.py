@@ -30,10 +30,12 @@ from pathlib import Path
 from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit on sys.path)
 
 sys.path.insert(0, str(ROOT / "tests"))
+from fixtures_history import random_histories  # noqa: E402
+
 import env as envs  # noqa: E402
 from algorithm import history  # noqa: E402
-from fixtures_history import random_histories  # noqa: E402
-from utils import dataset_path, load_config  # noqa: E402
+from algorithm.history import dataset_path  # noqa: E402
+from cli import load_config  # noqa: E402
 
 ALG, ENV = ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"
 GRIDS = {1: 5, 4: 10, 16: 20}  # size -> darkroom grid: 25, 100, 400 tasks
@@ -66,7 +68,7 @@ def build_datasets(sizes, streams: int, directory: Path):
 
 
 def _parsed(sets: list[str]) -> dict:
-    from utils import parse_set
+    from config.loading import parse_set
     return parse_set(sets)
 
 

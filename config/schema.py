@@ -1,11 +1,12 @@
 """Every config key the toolkit knows: its type, default, allowed range and help text.
 
 One flat namespace: the env, algorithm and model files are merged into one dict, so a key
-means the same thing wherever it is set. `utils.load_config` validates against this table;
-`python train.py --help` prints it. Add a key here before using it anywhere else.
+means the same thing wherever it is set. `config/loading.py` validates against this table;
+`python train.py --help` prints it. Add a key here before using it anywhere else (a family or
+variant module adds its own with `add_keys`).
 """
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -14,27 +15,24 @@ class Key:
     default: Any
     help: str
     section: str
-    choices: tuple | Callable[[], tuple] = ()  # a function: asked when needed (the registries)
+    choices: tuple | dict = ()  # a dict: a registry, its names are the choices (FAMILIES, VARIANTS)
     min: float | None = None  # inclusive
     max: float | None = None  # inclusive
     family: str = ""  # a family module's own key (add_keys(..., family=...)): used by that family only
 
     def allowed(self) -> tuple:
-        return tuple(self.choices()) if callable(self.choices) else self.choices
+        return tuple(self.choices)
 
 
 # numpy seeds must be >= 0 and torch's fit in 64 bits; signed, so that seed + 1 fits too
 SEED = {"min": 0, "max": 2**63 - 1}
 
 
-def _families() -> tuple:
-    import env  # the registries import this module's users: ask them only when a config is checked
-    return tuple(env.FAMILIES)
-
-
-def _variants() -> tuple:
-    import model
-    return tuple(model.VARIANTS)
+# The registries: name -> environment family (filled by env.family.register) and name ->
+# model variant (model.variant.register). Their names are the values `env` and `model` take;
+# each family or variant module registers itself, so this layer imports neither.
+FAMILIES: dict = {}
+VARIANTS: dict = {}
 
 
 def _keys(section, **entries):
@@ -45,7 +43,7 @@ def _keys(section, **entries):
 SCHEMA: dict[str, Key] = {
     **_keys(
         "env",
-        env=(str, "darkroom", "environment family (one module under env/)", {"choices": _families}),
+        env=(str, "darkroom", "environment family (one module under env/)", {"choices": FAMILIES}),
         grid_size=(int, 9, "side of the square grid", {"min": 2, "max": 64}),
         horizon=(int, 20, "steps per episode (episodes always run to the horizon)", {"min": 1}),
         max_tasks=(int, 0, "use a seeded subset of this many of the family's tasks, split as usual "
@@ -97,7 +95,7 @@ SCHEMA: dict[str, Key] = {
     ),
     **_keys(
         "model",
-        model=(str, "AD", "model variant (one module under model/)", {"choices": _variants}),
+        model=(str, "AD", "model variant (one module under model/)", {"choices": VARIANTS}),
         n_transit=(int, 240, "context length in steps (AD sliding window / two-region budget)", {"min": 2}),
         use_compressed_context=(bool, False, "two-region context with <compress> markers (model: AD only)"),
         compress_interval=(int, 80, "steps per compression region; must equal the n_steps the data "

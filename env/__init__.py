@@ -13,17 +13,7 @@ import pkgutil
 import gymnasium as gym
 import numpy as np
 
-from env.family import Family
-
-FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    """Make `family` available as `env: <family.name>` in configs (and its gym env by id)."""
-    FAMILIES[family.name] = family
-    if family.gym_id and family.gym_id not in gym.registry:
-        gym.register(family.gym_id, entry_point=family.gym_class)
-    return family
+from env.family import FAMILIES, Family, register  # noqa: F401  (register: the families' entry point)
 
 
 def family(cfg: dict) -> Family:
@@ -94,7 +84,6 @@ def state_token(cfg: dict, states: np.ndarray) -> np.ndarray:
     return index
 
 
-state_index = state_token  # the discrete case's old name (tests, bench)
 
 
 def make_gym_env(cfg: dict, task: dict) -> gym.Env:

@@ -20,10 +20,9 @@ learner's chunk independence) and a rerun gives the same numbers.
 import gymnasium as gym
 import numpy as np
 
-import env
 from config.schema import add_keys
-from env.family import Family
-from utils import ConfigError
+from env.family import Family, register
+from errors import ConfigError
 
 add_keys("env", family="bandit",
          n_arms=(int, 5, "bandit: arms per task (actions)", {"min": 2}),
@@ -129,4 +128,4 @@ class Bandit(Family):
         return {"horizon": cfg["horizon"]}
 
 
-env.register(Bandit())
+register(Bandit())

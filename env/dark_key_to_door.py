@@ -8,8 +8,8 @@ the source PPO learner's problem is Markov; the key and door positions stay hidd
 import gymnasium as gym
 import numpy as np
 
-import env
 from env.darkroom import MOVES, N_ACTIONS, Darkroom, start_position, step_toward
+from env.family import register
 
 
 def _rewards(pos, key, door, has_key, opened):
@@ -113,4 +113,4 @@ class DarkKeyToDoor(Darkroom):
                                     cfg["grid_size"], cfg["horizon"])
 
 
-env.register(DarkKeyToDoor())
+register(DarkKeyToDoor())

@@ -8,8 +8,7 @@ to the horizon (no early termination), so every episode of every task has the sa
 import gymnasium as gym
 import numpy as np
 
-import env
-from env.family import Family
+from env.family import Family, register
 
 N_ACTIONS = 5
 MOVES = np.array([[0, 0], [0, 1], [0, -1], [-1, 0], [1, 0]], dtype=np.int64)
@@ -80,7 +79,7 @@ class BatchedDarkroom:
 
 class Darkroom(Family):
     name, gym_id, gym_class = "darkroom", "Darkroom-v0", DarkroomEnv
-    hidden_cells = 1  # the goal
+    hidden_cells = 1  # the goal: alg PosteriorSampling searches for it (the key, then the door: 2)
 
     def tasks(self, cfg):
         g = cfg["grid_size"]
@@ -97,6 +96,9 @@ class Darkroom(Family):
     def observation_space(self, cfg):
         return observation_space(cfg["grid_size"])
 
+    def gym_kwargs(self, cfg):
+        return {"grid_size": cfg["grid_size"], "horizon": cfg["horizon"]}
+
     def expert(self, cfg, tasks):
         goals = np.array([t["goal"] for t in tasks], dtype=np.int64)
         return lambda states: step_toward(states[:, :2].astype(np.int64), goals)
@@ -105,4 +107,4 @@ class Darkroom(Family):
         return BatchedDarkroom([t["goal"] for t in tasks], cfg["grid_size"], cfg["horizon"])
 
 
-env.register(Darkroom())
+register(Darkroom())

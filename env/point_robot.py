@@ -25,9 +25,8 @@ import math
 import gymnasium as gym
 import numpy as np
 
-import env
 from config.schema import add_keys
-from env.family import Family
+from env.family import Family, register
 
 add_keys("env", family="point_robot",
          robot_goals=(int, 100, "point_robot: goals, evenly spaced on the upper half of the unit circle", {"min": 2}),
@@ -131,4 +130,4 @@ class PointRobot(Family):
         return {"horizon": cfg["horizon"], "robot_step": cfg["robot_step"], "goal_radius": cfg["goal_radius"]}
 
 
-env.register(PointRobot())
+register(PointRobot())

@@ -3,6 +3,7 @@ CompressedAD), each registering a `Variant` (model/variant.py) under its config 
 import importlib
 import pkgutil
 
+from model.rollout import rows_per_encoding
 from model.variant import VARIANTS, Variant, register, variant_of  # noqa: F401
 
 # every module of model/ is imported, and each variant module registers itself: adding a
@@ -35,6 +36,5 @@ def memory_estimate(cfg: dict, inputs: dict, batch: int, training: bool) -> dict
     layers, tokens = runs[0]
     kv_cache = 2 * layers * tokens * E * 4
     # a rollout re-encodes its context a chunk of rows at a time (model/rollout.py)
-    from model.rollout import rows_per_encoding
     encoding = min(batch, rows_per_encoding(H, tokens)) * act // layers
     return {"parameters": 4 * n_params, "KV cache": batch * kv_cache, "re-encoding": encoding}

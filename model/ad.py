@@ -24,9 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from model.tokens import IGNORE, KIND_END, KIND_START, KIND_STEP, TARGET_FIELDS
+from dataset import ADDataset, StepBatches
+from errors import ConfigError
+from model.rollout import Context, SlidingWindow, TwoRegions
 from model.variant import Variant, register
-from utils import ConfigError
+from tokens import IGNORE, KIND_END, KIND_STEP, TARGET_FIELDS
 
 
 @dataclass
@@ -307,18 +309,15 @@ class ADVariant(Variant):
         return build_model(cfg, inputs)
 
     def dataset(self, path, cfg: dict, part: str):
-        from dataset import ADDataset
         return ADDataset(path, cfg, part=part)
 
     def batches(self, dataset, batch_size, seed, rank, world, start, stop):
-        from dataset import StepBatches
         return StepBatches(len(dataset), batch_size, seed, rank, start, stop)
 
     def collate(self, items: list) -> tuple[dict, dict]:
         return split_targets(default_collate(items))
 
     def policy(self, model, cfg, batch, device, use_cache, memory, perm):
-        from model.rollout import Context, SlidingWindow, TwoRegions
         n_transit = cfg["n_transit"]
         if cfg["use_compressed_context"]:
             ctx = Context(model, batch, n_transit + 4, device, use_cache)  # + 4 markers

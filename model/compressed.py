@@ -19,9 +19,10 @@ stage got. In the decoder, latents sit at 0..K-1 and recent steps follow.
 import torch
 import torch.nn as nn
 
+from dataset import BucketBatches, BucketSampler, CompressedADDataset, collate_compressed_batch, stage_len
+from errors import ConfigError
 from model.ad import AD, Block, KVCache, ModelConfig, _accuracy, _cross_entropy, split_targets
 from model.variant import Variant, register
-from utils import ConfigError
 
 
 class CompressionEncoder(nn.Module):
@@ -128,15 +129,12 @@ class CompressedADVariant(Variant):
         return build_compressed_model(cfg, inputs)
 
     def dataset(self, path, cfg: dict, part: str):
-        from dataset import CompressedADDataset
         return CompressedADDataset(path, cfg, part=part)
 
     def batches(self, dataset, batch_size, seed, rank, world, start, stop):
-        from dataset import BucketBatches, BucketSampler
         return BucketBatches(BucketSampler(dataset, batch_size, seed=seed, rank=rank, world_size=world), start, stop)
 
     def collate(self, items: list) -> tuple[dict, dict]:
-        from dataset import collate_compressed_batch
         return split_compressed_batch(collate_compressed_batch(items))
 
     def policy(self, model, cfg, batch, device, use_cache, memory, perm):
@@ -160,10 +158,6 @@ class CompressedADVariant(Variant):
 
     def memory_state_bytes(self, cfg: dict) -> int:
         return cfg["n_latent"] * cfg["tf_n_embd"] * 4  # the latents (fp32)
-
-
-def stage_len(n_transit: int) -> int:
-    return n_transit // 2
 
 
 class LatentMemory:

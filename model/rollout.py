@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 import env as envs
-from model.tokens import KIND_END, KIND_START, TOKEN_FIELDS, step_tokens
 from model.variant import variant_of
+from tokens import KIND_END, KIND_START, TOKEN_FIELDS, step_tokens
 
 
 class Context:

@@ -5,7 +5,8 @@ instance; train.py, evaluate.py, scripts/ and bench/ only ever call the methods 
 adding a variant touches no other file (docs/extending.md; tests/test_extending.py adds
 one from a test file). The config's `model` key names the variant.
 """
-from utils import ConfigError
+from config.schema import VARIANTS
+from errors import ConfigError
 
 
 class Variant:
@@ -74,9 +75,6 @@ class Variant:
     def memory_state_bytes(self, cfg: dict) -> int:
         """Rollout memory beyond the KV cache of its tokens, per rollout (the memory study)."""
         return 0
-
-
-VARIANTS: dict[str, Variant] = {}
 
 
 def register(variant: Variant) -> Variant:

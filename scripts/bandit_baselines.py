@@ -20,8 +20,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import env as envs  # noqa: E402
+from algorithm.history import dataset_path  # noqa: E402
+from cli import load_config, run_cli  # noqa: E402
+from errors import UserError  # noqa: E402
 from report import load_evaluation  # noqa: E402
-from utils import UserError, dataset_path, load_config, run_cli  # noqa: E402
 
 BOOTSTRAP_REPS = 2000
 

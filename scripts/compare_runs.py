@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from cli import run_cli  # noqa: E402
+from errors import UserError  # noqa: E402
 
 
 def paired_runs(base: Path, new: Path, variant: str | None) -> list[str]:
@@ -48,20 +49,21 @@ def check_comparable(base_run: Path, base: dict, new_run: Path, new: dict):
 
 
 def compare(base: Path, new: Path, tag: str = "", variant: str | None = None) -> str:
-    lines, pairs = [], []
+    lines, pairs, first_tasks = [], [], None
     names = paired_runs(base, new, variant)
     for name in names:
         (sb, b), (sn, n) = scores(base / name, tag), scores(new / name, tag)
         check_comparable(base / name, sb, new / name, sn)
-        if pairs and sb["tasks"] != first_tasks:  # per-task differences are averaged over the pairs
+        first_tasks = sb["tasks"] if not pairs else first_tasks
+        if sb["tasks"] != first_tasks:  # per-task differences are averaged over the pairs
             raise UserError(f"{base / name} was evaluated on other tasks than {base / names[0]}: evaluate every "
                             "run on the same eval_split")
-        first_tasks = sb["tasks"] if not pairs else first_tasks
         pairs.append((b, n))
         lines.append(f"{name}: {100 * b.mean():.1f}% -> {100 * n.mean():.1f}% ({100 * (n.mean() - b.mean()):+.1f})")
     _, mean, low, high = report.paired_difference([b for b, _ in pairs], [n for _, n in pairs])
     lines.append(f"mean difference {100 * mean:+.1f} points over {len(pairs)} pair(s), 95% bootstrap over "
-                 f"{pairs[0][0].shape[1]} tasks [{100 * low:+.1f}, {100 * high:+.1f}] (seed-to-seed spread not included)")
+                 f"{pairs[0][0].shape[1]} tasks [{100 * low:+.1f}, {100 * high:+.1f}] "
+                 "(seed-to-seed spread not included)")
     return "\n".join(lines)
 
 

@@ -17,8 +17,8 @@ then evaluated on the test tasks four ways (evaluate.py --tag):
   the chosen one, `keep` gives these numbers).
 Output in {run_dir}/memory_study/{env}/: memory_study.json (one row per variant x budget x
 seed), memory_study.md (the table, with IQM and 95% stratified-bootstrap intervals, then the
-goal check of `goal_check`) and memory_study.png. Rerunning reuses finished trainings and the evaluations made after them;
-a run with other --variants, --budgets or --seeds adds its rows to the ones already there.
+goal check of `goal_check`) and memory_study.png. Rerunning reuses finished trainings and the
+evaluations made after them; a run with other --variants, --budgets or --seeds adds its rows to the ones already there.
 """
 import json
 import sys
@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
 from algorithm.history import steps_per_stream  # noqa: E402
+from cli import run_path  # noqa: E402
+from errors import UserError  # noqa: E402
 from jobs import run, run_jobs  # noqa: E402
-from utils import UserError, run_path  # noqa: E402
 
 # n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts).
 # The longest AD window is a whole training stream (darkroom 1,000 steps = 50 episodes,
@@ -112,9 +113,10 @@ def study_row(variant: str, seed: int, cfg: dict, run_dir: Path, n_episodes: int
             "first_fraction_of_optimal": first,
             f"final_fraction_of_optimal_at_{keep_r.shape[1]}_episodes": final_long,
             "long_episodes": int(keep_r.shape[1]), "n_episodes": n_episodes,
-            "ppo_episodes_to_80": keep["ppo_episodes_to_80pct"], "compression_depth_reached": keep.get(
+            "source_episodes_to_80": keep["source_episodes_to_80pct"], "compression_depth_reached": keep.get(
                 "compression_depth_reached"), "temperature": keep["temperature"],
-            "train_seconds": train["seconds"], "hardware": train["hardware"], "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)}
+            "train_seconds": train["seconds"], "hardware": train["hardware"],
+            "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)}
 
 
 def earlier_rows(path: Path, plan: dict) -> list[dict]:
@@ -123,8 +125,12 @@ def earlier_rows(path: Path, plan: dict) -> list[dict]:
     if not path.is_file():
         return []
     planned = {(v, cfg["n_transit"], seed) for (v, _, seed), (_, cfg) in plan.items()}
-    return [r for r in json.loads(path.read_text()) if (r["variant"], r["n_transit"], r["seed"]) not in planned
+    rows = [r for r in json.loads(path.read_text()) if (r["variant"], r["n_transit"], r["seed"]) not in planned
             and (ROOT / r["run_dir"] / "eval_summary_keep.json").is_file()]
+    for r in rows:  # the name an earlier version wrote
+        if "ppo_episodes_to_80" in r:
+            r["source_episodes_to_80"] = r.pop("ppo_episodes_to_80")
+    return rows
 
 
 def group_iqm(run_dirs: list[Path], tag: str, episode: int) -> str:
@@ -135,16 +141,19 @@ def group_iqm(run_dirs: list[Path], tag: str, episode: int) -> str:
 
 def study_table(rows: list[dict], groups: dict, n_episodes: int) -> str:
     lines = ["| variant | n_transit | context tokens | context bytes | seeds | % of optimal (mean) | IQM [95% CI] "
-             "| memory off | IQM off | memory of another task | at T=1.0 | episodes to 80% | episodes to 80%, memory off "
+             "| memory off | IQM off | memory of another task | at T=1.0 | episodes to 80% "
+             "| episodes to 80%, memory off "
              f"| % at episode {rows[0]['long_episodes']} | first episode | train min |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, n_transit), dirs in groups.items():
         rs = [r for r in rows if r["variant"] == variant and r["n_transit"] == n_transit]
-        mean = lambda k: 100 * np.mean([r[k] for r in rs])  # noqa: E731
+        def mean(k, rs=rs):
+            return 100 * np.mean([r[k] for r in rs])
         long_key = f"final_fraction_of_optimal_at_{rs[0]['long_episodes']}_episodes"
         lines.append(
             f"| {variant} | {n_transit} | {max(r['context_tokens'] for r in rs)} | "
-            f"{max(r['context_bytes'] for r in rs) / 1024:.1f} KiB | {len(rs)} | {mean('final_fraction_of_optimal'):.0f}% | "
+            f"{max(r['context_bytes'] for r in rs) / 1024:.1f} KiB | {len(rs)} | "
+            f"{mean('final_fraction_of_optimal'):.0f}% | "
             f"{group_iqm(dirs, 'keep', n_episodes - 1)} | {mean('final_fraction_of_optimal_memory_off'):.0f}% | "
             f"{group_iqm(dirs, 'drop', n_episodes - 1)} | {mean('final_fraction_of_optimal_memory_shuffle'):.0f}% | "
             f"{mean('final_fraction_of_optimal_T1'):.0f}% | {[r['episodes_to_80'] for r in rs]} | "
@@ -153,7 +162,8 @@ def study_table(rows: list[dict], groups: dict, n_episodes: int) -> str:
     return "\n".join(lines)
 
 
-GOAL = {"token_fraction": 1 / 8, "within_points": 5, "memory_points": 30}  # issue 12's goal for CompressedAD
+# what CompressedAD must show against full-history AD for its compression to be worth it
+GOAL = {"token_fraction": 1 / 8, "within_points": 5, "memory_points": 30}
 
 
 def goal_check(rows: list[dict]) -> str:
@@ -176,7 +186,8 @@ def goal_check(rows: list[dict]) -> str:
     lines = [f"Goal check against full-history AD (n_transit {full}, {full_tokens} tokens, {len(full_rows)} seed(s)): "
              f"{full_final:.0f}% of optimal at episode {rows[0]['n_episodes']}, {full_long:.0f}% at episode "
              f"{rows[0]['long_episodes']}. Seed means; differences of a few points are within the seed spread.", "",
-             f"| CompressedAD n_transit | seeds | tokens (share of full) | % of optimal | at most {within} points below | "
+             f"| CompressedAD n_transit | seeds | tokens (share of full) | % of optimal "
+             f"| at most {within} points below | "
              f"memory off | loses >= {GOAL['memory_points']} points | % at episode {rows[0]['long_episodes']} | "
              f"at most {within} points below there | all met |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -190,8 +201,8 @@ def goal_check(rows: list[dict]) -> str:
                   long >= full_long - GOAL["within_points"]]
         over = "" if small else f", over 1/{round(1 / GOAL['token_fraction'])}"
         lines.append(f"| {n} | {len(rs)} | {tokens} ({tokens / full_tokens:.1%}{over}) | "
-                     f"{final:.0f}% | {yes(checks[1])} | {off:.0f}% | {yes(checks[2])} | {long:.0f}% | {yes(checks[3])} | "
-                     f"{yes(all(checks))} |")
+                     f"{final:.0f}% | {yes(checks[1])} | {off:.0f}% | {yes(checks[2])} | {long:.0f}% | "
+                     f"{yes(checks[3])} | {yes(all(checks))} |")
     return "\n".join(lines)
 
 
@@ -218,7 +229,7 @@ def plot_study(path: Path, rows: list[dict], title: str):
         ax1.errorbar(x, on, yerr=on_err, marker="o", color=color, label=variant, capsize=3)
         ax1.plot(x, off, marker="x", linestyle="--", color=color, label=f"{variant}, memory off")
         ax2.plot(x, to80, marker="o", color=color, label=variant)
-    ppo = rows[0]["ppo_episodes_to_80"]
+    ppo = rows[0]["source_episodes_to_80"]
     if ppo is not None:
         ax2.axhline(ppo, color="k", linestyle=":", label="source PPO")
     if not any_reached:  # nothing to draw on a log axis
@@ -236,14 +247,14 @@ def plot_study(path: Path, rows: list[dict], title: str):
     plt.close(fig)
 
 
-def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str]):
+def run_study(args, setup, train_config, collect_cmd: list[str]):
     """Called by scripts/pipeline.py --study memory."""
     if args.size != "cpu":
         raise UserError("--study memory runs at --size cpu (the ladder and step budget are set for it)")
     ladders = {v: LADDERS[args.env][v] for v in args.variants}
     if args.budgets:  # the same ladder for every variant whose budget is free
         ladders = {v: (ladder if ladder == [None] else sorted(args.budgets)) for v, ladder in ladders.items()}
-    data_cfg = train_config(size["data"], args.set)
+    data_cfg = train_config(setup.data, setup.sets + args.set)
     steps_in_stream = steps_per_stream(data_cfg)
     n_episodes = data_cfg["eval_episodes"]
     long_episodes = LENGTH_FACTOR * steps_in_stream // data_cfg["horizon"]
@@ -253,9 +264,10 @@ def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str
         for n in budgets:
             for seed in args.seeds:
                 # the study's run_dir comes last: a user's run_dir (in args.set) is its base
-                configs = size["data"] + [setup["variants"][variant]]
-                sets = budget_overrides(train_config(configs, args.set), n, steps_in_stream) + [f"seed={seed}"] + \
-                    args.set + [f"run_dir={base}/ctx{n or 'default'}"]
+                configs = setup.data + [setup.variants[variant]]
+                user = setup.sets + args.set
+                sets = budget_overrides(train_config(configs, user), n, steps_in_stream) + [f"seed={seed}"] + \
+                    user + [f"run_dir={base}/ctx{n or 'default'}"]
                 cfg = train_config(configs, sets)  # every config checked before any work
                 plan[variant, n, seed] = (["train.py", *configs, "--set", *sets], cfg)
     out = ROOT / base
@@ -278,7 +290,8 @@ def run_study(args, setup: dict, size: dict, train_config, collect_cmd: list[str
             if chunk:
                 evals.append((f"eval_{tag}_{part}", ["evaluate.py", *chunk, "--tag", tag, "--plot",
                                                      str(out / "logs" / f"comparison_{tag}_{part}.png"),
-                                                     "--set", *args.set, *(f"{k}={v}" for k, v in settings.items())]))
+                                                     "--set", *setup.sets, *args.set,
+                                                     *(f"{k}={v}" for k, v in settings.items())]))
     run_jobs(evals, args.jobs, out / "logs")
     rows = earlier_rows(out / "memory_study.json", plan) + [
         study_row(v, s, cfg, run_dirs[v, n, s], n_episodes) for (v, n, s), (_, cfg) in plan.items()]

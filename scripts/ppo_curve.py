@@ -20,7 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import env as envs  # noqa: E402
 from algorithm import history  # noqa: E402
-from utils import UserError, run_cli  # noqa: E402
+from cli import run_cli  # noqa: E402
+from errors import UserError  # noqa: E402
 
 
 def fraction_of_optimal(path: Path, split: str) -> np.ndarray:
@@ -74,7 +75,8 @@ def print_first_rewards(path: Path, split: str):
     length = history.steps_per_stream(cfg)
     found = first < length
     per = cfg["n_stream"] // learners
-    median = f"median episode {np.median(first[found]) // cfg['horizon'] + 1:.0f}" if found.any() else "no stream got one"
+    median = (f"median episode {np.median(first[found]) // cfg['horizon'] + 1:.0f}" if found.any()
+              else "no stream got one")
     if cfg.get("alg", "PPO") != "PPO":  # no learner: the streams of a noisy expert never share anything
         print(f"first reward of a stream: {median} ({100 * found.mean():.0f}% of streams get one); "
               f"independent streams (alg {cfg['alg']})")

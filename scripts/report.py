@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError
+from errors import UserError
 
 BOOTSTRAP_REPS = 2000  # enough for a 2-decimal interval; rliable's default (50k) takes minutes
 
@@ -20,7 +20,8 @@ BOOTSTRAP_REPS = 2000  # enough for a 2-decimal interval; rliable's default (50k
 def iqm_with_ci(scores: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     """(IQM, CI low, CI high) of a (runs, tasks) score matrix; the same numbers for the
     same scores and seed, whatever else has drawn random numbers in this process."""
-    from rliable import library as rly, metrics
+    from rliable import library as rly
+    from rliable import metrics
     scores = np.asarray(scores, dtype=np.float64)
     # rliable's StratifiedBootstrap draws its resamples from numpy's global RNG and ignores
     # the random_state it is given (rliable 1.2), so the interval moved between runs:
@@ -52,7 +53,19 @@ def load_evaluation(run_dir: Path, tag: str = "") -> tuple[dict, np.ndarray]:
     if not (summary.is_file() and returns.is_file()):
         raise UserError(f"{run_dir} has no evaluation{' tagged ' + tag if tag else ''} ({returns.name}); run "
                         f"evaluate.py {run_dir}{' --tag ' + tag if tag else ''} first")
-    return json.loads(summary.read_text()), np.load(returns)
+    return upgrade_summary(json.loads(summary.read_text())), np.load(returns)
+
+
+# eval_summary keys under the names an earlier version of evaluate.py wrote them
+RENAMED_SUMMARY_KEYS = {"ppo_episodes_to_80pct": "source_episodes_to_80pct"}
+
+
+def upgrade_summary(summary: dict) -> dict:
+    """An eval_summary.json with today's key names, also when an earlier version wrote it."""
+    for old, new in RENAMED_SUMMARY_KEYS.items():
+        if old in summary and new not in summary:
+            summary[new] = summary.pop(old)
+    return summary
 
 
 def fraction_scores(summaries: list[dict], returns: list[np.ndarray], episode: int = -1) -> np.ndarray:

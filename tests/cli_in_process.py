@@ -1,7 +1,7 @@
 """Run a script's command line inside the test process (faster than a subprocess)."""
 import sys
 
-from utils import run_cli
+from cli import run_cli
 
 
 def run_in_process(monkeypatch, capsys, script: str, main, argv) -> tuple[int, str]:

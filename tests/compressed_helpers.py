@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_history import ALG, ENV, N_STREAM, T, build_history_file, cli_sets
+from model_helpers import sensitive_model
 
 import env as envs
+from cli import load_config
+from config.loading import parse_set
 from dataset import CompressedADDataset, collate_compressed_batch
-from fixtures_history import ALG, ENV, N_STREAM, T, build_history_file, cli_sets
 from model.compressed import CompressedAD
-from model_helpers import sensitive_model
-from utils import load_config, parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_COMPRESSED = ROOT / "config/model/ad_compressed_dr.yaml"
@@ -84,7 +85,7 @@ def expected_steps(cfg, stream: dict, a: int, n: int) -> dict:
     """The documented token fields of steps a..a+n-1 of one stream, from the raw arrays."""
     t = np.arange(a, a + n)
     prev, first = np.maximum(t - 1, 0), t == 0
-    return {"state": envs.state_index(cfg, stream["states"][a:a + n]),
+    return {"state": envs.state_token(cfg, stream["states"][a:a + n]),
             "prev_action": np.where(first, envs.n_actions(cfg), stream["actions"][prev]),
             "prev_reward": np.where(first, 0.0, stream["rewards"][prev]),
             "new_episode": np.where(first, 1, stream["dones"][prev].astype(np.int64)),

@@ -19,7 +19,9 @@ import numpy as np
 
 import env as envs
 from algorithm import history
-from utils import dataset_path, load_config, parse_set
+from algorithm.history import dataset_path
+from cli import load_config
+from config.loading import parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
 ALG = ROOT / "config/algorithm/ppo_darkroom.yaml"

@@ -5,8 +5,8 @@ import torch
 
 import env as envs
 import train
+from cli import run_path
 from model import build
-from utils import run_path
 
 
 def sensitive_model(cfg, seed=0):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import env as envs
+from cli import load_config
 from env.bandit import BanditEnv, BatchedBandit, draw_tasks
-from utils import ConfigError, load_config
+from errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -47,7 +48,7 @@ def test_split_sizes_optimal_return_and_spaces():
 
 
 def test_the_family_keys_define_bandit_data_only():
-    from utils import collection_config
+    from config.loading import collection_config
     bandit = collection_config(cfg_of())
     darkroom = collection_config(load_config([ROOT / "config/env/darkroom.yaml"], {"n_arms": 9}))
     assert {"n_arms", "bandit_tasks", "bandit_min_gap"} <= set(bandit) and "robot_goals" not in bandit

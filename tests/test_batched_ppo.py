@@ -13,7 +13,7 @@ from algorithm import batched_net, batched_ppo, history
 from algorithm.batched_net import BatchedActorCritic, BatchedAdam, normalize_advantages, ppo_loss, ppo_loss_gradients
 from algorithm.batched_ppo import ObsEncoder
 from algorithm.sb3_ppo import task_seed
-from utils import load_config
+from cli import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DARKROOM = [ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"]
@@ -395,7 +395,7 @@ def collect_cli(tmp_path, *extra):
 
 def test_collect_cli_writes_a_valid_file_and_resumes_after_a_chunk(tmp_path, monkeypatch):
     import collect
-    from utils import dataset_path
+    from algorithm.history import dataset_path
     cfg = load_config(DARKROOM, dict(grid_size=3, horizon=10, n_stream=4, n_steps=20, batch_size=20, n_epochs=1,
                                      total_source_timesteps=160, dataset_dir=str(tmp_path), device="cpu",
                                      n_process=1, task_chunk=4))

@@ -2,7 +2,6 @@
 the dataset contract in DESIGN.md; kill-and-resume, mismatched settings, corrupt files,
 slices and --merge."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,8 +13,10 @@ import pytest
 
 import env as envs
 from algorithm import journal
-from algorithm.history import DTYPES, FIELDS, read_header, read_task, steps_per_stream
-from utils import UserError, collection_config, dataset_path, load_config, parse_set
+from algorithm.history import DTYPES, FIELDS, dataset_path, read_header, read_task, steps_per_stream
+from cli import load_config
+from config.loading import collection_config, parse_set
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 ALG = "config/algorithm/ppo_darkroom.yaml"
@@ -252,7 +253,7 @@ def test_slices_and_merge(tmp_path):
     procs = [subprocess.Popen(cmd(tmp_path, sets, "--tasks", sl), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT) for sl in ("0:4", "4:")]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     a = full.with_name("history_darkroom_PPO_alg-seed42.tasks0-4.hdf5")
     b = full.with_name("history_darkroom_PPO_alg-seed42.tasks4-9.hdf5")

@@ -11,8 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import compare_runs  # noqa: E402
+
 import report  # noqa: E402
-from utils import UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 
 N_TASKS, N_ROLLOUTS = 20, 2
 

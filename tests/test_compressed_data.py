@@ -8,15 +8,31 @@ import math
 import numpy as np
 import pytest
 import torch
+from compressed_helpers import (  # noqa: F401 - fixtures
+    MAX_DEPTH,
+    N_TRANSIT,
+    STAGE,
+    TOKEN_FIELDS,
+    TRAIN_STREAMS,
+    Indexed,
+    T,
+    all_steps,
+    collate_with_indices,
+    compressed_cfg,
+    data,
+    depth2_items_with_uneven_stages,
+    expected_steps,
+    first_of_depth,
+    flat,
+    origins,
+    raw,
+    small,
+    stream_of,
+)
 from torch.utils.data import DataLoader
 
-from compressed_helpers import (MAX_DEPTH, N_TRANSIT, STAGE, TOKEN_FIELDS, TRAIN_STREAMS, T, Indexed, all_steps,
-                                collate_with_indices, compressed_cfg, depth2_items_with_uneven_stages, expected_steps,
-                                first_of_depth, flat, origins, stream_of)
-from compressed_helpers import data, raw, small  # noqa: F401 - fixtures
 from dataset import BucketBatches, BucketSampler, CompressedADDataset, LazyPermutation, collate_compressed_batch
-from utils import ConfigError, UserError
-
+from errors import ConfigError, UserError
 
 # ----------------------------------------------------------------------------- CompressedADDataset
 
@@ -113,7 +129,7 @@ def test_episode_stride_stages_and_recent_are_consecutive_steps_of_a_subsampled_
 def test_test_part_reads_only_the_held_out_stream(data, raw):
     _, cfg, path, train_tasks = data
     ds = CompressedADDataset(path, cfg, part="test", task_indices=train_tasks[:3])
-    for d, r in ds.depth_ranges().items():
+    for _d, r in ds.depth_ranges().items():
         for index in (r.start, r.stop - 1, (r.start + r.stop) // 2):
             s = ds[index]
             found = origins(raw, np.concatenate([p["action"] for p in all_steps(s)]))

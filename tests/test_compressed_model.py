@@ -8,21 +8,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from compressed_helpers import (  # noqa: F401 - fixtures
+    MAX_DEPTH,
+    N_LATENT,
+    N_TRANSIT,
+    STAGE,
+    STEPS,
+    compressed_cfg,
+    data,
+    depth2_items_with_uneven_stages,
+    first_of_depth,
+    sensitive_compressed_model,
+    small,
+)
+from model_helpers import assert_same_state, interrupted_then_resumed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import env as envs
 import train
-from compressed_helpers import (MAX_DEPTH, N_LATENT, N_TRANSIT, STAGE, STEPS, compressed_cfg,
-                                depth2_items_with_uneven_stages, first_of_depth, sensitive_compressed_model)
-from compressed_helpers import data, small  # noqa: F401 - fixtures
+from cli import run_path
 from dataset import BucketBatches, BucketSampler, CompressedADDataset, collate_compressed_batch
-from model import build, rollout as rollout_mod
+from model import build
+from model import rollout as rollout_mod
 from model.ad import KVCache, _cross_entropy
 from model.compressed import LatentMemory, split_compressed_batch
 from model.rollout import rollout, sample_actions
-from model_helpers import assert_same_state, interrupted_then_resumed
-from utils import run_path
-
 
 # ----------------------------------------------------------------------------- the model
 

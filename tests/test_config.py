@@ -4,10 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from cli import load_config
+from config.loading import parse_set
 from config.schema import COLLECTION_KEYS, SCHEMA
-from utils import ConfigError, UserError, load_config, parse_set
+from errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 ALG = ROOT / "config/algorithm/ppo_darkroom.yaml"

@@ -8,14 +8,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from fixtures_history import HORIZON, N_STEPS, N_STREAM, T, build_history_file, make_cfg, read_stream
 from torch.utils.data import DataLoader
 
 import env as envs
 from algorithm import history
 from dataset import ADDataset
-from fixtures_history import HORIZON, N_STEPS, N_STREAM, T, build_history_file, make_cfg, read_stream
-from model.ad import IGNORE, KIND_END, KIND_START, KIND_STEP
-from utils import ConfigError, UserError
+from errors import ConfigError, UserError
+from tokens import IGNORE, KIND_END, KIND_START, KIND_STEP
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def expected_window(cfg, raw, a, n):
     rows = []
     for t in range(a, a + n):
         first = t == 0
-        rows.append({"state": envs.state_index(cfg, raw["states"][t]),
+        rows.append({"state": envs.state_token(cfg, raw["states"][t]),
                      "prev_action": n_actions if first else raw["actions"][t - 1],
                      "prev_reward": 0.0 if first else raw["rewards"][t - 1],
                      "new_episode": 1 if first else int(raw["dones"][t - 1]),
@@ -219,6 +219,7 @@ def test_windows_are_read_on_demand_within_a_memory_budget(data, part, budget, m
     three tasks (by the data_cache_mb budget, or KEEP open datasets with a budget of 0),
     far less than loading every task."""
     import tracemalloc
+
     from dataset import _Tasks
     _, cfg, _, path = data
     in_memory = ADDataset(path, cfg, part=part, in_memory=True)

@@ -407,7 +407,7 @@ def _compare_batched_with_gym(cfg, tasks, n_episodes, seed):
         obs_b = b.reset()
         obs_g = np.stack([g.reset()[0] for g in gyms])
         np.testing.assert_array_equal(obs_b, obs_g)
-        for t in range(cfg["horizon"]):
+        for _t in range(cfg["horizon"]):
             acts = rng.integers(0, 5, len(tasks))
             obs_b, r_b, d_b = b.step(acts)
             outs = [g.step(int(a)) for g, a in zip(gyms, acts)]

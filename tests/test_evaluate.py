@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from cli_in_process import run_in_process
+from fixtures_history import HORIZON, N_STEPS, build_history_file, make_cfg
+from model_helpers import sensitive_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import env as envs
 import evaluate
 import train
-from cli_in_process import run_in_process
-from fixtures_history import HORIZON, N_STEPS, build_history_file, make_cfg
+from cli import run_cli, run_path
 from model import rollout as rollout_mod
-from model.ad import KIND_END, KIND_START, KIND_STEP
 from model.rollout import rollout, sample_actions
-from model_helpers import sensitive_model
-from utils import run_cli, run_path
+from tokens import KIND_END, KIND_START, KIND_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -312,7 +312,7 @@ def test_evaluate_outputs(trained, evaluated, name):
     optimal = [envs.optimal_return(cfg, all_tasks[i]) for i in rows]
     assert s["optimal_return"] == pytest.approx(optimal)
     assert s["n_episodes"] == 6
-    assert s["source_alg"] == cfg["alg"] == "PPO"  # whose curve ppo_episodes_to_80pct is
+    assert s["source_alg"] == cfg["alg"] == "PPO"  # whose curve source_episodes_to_80pct is
     assert s["first_return"] == pytest.approx(float(returns[:, 0].mean()))
     assert s["final_return"] == pytest.approx(float(returns[:, -1].mean()))
     assert s["final_fraction_of_optimal"] == pytest.approx(returns[:, -1].mean() / np.mean(optimal))

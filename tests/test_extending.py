@@ -10,24 +10,24 @@ through collect.py, train.py and evaluate.py like the built-in ones.
 import json
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import gymnasium as gym
+from cli_in_process import run_in_process
 
 import collect
 import env as envs
 import evaluate
 import model as variants
 import train
-from cli_in_process import run_in_process
+from cli import run_path
 from env.family import Family
 from model.ad import split_targets
-from model.tokens import IGNORE
 from model.variant import Variant
-from utils import run_path
+from tokens import IGNORE
 
 MOVES = np.array([0, -1, 1])  # stay, left, right
 
@@ -166,7 +166,8 @@ def test_a_new_family_and_a_new_variant_run_through_collect_train_and_evaluate(r
 
 def test_the_new_names_are_config_choices_and_the_old_ones_are_refused_without_them(registered, tmp_path,
                                                                                      monkeypatch, capsys):
-    from utils import load_config, parse_set
+    from cli import load_config
+    from config.loading import parse_set
     cfg = load_config([], parse_set(DATA + TRAIN))
     assert run_path(cfg).name == "Memoryless-corridor-seed0"
     assert envs.model_inputs(cfg) == {"n_actions": 3, "state_cardinalities": [7]}
@@ -215,7 +216,9 @@ def test_a_continuous_state_family_is_embedded_by_a_learned_projection(monkeypat
     """AD (sliding window) on a Box observation space: trained and evaluated in context. (The
     data are random-policy histories: the batched PPO learner reads MultiDiscrete states only.)"""
     from fixtures_history import build_history_file
-    from utils import load_config, parse_set
+
+    from cli import load_config
+    from config.loading import parse_set
     monkeypatch.setitem(envs.FAMILIES, "point_line", PointLine())
     sets = DATA + [s for s in TRAIN if not s.startswith("model=")] + [
         "env=point_line", "tf_n_layer=1", "tf_n_head=2", f"dataset_dir={tmp_path / 'data'}", f"run_dir={tmp_path}"]
@@ -244,7 +247,9 @@ def test_the_batched_learner_collects_a_continuous_family(monkeypatch, tmp_path,
 @pytest.mark.parametrize("sets", [["use_compressed_context=true", "n_transit=24", "compress_interval=12"],
                                   ["model=CompressedAD"]])
 def test_variants_whose_tokens_hold_one_number_per_state_refuse_a_continuous_family(monkeypatch, sets):
-    from utils import ConfigError, load_config, parse_set
+    from cli import load_config
+    from config.loading import parse_set
+    from errors import ConfigError
     monkeypatch.setitem(envs.FAMILIES, "point_line", PointLine())
     with pytest.raises(ConfigError, match="continuous .Box. state; use model=AD with use_compressed_context=false"):
         load_config([], parse_set(DATA + ["env=point_line", *sets]))

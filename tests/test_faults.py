@@ -15,16 +15,20 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_in_process import run_in_process
+from fixtures_history import build_history_file, cli_sets, config_files, make_cfg, random_histories
 
 import collect
 import env as envs
+import errors
 import evaluate
+import files
+import runtime
 import train
-import utils
 from algorithm import history
-from cli_in_process import run_in_process
-from fixtures_history import build_history_file, cli_sets, config_files, make_cfg, random_histories
-from utils import ConfigError, UserError, dataset_path, load_config, run_path
+from algorithm.history import dataset_path
+from cli import load_config, run_path
+from errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 ALG, ENV = ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"
@@ -184,8 +188,8 @@ def test_damaged_checkpoint_in_evaluate_exits_2(trained, tmp_path, monkeypatch, 
 
 
 def test_exception_without_message_still_gives_a_message():
-    assert utils.first_line(EOFError()) == "EOFError"
-    assert utils.first_line(ValueError("first\nsecond")) == "first"
+    assert errors.first_line(EOFError()) == "EOFError"
+    assert errors.first_line(ValueError("first\nsecond")) == "first"
 
 
 # ----------------------------------------------------------------------------- 3. splits
@@ -221,7 +225,7 @@ def test_seeds_numpy_or_torch_refuse_are_config_errors(key, value):
 def test_largest_seed_works_everywhere():
     big = 2**63 - 1
     cfg = load_config([], {"seed": big, "alg_seed": big, "env_split_seed": big, "eval_seed": big})
-    utils.seed_everything(cfg["seed"])
+    runtime.seed_everything(cfg["seed"])
     np.random.default_rng([cfg["seed"] + 1, 0, 5])  # the test-stream batches use seed + 1
     assert len(envs.task_split(cfg)) == 81
 
@@ -237,8 +241,8 @@ def test_model_that_cannot_fit_is_refused_before_any_work(data_dir, tmp_path, mo
 
 def test_training_data_needs_no_memory_of_its_own(data_dir, tmp_path, monkeypatch, capsys):
     """Windows are read from the file on demand (dataset.py): only the model must fit."""
-    monkeypatch.setattr(utils, "available_memory", lambda device: 100_000)  # the data is ~0.6 MB
-    monkeypatch.setattr(train, "check_memory", utils.check_memory)
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 100_000)  # the data is ~0.6 MB
+    monkeypatch.setattr(train, "check_memory", runtime.check_memory)
     monkeypatch.setattr(train, "memory_estimate", lambda *a, **k: {"model": 1})
     code, err = train_cli(monkeypatch, capsys, cli_sets(data_dir, tmp_path / "runs"))
     assert code == 0, err
@@ -374,16 +378,16 @@ def test_unwritable_directory_is_found_by_the_probe(tmp_path, monkeypatch):
     """What a read-only directory or file system does to the probe (simulated: tests may run as root)."""
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(utils.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", refuse)
     with pytest.raises(UserError, match="cannot write to run directory .*Permission denied"):
-        utils.ensure_writable_dir(tmp_path, "run directory")
+        files.ensure_writable_dir(tmp_path, "run directory")
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "summary.json"
     path.write_text("old")
     with pytest.raises(OSError):
-        with utils.atomic_write(path, "w") as f:
+        with files.atomic_write(path, "w") as f:
             f.write("half")
             raise OSError(28, "No space left on device")
     assert path.read_text() == "old"
@@ -393,7 +397,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_atomic_write_never_replaces_a_directory_or_device(tmp_path):
     for path in (tmp_path, Path("/dev/null")):
         with pytest.raises(UserError, match="not a regular file"):
-            with utils.atomic_write(path) as f:
+            with files.atomic_write(path) as f:
                 f.write(b"x")
     assert Path("/dev/null").is_char_device()
 
@@ -547,7 +551,7 @@ def test_pipeline_stage_stops_when_the_pipeline_is_killed(tmp_path):
 
 # ----------------------------------------------------------------------------- 12. concurrent use
 
-HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from utils import locked; "
+HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from files import locked; "
         "cm = locked({path!r}, 'x'); cm.__enter__(); print('held', flush=True); time.sleep(120)")
 
 
@@ -588,7 +592,7 @@ def test_same_evaluation_twice_at_once_is_refused_other_tags_and_training_are_no
         code, err = evaluate_cli(monkeypatch, capsys, run, "--tag", "keep", "--set", *EVAL_SET)
         assert_one_line_error(code, err, "in use", "evaluation keep")
         assert snapshot(run) == before
-        with utils.claim_run_dir(run):  # a training at work does not block an evaluation
+        with files.claim_run_dir(run):  # a training at work does not block an evaluation
             code, err = evaluate_cli(monkeypatch, capsys, run, "--tag", "drop", "--set", *EVAL_SET,
                                      "eval_memory=drop")
         assert code == 0, err
@@ -655,12 +659,12 @@ def test_memory_study_with_its_dataset_in_use_stops_in_one_line(tmp_path):
 
 
 def test_lock_is_exclusive_within_one_process_too(tmp_path):
-    with utils.locked(tmp_path / "l", "thing"):
+    with files.locked(tmp_path / "l", "thing"):
         with pytest.raises(UserError, match="thing is in use"):
-            with utils.locked(tmp_path / "l", "thing"):
+            with files.locked(tmp_path / "l", "thing"):
                 pass
     assert not (tmp_path / "l").exists()
-    with utils.locked(tmp_path / "l", "thing"):
+    with files.locked(tmp_path / "l", "thing"):
         pass
 
 

@@ -12,9 +12,23 @@ import pytest
 
 import env as envs
 from algorithm import history, journal
-from algorithm.history import (DTYPES, FIELDS, append_tasks, check_history, check_matches, compress_markers,
-                               create_if_missing, merge, read_header, read_task, recover, steps_per_stream)
-from utils import UserError, collection_config, load_config
+from algorithm.history import (
+    DTYPES,
+    FIELDS,
+    append_tasks,
+    check_history,
+    check_matches,
+    compress_markers,
+    create_if_missing,
+    merge,
+    read_header,
+    read_task,
+    recover,
+    steps_per_stream,
+)
+from cli import load_config
+from config.loading import collection_config
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,7 +244,7 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np
 from algorithm import history
 import env as envs
-from utils import load_config
+from cli import load_config
 cfg = load_config([], {"grid_size": 3, "n_steps": 5, "batch_size": 5, "n_stream": 3,
                        "total_source_timesteps": 30, "horizon": 4})
 real = history._write_group

@@ -13,13 +13,13 @@
 import numpy as np
 import pytest
 import torch
+from fixtures_history import build_history_file, make_cfg
 
 import env as envs
 import model.rollout as rollout_mod
-from fixtures_history import build_history_file, make_cfg
 from model import build
-from model.ad import KIND_START, KIND_STEP
 from model.rollout import other_task_rows, rollout
+from tokens import KIND_START, KIND_STEP
 
 N_EPISODES, N_ROLLOUTS = 4, 2
 COMPRESSED_SETS = ["model=CompressedAD", "n_transit=20", "n_latent=3", "enc_n_layer=1", "max_compression_depth=2"]

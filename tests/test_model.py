@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures_history import build_history_file, make_cfg, read_stream
 
 import env as envs
-from dataset import ADDataset, concat_tokens, region_tokens, step_tokens
-from fixtures_history import build_history_file, make_cfg, read_stream
+from dataset import ADDataset
 from model import build
-from model.ad import AD, IGNORE, KIND_END, KIND_START, KIND_STEP, ModelConfig, build_model, rotate, split_targets
+from model.ad import AD, ModelConfig, build_model, rotate, split_targets
+from tokens import IGNORE, KIND_END, KIND_START, KIND_STEP, concat_tokens, region_tokens, window_tokens
 
 MODES = ["standard", "two_region"]
 
@@ -122,7 +123,7 @@ def test_action_is_never_an_input_of_its_own_prediction(data, mode):
         cases = [(a + 0, 0), (a + 7, 7), (a + 25, 25)]  # (step t in the file, its token position)
 
         def tokens_of(stream):
-            return step_tokens(cfg, stream, a, a + n)
+            return window_tokens(cfg, stream, a, a + n)
     else:
         k, I = 3, cfg["compress_interval"]
 
@@ -344,11 +345,11 @@ def test_model_config_from_config(data):
 def test_factored_state_embedding_sums_per_coordinate_vectors():
     """state_embedding=factored: the embedding of cell (x, y) is row x of the x block plus
     row y of the y block, so two cells that share a coordinate share that part."""
-    from utils import load_config
+    from cli import load_config
     cfg = load_config([], {"grid_size": 5, "state_embedding": "factored"})
     model = build(cfg, envs.model_inputs(cfg))
     states = np.array([[1, 3], [4, 0], [1, 0]])
-    index = torch.as_tensor(envs.state_index(cfg, states))
+    index = torch.as_tensor(envs.state_token(cfg, states))
     got = model.embed_state(index)
     table = model.state_emb.weight
     want = torch.stack([table[x] + table[5 + y] for x, y in states])

@@ -9,19 +9,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import pipeline  # noqa: E402
-from utils import run_path  # noqa: E402
 
-@pytest.mark.parametrize("env,size", [(env, size) for env, setup in pipeline.SETUPS.items()
-                                      for size in pipeline.sizes_of(setup)])
+from cli import run_path  # noqa: E402
+
+
+@pytest.mark.parametrize("env,size", [(env, size) for env, sizes in pipeline.SETUPS.items() for size in sizes])
 def test_every_setup_resolves_to_its_own_run_and_matching_data_keys(env, size):
-    setup = pipeline.SETUPS[env]
+    setup = pipeline.SETUPS[env][size]
     runs = set()
-    variants = pipeline.variant_configs(setup, setup[size])
-    sized = {**setup, "variants": variants}
-    for variant in variants:
-        model_cfg = pipeline.variant_config(sized, variant)[0]
-        sets = pipeline.variant_sets(sized, variant, setup[size], setup[size]["train"] + ["seed=0"])
-        cfg = pipeline.train_config(setup[size]["data"] + [model_cfg], sets)
+    for variant, model_cfg in setup.variants.items():
+        sets = pipeline.training_sets(setup, variant, 0, [])
+        cfg = pipeline.train_config(setup.data + [model_cfg], sets)
         assert cfg["env"] == env
         if cfg["use_compressed_context"]:  # a region is one PPO rollout of this data
             assert cfg["compress_interval"] == cfg["n_steps"]
@@ -29,15 +27,13 @@ def test_every_setup_resolves_to_its_own_run_and_matching_data_keys(env, size):
             steps_per_stream = cfg["total_source_timesteps"] // cfg["n_stream"]
             assert cfg["max_compression_depth"] * (cfg["n_transit"] // 2) + cfg["n_transit"] <= steps_per_stream
         runs.add(run_path(cfg))
-    assert len(runs) == len(variants)
+    assert len(runs) == len(setup.variants)
 
 
 def test_sizes_never_share_a_run_directory():
-    for env, setup in pipeline.SETUPS.items():
-        sizes = pipeline.sizes_of(setup)
-        cfgs = [pipeline.train_config(setup[s]["data"] + [pipeline.variant_config(
-            {**setup, "variants": pipeline.variant_configs(setup, setup[s])}, "AD")[0]], setup[s]["train"])
-            for s in sizes]
+    for env, sizes in pipeline.SETUPS.items():
+        cfgs = [pipeline.train_config(setup.data + [setup.variants["AD"]], setup.sets + setup.train_sets)
+                for setup in sizes.values()]
         assert len({run_path(c) for c in cfgs}) == len(sizes), env
 
 
@@ -136,7 +132,7 @@ def test_study_plot_draws_budgets_where_only_some_seeds_reach_80_percent(tmp_pat
     must still be drawn (it crashed with 'Data cannot be log-scaled' when no budget had one)."""
     import memory_study
     row = {"variant": "AD", "n_transit": 100, "context_tokens": 100, "final_fraction_of_optimal": 0.8,
-           "final_fraction_of_optimal_memory_off": 0.2, "ppo_episodes_to_80": 9, "n_episodes": 100}
+           "final_fraction_of_optimal_memory_off": 0.2, "source_episodes_to_80": 9, "n_episodes": 100}
     rows = [{**row, "seed": 0, "episodes_to_80": 44}, {**row, "seed": 1, "episodes_to_80": None},
             {**row, "n_transit": 10, "context_tokens": 10, "seed": 0, "episodes_to_80": None}]
     memory_study.plot_study(tmp_path / "study.png", rows, "test")

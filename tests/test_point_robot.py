@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import env as envs
-from env.point_robot import MOVES, PointRobotEnv, moves_to_goal
-from utils import ConfigError, load_config
+from cli import load_config
+from env.point_robot import PointRobotEnv, moves_to_goal
+from errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = [ROOT / "config/algorithm/ppo_point_robot.yaml", ROOT / "config/env/point_robot.yaml"]
@@ -54,7 +55,7 @@ def test_batched_env_matches_gym_for_random_actions():
     for g, o in zip(gyms, obs):
         np.testing.assert_array_equal(g.reset()[0], o)
     rng = np.random.default_rng(0)
-    for t in range(cfg["horizon"]):
+    for _t in range(cfg["horizon"]):
         actions = rng.integers(0, 5, len(tasks))
         obs, rewards, dones = batched.step(actions)
         for k, g in enumerate(gyms):

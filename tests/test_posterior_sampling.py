@@ -7,13 +7,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from cli_in_process import run_in_process
 
 import collect
 import env as envs
 from algorithm import posterior_sampling
 from algorithm.history import read_header, read_task
-from cli_in_process import run_in_process
-from utils import load_config, parse_set
+from cli import load_config
+from config.loading import parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
 K2D = ["config/algorithm/posterior_sampling_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"]

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from fixtures_history import build_history_file, make_cfg
 
 import env as envs
-from fixtures_history import build_history_file, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -58,7 +58,8 @@ def test_every_variant_learns_in_context_on_held_out_goals(small_data, variant):
 
 def _cfg(sets):
     sys.path.insert(0, str(ROOT))
-    from utils import load_config, parse_set
+    from cli import load_config
+    from config.loading import parse_set
     return load_config([ROOT / c for c in CONFIGS], parse_set(sets))
 
 

@@ -4,13 +4,15 @@ during the rollout."""
 import numpy as np
 import pytest
 import torch
+from fixtures_history import ALG, ENV, ROOT, make_cfg
 
 import env as envs
-from dataset import _StreamView, step_tokens
-from fixtures_history import ALG, ENV, ROOT, make_cfg
-from model import build, rollout as rollout_mod
-from model.tokens import TOKEN_FIELDS
-from utils import load_config, parse_set
+from cli import load_config
+from config.loading import parse_set
+from dataset import _StreamView
+from model import build
+from model import rollout as rollout_mod
+from tokens import TOKEN_FIELDS, window_tokens
 
 N_EPISODES, N_ROLLOUTS = 3, 2
 
@@ -76,12 +78,12 @@ def test_a_recorded_rollout_read_back_through_the_dataset_gives_the_same_tokens(
     assert len(np.unique(stream["actions"])) > 1 and stream["dones"].any()  # a real history, episodes and all
     for r in range(rows):
         # the rollout's transitions as one stream of a history file (time-major, streams in columns)
-        read = step_tokens(cfg, _StreamView(stream, r), 0, T)
+        read = window_tokens(cfg, _StreamView(stream, r), 0, T)
         for k in TOKEN_FIELDS:
             np.testing.assert_array_equal(read[k], seen[k][r], err_msg=k)
             assert read[k].dtype == seen[k].dtype, k
         np.testing.assert_array_equal(read["action"], stream["actions"][:, r])  # the targets: what it did
     # a window from the middle of the stream gives the same tokens as the whole stream there
-    middle = step_tokens(cfg, _StreamView(stream, 1), 7, 7 + cfg["horizon"])
+    middle = window_tokens(cfg, _StreamView(stream, 1), 7, 7 + cfg["horizon"])
     for k in TOKEN_FIELDS:
         np.testing.assert_array_equal(middle[k], seen[k][1, 7:7 + cfg["horizon"]], err_msg=k)

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-import env as envs
-import train
 from cli_in_process import run_in_process
 from fixtures_history import build_history_file, cli_sets, config_files, make_cfg
 from model_helpers import assert_same_state, interrupted_then_resumed
-from utils import run_path
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import dataset
+import env as envs
+import train
+from cli import run_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # train_timesteps of the tiny run (fixtures_history.MODEL_SETS)
@@ -90,11 +91,11 @@ def test_tiny_run_writes_config_checkpoint_and_tensorboard_tags(data_dir, tmp_pa
     for s, v in tags["train/lr"]:
         assert v == pytest.approx(train.lr_at(s - 1, cfg), rel=1e-6)
     assert tags["train/lr"][0][1] == pytest.approx(cfg["lr"])  # step 2 ends the 2-step warmup
-    for s, v in tags["train/loss_action"] + tags["test/loss_action"]:
+    for _, v in tags["train/loss_action"] + tags["test/loss_action"]:
         assert 0.5 < v < 3.0  # about ln 5 for an untrained model over 5 actions
-    for s, v in tags["train/acc_action"]:
+    for _, v in tags["train/acc_action"]:
         assert 0.0 <= v <= 1.0
-    for s, v in tags["eval/return_first"] + tags["eval/return_final"]:
+    for _, v in tags["eval/return_first"] + tags["eval/return_final"]:
         assert 0.0 <= v <= cfg["horizon"]
 
 
@@ -107,9 +108,9 @@ def test_learning_rate_schedule():
 
 
 def test_step_batches_are_a_pure_function_of_seed_rank_and_step():
-    whole = list(train.StepBatches(1000, 4, seed=3, rank=0, start=0, stop=10))
-    assert list(train.StepBatches(1000, 4, seed=3, rank=0, start=6, stop=10)) == whole[6:]
-    assert list(train.StepBatches(1000, 4, seed=3, rank=1, start=0, stop=10)) != whole
+    whole = list(dataset.StepBatches(1000, 4, seed=3, rank=0, start=0, stop=10))
+    assert list(dataset.StepBatches(1000, 4, seed=3, rank=0, start=6, stop=10)) == whole[6:]
+    assert list(dataset.StepBatches(1000, 4, seed=3, rank=1, start=0, stop=10)) != whole
     assert all(len(b) == 4 and all(0 <= i < 1000 for i in b) for b in whole)
 
 
@@ -157,7 +158,7 @@ def test_runs_saved_before_a_key_existed_resume_with_the_value_they_used(data_di
     """region_end_weight came later (runs before it trained with 1): a two-region run saved
     without it is another setting than the new default; plain AD does not read it. A run
     saved before episode_stride trained on consecutive episodes (1, the default)."""
-    from utils import UserError
+    from errors import UserError
     cfg = make_cfg(data_dir, tmp_path / "runs")
     old = {k: v for k, v in cfg.items() if k not in ("region_end_weight", "data_cache_mb", "max_tasks", "episode_stride")}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))

@@ -10,6 +10,8 @@ starts a new episode. Arrays of any leading shape; numpy only, no torch.
 """
 import numpy as np
 
+import env as envs
+
 KIND_STEP, KIND_START, KIND_END = 0, 1, 2  # token kinds; markers are <compress>, </compress>
 IGNORE = -100  # target value that the losses skip
 TOKEN_FIELDS = ("kind", "state", "prev_action", "prev_reward", "new_episode")  # what the model reads
@@ -52,3 +54,20 @@ def marker_token(kind: int, next_kind: int = IGNORE) -> dict:
 
 def concat_tokens(parts: list[dict]) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def window_tokens(cfg: dict, stream: dict, a: int, b: int) -> dict:
+    """Tokens of steps [a, b) of one recorded stream ({field: (T, ...) array-like}), with
+    targets: the training side of `step_tokens`."""
+    lo = max(a - 1, 0)  # one step earlier for the previous action/reward/done
+    actions = np.asarray(stream["actions"][lo:b]).astype(np.int64)
+    prev = previous_step(actions, stream["rewards"][lo:b], stream["dones"][lo:b], a == 0, envs.n_actions(cfg))
+    state = envs.state_token(cfg, np.asarray(stream["states"][a:b]))
+    return with_targets(step_tokens(state, *prev), actions[-(b - a):])
+
+
+def region_tokens(cfg: dict, stream: dict, a: int, b: int) -> list[dict]:
+    """[<compress>, steps a..b-1, </compress>] with token-type targets (next token's kind)."""
+    steps = window_tokens(cfg, stream, a, b)
+    steps["next_kind"][-1] = KIND_END
+    return [marker_token(KIND_START, KIND_STEP), steps, marker_token(KIND_END, KIND_START)]
