@@ -51,8 +51,10 @@ def check_dataset_matches(path: Path, header: dict, cfg: dict):
 
 
 class ADDataset:
-    """Windows of learning histories of training tasks; `part` picks train or held-out streams;
-    `two_region` picks two-region samples (default: the config's use_compressed_context)."""
+    """Windows of learning histories: `part` 'train' (the training tasks' training streams),
+    'test' (their held-out streams) or 'val' (every stream of the validation tasks, for held-out
+    losses where a task has too few streams to hold some out); `two_region` picks two-region
+    samples (default: the config's use_compressed_context)."""
 
     def __init__(self, path, cfg: dict, part: str = "train", task_indices=None, in_memory=False,
                  two_region: bool | None = None):
@@ -60,11 +62,17 @@ class ADDataset:
         header = history.read_header(self.path)
         check_dataset_matches(self.path, header, cfg)
         split = header["split"]
-        train = [i for i, s in enumerate(split) if s == "train"]
-        self.tasks = list(train if task_indices is None else task_indices)
-        held_out = [i for i in self.tasks if split[i] != "train"]
-        if held_out:
+        kind = "val" if part == "val" else "train"  # never a test task
+        self.tasks = list([i for i, s in enumerate(split) if s == kind] if task_indices is None else task_indices)
+        held_out = [i for i in self.tasks if split[i] != kind]
+        if held_out and kind == "train":
             raise UserError(f"tasks {held_out} are held-out (validation or test) tasks; training must never see them")
+        if held_out:
+            raise UserError(f"tasks {held_out} are not validation tasks")
+        if not self.tasks:
+            raise ConfigError(f"the data has no {kind} task; raise val_env_ratio, or hold out streams of the "
+                              "training tasks for the test/ losses (test_stream_ratio > 0)" if kind == "val" else
+                              f"the data has no {kind} task; raise train_env_ratio")
         missing = sorted(set(self.tasks) - set(header["done"]))
         if missing:
             raise UserError(f"{self.path} lacks {len(missing)} training tasks (e.g. {missing[:5]}): "
@@ -74,11 +82,12 @@ class ADDataset:
             raise UserError(f"{self.path} has damaged tasks ({history.describe(damaged)}): rerun the same "
                             "collect.py command to collect them again")
         S = header["collection_config"]["n_stream"]
-        n_test = int(round(cfg["test_stream_ratio"] * S))
+        n_test = int(round(cfg["test_stream_ratio"] * S)) if part != "val" else 0
         self.streams = list(range(n_test)) if part == "test" else list(range(n_test, S))
         if not self.streams:
             raise ConfigError(f"no {part} streams: n_stream={S}, test_stream_ratio={cfg['test_stream_ratio']}; "
-                              "set test_stream_ratio so that both parts get at least one stream")
+                              "set test_stream_ratio so that both parts get at least one stream, or to 0 to take "
+                              "the test/ losses from the validation tasks")
         with h5py.File(self.path, "r") as f:
             first = f[str(self.tasks[0])]
             self.T = first["actions"].shape[0]

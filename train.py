@@ -64,9 +64,12 @@ def count_targets(targets: dict) -> int:
 
 
 def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
-    """Training and held-out-stream loaders of (tokens, targets); batches depend only on (seed, rank, step)."""
+    """Training and held-out loaders of (tokens, targets); batches depend only on (seed, rank, step). The
+    held-out losses come from the training tasks' held-out streams, or with test_stream_ratio=0 (one
+    stream per task) from the validation tasks."""
     variant, path, bs, workers = variant_of(cfg), dataset_path(cfg), cfg["train_batch_size"], cfg["num_workers"]
-    train_set, test_set = variant.dataset(path, cfg, "train"), variant.dataset(path, cfg, "test")
+    held_out = "test" if cfg["test_stream_ratio"] > 0 else "val"
+    train_set, test_set = variant.dataset(path, cfg, "train"), variant.dataset(path, cfg, held_out)
     train_batches = variant.batches(train_set, bs, cfg["seed"], rank, world, start, cfg["train_timesteps"])
     test_batches = variant.batches(test_set, bs, cfg["seed"] + 1, 0, 1, 0, 4)
     # own generator: iterating a DataLoader draws a seed, which must not shift the global

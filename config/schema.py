@@ -134,7 +134,9 @@ SCHEMA: dict[str, Key] = {
         test_interval=(int, 250, "steps between held-out-stream test/ losses", {"min": 1}),
         eval_interval=(int, 1000, "steps between short in-context rollouts on validation tasks (0 = off)", {"min": 0}),
         ckpt_interval=(int, 500, "steps between checkpoints", {"min": 1}),
-        test_stream_ratio=(float, 0.1, "fraction of each train task's streams held out for test/ losses",
+        test_stream_ratio=(float, 0.1, "fraction of each train task's streams held out for the test/ losses; 0: "
+                           "the test/ losses come from every stream of the validation tasks (for data "
+                           "with one stream per task)",
                            {"min": 0.0, "max": 0.5}),
     ),
     **_keys(

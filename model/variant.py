@@ -39,7 +39,8 @@ class Variant:
         raise NotImplementedError
 
     def dataset(self, path, cfg: dict, part: str):
-        """Training samples of a history file: `part` 'train' or 'test' (the held-out streams)."""
+        """Samples of a history file: `part` 'train', 'test' (the training tasks' held-out streams)
+        or 'val' (the validation tasks' streams: held-out losses for data of one stream per task)."""
         raise NotImplementedError
 
     def batches(self, dataset, batch_size: int, seed: int, rank: int, world: int, start: int, stop: int):

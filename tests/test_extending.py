@@ -24,6 +24,7 @@ import evaluate
 import model as variants
 import train
 from cli import run_path
+from dataset import ADDataset, StepBatches
 from env.family import Family
 from model.ad import split_targets
 from model.variant import Variant
@@ -108,11 +109,9 @@ class Memoryless(Variant):
         return MemorylessModel(inputs, cfg["tf_n_embd"])
 
     def dataset(self, path, cfg, part):
-        from dataset import ADDataset
         return ADDataset(path, cfg, part=part)
 
     def batches(self, dataset, batch_size, seed, rank, world, start, stop):
-        from dataset import StepBatches
         return StepBatches(len(dataset), batch_size, seed, rank, start, stop)
 
     def collate(self, items):

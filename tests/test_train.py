@@ -19,7 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import dataset
 import env as envs
 import train
+from algorithm.history import dataset_path
 from cli import run_path
+from errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # train_timesteps of the tiny run (fixtures_history.MODEL_SETS)
@@ -97,6 +99,36 @@ def test_tiny_run_writes_config_checkpoint_and_tensorboard_tags(data_dir, tmp_pa
         assert 0.0 <= v <= 1.0
     for _, v in tags["eval/return_first"] + tags["eval/return_final"]:
         assert 0.0 <= v <= cfg["horizon"]
+
+
+def test_the_resolved_config_is_a_tensorboard_text_entry(data_dir, tmp_path):
+    run_dir = train.train(make_cfg(data_dir, tmp_path / "runs"))
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "n_transit: 40" in text and "model: AD" in text
+
+
+def test_single_stream_data_trains_with_test_losses_from_the_validation_tasks(tmp_path):
+    """One stream per task (one learner's whole history) leaves no stream to hold out: with
+    test_stream_ratio=0 the test/ losses come from the validation tasks, never the test tasks."""
+    from fixtures_history import T
+    cfg = make_cfg(tmp_path / "data", tmp_path / "runs",
+                   extra=["n_stream=1", f"total_source_timesteps={T}", "test_stream_ratio=0"])
+    build_history_file(cfg)
+    held_out = dataset.ADDataset(dataset_path(cfg), cfg, part="val")
+    assert held_out.tasks == envs.tasks_of_split(cfg, "val") and held_out.streams == [0]
+    run_dir = train.train(cfg)
+    assert [s for s, _ in scalars(run_dir)["test/loss_action"]] == [6, 12]
+    with pytest.raises(ConfigError, match="no test streams.*test_stream_ratio"):
+        dataset.ADDataset(dataset_path(cfg), {**cfg, "test_stream_ratio": 0.5}, part="test")
+
+
+def test_validation_losses_without_validation_tasks_are_refused(tmp_path):
+    cfg = make_cfg(tmp_path / "data", extra=["val_env_ratio=0", "test_stream_ratio=0"])
+    build_history_file(cfg)
+    with pytest.raises(ConfigError, match="no val task; raise val_env_ratio"):
+        dataset.ADDataset(dataset_path(cfg), cfg, part="val")
 
 
 def test_learning_rate_schedule():
