@@ -10,7 +10,7 @@ When the file holds each of --sizes tasks, --probes more appends are timed with 
 method, interleaved (journal, old, journal, old, ...):
 - `method: journal`: `algorithm.history.append_tasks` as collect.py calls it (in place,
   write-ahead journal);
-- `method: copy`: the code before issue 13, reproduced here: copy the whole file to a
+- `method: copy`: the earlier append, reproduced here: copy the whole file to a
   `.tmp`, append the task there, fsync, `os.replace`.
 Prints one JSON object per (method, size): median `seconds_per_task` and
 `bytes_written_per_task` (bytes the process passed to write calls, sendfile included:
@@ -61,7 +61,7 @@ def darkroom_like_task(cfg: dict, seed: int = 0) -> dict:
 
 
 def append_by_copy(path: Path, results: dict, tasks: list, split: list, backend: str):
-    """The append of the code before issue 13: the whole file is copied for every task."""
+    """The earlier append: the whole file is copied for every task."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.copyfile(path, tmp)
     with h5py.File(tmp, "a") as f:

@@ -14,7 +14,7 @@ samples per training batch.
 (i) Training. Data: a tiny synthetic learning-history file written to a temporary
 directory with tests/fixtures_history.py (uniformly random policy; --tasks training
 tasks x 4 streams of 1,040 steps, the real stream length, so every depth up to the max occurs;
-the DESIGN.md file layout), read by the real `CompressedADDataset`.
+the history file layout of docs/file-formats.md), read by the real `CompressedADDataset`.
   bucketed  the first --pool batches of a real `BucketSampler` epoch, collated by
             `collate_compressed_batch` (one depth per batch, padding only within a stage);
   old       THE OLD WAY, re-implemented in this file only as a baseline

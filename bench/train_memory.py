@@ -1,7 +1,7 @@
 """Peak memory of train.py as the dataset grows: 1x, 4x and 16x the tasks, same model.
 
     python bench/train_memory.py                                  # this code (~4 min on 2 CPU cores)
-    mkdir /tmp/before && git archive 12d493f | tar -x -C /tmp/before   # the code before issue 13 ...
+    mkdir /tmp/before && git archive 12d493f | tar -x -C /tmp/before   # the code before windows were read on demand ...
     python bench/train_memory.py --before /tmp/before             # ... measured in the same run (~8 min)
     python bench/train_memory.py --sizes 1 4 --variants AD --steps 20   # quicker
 

@@ -16,7 +16,7 @@
 #   bash scripts/gpu_k2d9_papers.sh OUT [BUDGET_SECONDS]    # default budget 540 s
 #   MAX_TASKS=40 STEPS=6400 TRAIN_STEPS=30 EVAL_SET=eval_episodes=3 DEVICE=cpu bash scripts/gpu_k2d9_papers.sh /tmp/o 300   # smoke run
 #
-# The results are in docs/results/gpu_k2d9_papers.md.
+# The results are in docs/ablations/dark_key_to_door_9x9_1000_tasks.md.
 set -u
 OUT=${1:?usage: gpu_k2d9_papers.sh OUT [BUDGET_SECONDS]}
 BUDGET=${2:-540}

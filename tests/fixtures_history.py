@@ -1,7 +1,7 @@
 """Tiny valid learning-history files for the model, dataset, training and evaluation tests,
 built directly (no PPO): a uniformly random policy in the batched darkroom env.
 
-The file follows the DESIGN.md contract exactly as collect.py writes it: it is created with
+The file follows the dataset format (docs/file-formats.md) exactly as collect.py writes it: it is created with
 `algorithm.history.create_if_missing` and filled with `append_tasks`; `compress_markers`
 come from `algorithm.history.compress_markers`; `next_states` is the true next state (also
 on the last step of an episode) and the state after a done is the reset state.

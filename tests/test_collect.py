@@ -1,5 +1,5 @@
 """collect.py end to end with the Stable-Baselines3 backend (tiny sizes), checked against
-the dataset contract in DESIGN.md; kill-and-resume, mismatched settings, corrupt files,
+the dataset format (docs/file-formats.md); kill-and-resume, mismatched settings, corrupt files,
 slices and --merge."""
 import json
 import subprocess

@@ -1,6 +1,6 @@
 """In-context rollouts (model/rollout.py) and evaluate.py: cached decoding equals the
 uncached reference, the two-region context bound, and evaluate.py end to end on tiny
-trained runs (outputs per DESIGN.md, comparison plot, one-line errors)."""
+trained runs (outputs per docs/file-formats.md, comparison plot, one-line errors)."""
 import json
 import os
 import subprocess

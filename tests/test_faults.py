@@ -1,5 +1,5 @@
 """Bad inputs and faults end in one line and exit code 2, before any work, with nothing on disk
-lost (issue 14). One section per class of the issue: unreadable config files, damaged
+lost. One section per class of fault: unreadable config files, damaged
 checkpoints, empty splits, seeds, sizes that cannot fit, damaged task groups, output paths,
 evaluate.py's up-front checks, pipeline --set, orphaned workers, concurrent use, and the
 collection progress bar."""
