@@ -133,23 +133,32 @@ def summarize(cfg, task_indices, returns, stats, elapsed, source_returns) -> dic
     return summary
 
 
+def mean_interval(returns: np.ndarray, seed: int = 0, reps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """95% percentile-bootstrap interval of the mean return per episode over the rows (tasks x
+    rollouts) of `returns` (rows, episodes): where the mean lies, never outside the returns' range."""
+    n = len(returns)
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=reps)  # resampled rows
+    means = counts @ returns / n
+    return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
+
+
 def plot_curves(path: Path, curves: dict, optimal: float, source_returns, title: str, source: str = "PPO"):
-    """Mean (+- std) return per episode of each run, with the learner that made the data
-    (`source`: the history file's alg) on the same tasks."""
+    """Mean return per episode of each run with its 95% bootstrap interval over tasks x rollouts,
+    and the learner that made the data (`source`: the history file's alg) on the same tasks."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, returns in curves.items():
-        mean, std = returns.mean(0), returns.std(0)
+        mean, (low, high) = returns.mean(0), mean_interval(returns)
         x = np.arange(1, len(mean) + 1)
         ax.plot(x, mean, label=label)
-        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.fill_between(x, low, high, alpha=0.2)
     if source_returns is not None:
         ax.plot(np.arange(1, len(source_returns) + 1), source_returns, "k--", label=f"source {source} (same tasks)")
     ax.axhline(optimal, color="gray", linestyle=":", label="optimal")
     ax.set_xlabel("episode")
-    ax.set_ylabel("return")
+    ax.set_ylabel("return (band: 95% interval of the mean)")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -221,9 +230,12 @@ def evaluate_run(run_dir: Path, overrides: dict, tag: str = "",
                 source_returns, f"{run_dir.name}: in-context return on {which} tasks",
                 cfg["alg"])
     from torch.utils.tensorboard import SummaryWriter
+    group = f"eval_curve{'_' + tag if tag else ''}"  # one group: the run's curve beside its source's
     with SummaryWriter(str(run_dir)) as w:
         for ep, value in enumerate(returns.mean(0)):
-            w.add_scalar(f"eval_curve{'_' + tag if tag else ''}/return", float(value), ep)
+            w.add_scalar(f"{group}/return", float(value), ep)
+        for ep, value in enumerate([] if source_returns is None else source_returns):
+            w.add_scalar(f"{group}/source_return", float(value), ep)
     print_table(run_dir.name, summary)
     return summary, returns, source_returns
 

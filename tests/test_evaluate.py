@@ -326,6 +326,17 @@ def test_evaluate_outputs(trained, evaluated, name):
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     assert [e.step for e in acc.Scalars("eval_curve/return")] == list(range(6))
+    source = [e.value for e in acc.Scalars("eval_curve/source_return")]
+    assert len(source) > 0 and all(0.0 <= v <= cfg["horizon"] for v in source)
+
+
+def test_the_plotted_band_is_an_interval_of_the_mean_within_the_returns_range():
+    returns = np.zeros((40, 3))
+    returns[:4] = 20.0  # a few rows at the top: +-1 std would reach below 0
+    low, high = evaluate.mean_interval(returns)
+    mean = returns.mean(0)
+    assert np.all(low >= 0) and np.all(low <= mean) and np.all(mean <= high) and np.all(high <= 20)
+    assert np.all(mean - returns.std(0) < 0)  # what the band used to be
 
 
 def test_evaluate_comparison_plot(trained, evaluated):
