@@ -3,12 +3,14 @@
     python evaluate.py runs/AD-darkroom-seed0
     python evaluate.py runs/AD-darkroom-seed0 --set eval_episodes=50 eval_rollouts=4 eval_greedy=true
     python evaluate.py runs/AD-darkroom-seed0 runs/AD-tworegion-darkroom-seed0   # + comparison plot
+    python evaluate.py runs/AD-darkroom-seed0 --tag T1 --set eval_temperature=1.0  # beside the first one
 
 Writes into each run directory: eval_result.npy (returns, rows = task x rollout,
-columns = episodes), eval_summary.json, eval_curve.png (with the source PPO curve of the
-same tasks and the optimal return) and TensorBoard scalars under eval_curve/.
+columns = episodes), eval_summary.json, eval_curve.png (with the source learner's curve
+on the same tasks and the optimal return) and TensorBoard scalars under eval_curve/.
 """
 import json
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -210,6 +212,9 @@ def evaluate_run(run_dir: Path, overrides: dict, tag: str = "",
                  loaded=None) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """Evaluate one run (`loaded`: what load_run returned, when the caller checked it already)."""
     cfg, model, step = loaded or load_run(run_dir, overrides)
+    if step < cfg["train_timesteps"]:  # a killed or still running training: say which checkpoint this is
+        print(f"note: {run_dir} stopped training at step {step:,} of {cfg['train_timesteps']:,}; evaluating "
+              "that checkpoint (rerun the same train.py command to finish it)", file=sys.stderr)
     task_indices = eval_task_indices(cfg)
     bar = tqdm(total=cfg["eval_episodes"], unit="episode", desc=run_dir.name, dynamic_ncols=True)
     tic = time.perf_counter()

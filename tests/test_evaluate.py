@@ -330,6 +330,13 @@ def test_evaluate_outputs(trained, evaluated, name):
     assert len(source) > 0 and all(0.0 <= v <= cfg["horizon"] for v in source)
 
 
+def test_an_unfinished_run_is_evaluated_with_a_note_saying_so(trained, tmp_path, capsys):
+    cfg, model, step = evaluate.load_run(trained["AD"], {})
+    evaluate.evaluate_run(trained["AD"], {}, "unfinished", (cfg, model, step - 1))
+    err = capsys.readouterr().err
+    assert f"stopped training at step {step - 1:,} of {cfg['train_timesteps']:,}" in err
+
+
 def test_the_plotted_band_is_an_interval_of_the_mean_within_the_returns_range():
     returns = np.zeros((40, 3))
     returns[:4] = 20.0  # a few rows at the top: +-1 std would reach below 0
