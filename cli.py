@@ -28,7 +28,7 @@ def check_combinations(cfg: dict):
     """Combinations of individually valid values that cannot work together."""
     variant = model.variant_of(cfg)
     variant.check_config(cfg)
-    env.family(cfg).check_config(cfg)
+    env.family(cfg).check(cfg)
     if env.state_cardinalities(cfg) is None and not variant.accepts_vector_states(cfg):
         what = "model=AD with use_compressed_context=true" if cfg["use_compressed_context"] else f"model={cfg['model']}"
         raise ConfigError(f"{what} builds tokens with one number per state, and env={cfg['env']} has a continuous "
@@ -40,11 +40,20 @@ def check_combinations(cfg: dict):
                           "(rotary position embedding rotates pairs of channels)")
     check_learners(cfg)
     check_split(cfg)
+    check_memory_ablation(cfg)
 
 
 def check_learners(cfg: dict):
-    """A PPO learner's rollout is n_steps x its streams; its minibatches must tile it."""
+    """A PPO learner's rollout is n_steps x its streams; its minibatches must tile it. A
+    scripted source (alg NoisyExpert, PosteriorSampling) has no learner and no minibatches:
+    PPO's keys mean nothing to it, and learners_per_task, which names the data (a collection
+    key), must keep its default there so one dataset never has two names."""
     learners = cfg["learners_per_task"]
+    if cfg["alg"] != "PPO":
+        if learners != 1:
+            raise ConfigError(f"learners_per_task={learners} applies to alg=PPO only (alg={cfg['alg']} has no "
+                              "learner to split): leave it at 1")
+        return
     if cfg["n_stream"] % learners:
         raise ConfigError(f"learners_per_task={learners} must divide n_stream={cfg['n_stream']} "
                           "(each learner gets the same number of streams)")
@@ -63,19 +72,65 @@ def check_learners(cfg: dict):
 
 def check_split(cfg: dict):
     """Training needs a training task and evaluation a held-out one; a ratio of 0 or 1, or a
-    tiny grid, can leave a part empty, which would fail (or average to NaN) much later."""
+    short task list, can leave a part empty, which would fail (or average to NaN) much later.
+    The message names what to change: train_env_ratio where some value works for this many
+    tasks, else what makes the task list longer (or val_env_ratio, which takes training tasks)."""
     split = env.task_split(cfg)
-    setting = (f"train_env_ratio={cfg['train_env_ratio']}, val_env_ratio={cfg['val_env_ratio']} with "
-               f"{len(split)} tasks (grid_size={cfg['grid_size']})")
-    if "train" not in split:
-        raise ConfigError(f"{setting} leaves no training task; raise train_env_ratio or lower val_env_ratio")
-    if "test" not in split:
-        raise ConfigError(f"{setting} leaves no held-out test task; lower train_env_ratio")
+    if "train" in split and "test" in split:
+        return
+    n, family = len(split), env.family(cfg)
+    n_val = round(cfg["val_env_ratio"] * n)
+    # k tasks not held out (train_env_ratio = k / n): k - n_val train on, n - k are held out
+    works = [k for k in range(1, n) if k - min(n_val, k) >= 1]
+    setting = f"train_env_ratio={cfg['train_env_ratio']}, val_env_ratio={cfg['val_env_ratio']} with {n} tasks"
+    if works:
+        lo, hi = works[0] / n, works[-1] / n
+        what = "no training task" if "train" not in split else "no held-out test task"
+        fix = "raise train_env_ratio" if "train" not in split else "lower train_env_ratio"
+        raise ConfigError(f"{setting} leaves {what}; {fix} (between {lo:.2f} and {hi:.2f} works)"
+                          + ("" if "train" in split or not cfg["val_env_ratio"] else " or lower val_env_ratio"))
+    limited = cfg["max_tasks"] and n == cfg["max_tasks"] and (family.n_tasks(cfg) or n + 1) > n
+    sizes = ("max_tasks",) if limited else family.size_keys
+    now = ", ".join(f"{k}={cfg[k]}" for k in sizes)
+    raise ConfigError(f"env={cfg['env']}{' with ' + now if now else ''} gives {n} task(s): too few for a training "
+                      f"task and a held-out test task{' besides the validation ones' if n_val else ''} at any "
+                      f"train_env_ratio; raise {' or '.join(sizes) or 'the number of tasks'}"
+                      + (" or lower val_env_ratio" if n_val else ""))
+
+
+def check_memory_ablation(cfg: dict):
+    """eval_memory=shuffle gives each rollout the memory of a rollout on another task: with one
+    task to evaluate there is none, and the 'ablation' would be the unablated run."""
+    if cfg["eval_memory"] != "shuffle":
+        return
+    if cfg["eval_tasks"]:
+        try:
+            tasks = {int(x) for x in cfg["eval_tasks"].split(",")}
+        except ValueError:
+            return  # evaluate.py names the bad index list
+        which = f"eval_tasks={cfg['eval_tasks']}"
+    else:
+        tasks = set(env.tasks_of_split(cfg, cfg["eval_split"]))
+        which = f"eval_split={cfg['eval_split']}"
+    if len(tasks) == 1:
+        raise ConfigError(f"eval_memory=shuffle needs at least 2 evaluation tasks to swap memories between, and "
+                          f"{which} gives 1: evaluate more tasks (eval_tasks=a,b or another eval_split)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose argument errors are one line `error: ...` and exit code 2 (as
+    every other user error), not a usage block; every command and script builds its parser
+    from this class."""
+
+    def error(self, message: str):
+        print(f"error: {message.splitlines()[0] if message else 'bad arguments'} (see {self.prog} --help)",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def config_arg_parser(description: str, config_files_help: str = "YAML config files, merged left to right") \
         -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=description, epilog="config keys (set in YAML files or with --set):" + config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", help=config_files_help)

@@ -166,6 +166,9 @@ def main():
     parser.add_argument("--merge", nargs="+", metavar="FILE", help="merge these slice files into the "
                         "full dataset file instead of collecting; refuses files collected with other settings")
     args = parser.parse_args()
+    if args.merge and args.tasks:  # a merge combines whole slice files: a slice of it means nothing
+        parser.error("--tasks selects what to collect, and --merge collects nothing: drop --tasks (the merge "
+                     "takes every task of the files given)")
     cfg = load_config(args.configs, parse_set(args.set))
     path = dataset_path(cfg)
     if args.merge:

@@ -1,6 +1,6 @@
 """The learning-history HDF5 file: layout, crash-safe appends, validation and merging.
 
-Layout (DESIGN.md): file attrs `format_version`, `config` (resolved config, JSON),
+Layout (docs/file-formats.md): file attrs `format_version`, `config` (resolved config, JSON),
 `collection_config` (the keys that define the data, JSON), `tasks` and `split` (JSON lists);
 one group per task named by its index, attrs `task` (JSON), `split`, `backend`; time-major
 datasets of shape (T, n_stream, ...).
@@ -24,7 +24,7 @@ import numpy as np
 import env as envs
 from algorithm import journal
 from config.loading import collection_config
-from config.schema import COLLECTION_KEYS_ADDED_LATER
+from config.schema import COLLECTION_KEYS_ADDED_LATER, SCHEMA, applies
 from errors import UserError, first_line
 from files import locked
 
@@ -183,8 +183,11 @@ def read_header(path: Path) -> dict:
         if int(attrs["format_version"]) != FORMAT_VERSION:
             raise UserError(f"{path} has format_version {attrs['format_version']}, this toolkit reads "
                             f"{FORMAT_VERSION}: recollect it with this version of collect.py")
+        stored = json.loads(attrs["collection_config"])
+        later = {k: v for k, v in COLLECTION_KEYS_ADDED_LATER.items()  # only the keys that mean something here
+                 if not isinstance(stored, dict) or "env" not in stored or applies(k, stored)}
         header = {"config": json.loads(attrs["config"]),
-                  "collection_config": COLLECTION_KEYS_ADDED_LATER | json.loads(attrs["collection_config"]),
+                  "collection_config": later | stored if isinstance(stored, dict) else stored,
                   "tasks": json.loads(attrs["tasks"]), "split": json.loads(attrs["split"]), "done": done}
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: its header attributes are damaged ({first_line(e)}): move it away and "
@@ -244,7 +247,11 @@ def describe(damaged: dict, n: int = 3) -> str:
 
 
 def config_differences(stored: dict, wanted: dict) -> list[str]:
-    keys = sorted(set(stored) | set(wanted))
+    """'key=stored (asked wanted)' for the data-defining keys that differ; a key that means
+    nothing to one side's family or source (e.g. PPO's batch_size, which files of a scripted
+    source collected before SOURCE_KEYS still record) is not compared."""
+    keys = sorted(k for k in set(stored) | set(wanted)
+                  if k not in SCHEMA or "env" not in stored or (applies(k, stored) and applies(k, wanted)))
     return [f"{k}={stored.get(k)!r} (asked {wanted.get(k)!r})" for k in keys if stored.get(k) != wanted.get(k)]
 
 

@@ -17,11 +17,36 @@ from errors import ConfigError, UserError, first_line
 from files import atomic_write, read_text
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key given twice in one mapping is an error: yaml keeps
+    the last value silently, so a forgotten earlier line would change a run unseen."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(f"'{key}' is set twice (line {seen[key]} and line {line})"
+                                            "; keep one of them")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class names the problem
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
     """A YAML file holding a mapping of names to values (empty file: {}), or a ConfigError."""
     text = read_text(path, what)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -185,9 +185,19 @@ def add_keys(section: str, family: str = "", **entries):
         COLLECTION_KEYS.extend(entries)  # in place: other modules hold this list
 
 
+# Keys that mean something to some sources only: PPO's learner settings are ignored by the
+# scripted sources (they have no learner), the noise schedule by everything but NoisyExpert.
+# A key that does not apply is no part of a dataset's identity (collection_keys).
+PPO_KEYS = ("batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda", "clip_range", "ent_coef", "vf_coef",
+            "max_grad_norm", "learners_per_task")
+SOURCE_KEYS = {**{k: ("PPO",) for k in PPO_KEYS}, "noise_decay_episodes": ("NoisyExpert",)}
+
+
 def applies(key: str, cfg: dict) -> bool:
-    """Whether `key` means something for cfg's environment family (a family's own keys only for it)."""
-    return SCHEMA[key].family in ("", cfg["env"])
+    """Whether `key` means something for cfg's environment family (a family's own keys only for
+    it) and its source (`alg`: SOURCE_KEYS)."""
+    alg = cfg.get("alg", "PPO")
+    return SCHEMA[key].family in ("", cfg["env"]) and alg in SOURCE_KEYS.get(key, (alg,))
 
 
 # Keys that change what a collection produces; a dataset collected with other values is

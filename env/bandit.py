@@ -17,11 +17,13 @@ generator, seeded by (s, the task's means, how many copies of the same task come
 so a copy's rewards do not depend on which other tasks share the batch (the batched PPO
 learner's chunk independence) and a rerun gives the same numbers.
 """
+import math
+
 import gymnasium as gym
 import numpy as np
 
 from config.schema import add_keys
-from env.family import Family, register
+from env.family import MAX_TASKS, Family, register
 from errors import ConfigError
 
 add_keys("env", family="bandit",
@@ -33,17 +35,47 @@ add_keys("env", family="bandit",
 TASK_SEED = 20240611  # the task list is fixed: a function of n_arms, bandit_tasks and bandit_min_gap only
 
 
+# the most uniform numbers the task draw may take on average (about half a second); settings that would need more
+# on average are refused with the gap that works, so the draw never runs on unseen
+DRAW_BUDGET = 10_000_000
+
+
+def acceptance(n_arms: int, min_gap: float) -> float:
+    """The chance that a draw of n_arms uniform means has its best arm min_gap above the
+    second best: (1 - gap)^n_arms (the top spacing of n uniforms), in logs so it never underflows."""
+    return math.exp(n_arms * math.log1p(-min(min_gap, 1.0 - 1e-12)))
+
+
+def expected_draw(n_tasks: int, n_arms: int, min_gap: float) -> float:
+    """Uniform numbers the draw of n_tasks tasks takes on average."""
+    return n_tasks * n_arms / max(acceptance(n_arms, min_gap), 1e-300)
+
+
+def largest_gap(n_tasks: int, n_arms: int) -> float:
+    """The largest bandit_min_gap whose draw fits DRAW_BUDGET (0 or below: none does)."""
+    need = n_tasks * n_arms / DRAW_BUDGET
+    return 1.0 - need ** (1.0 / n_arms) if need <= 1 else 0.0
+
+
 def draw_tasks(n_tasks: int, n_arms: int, min_gap: float) -> list[list[float]]:
-    """Arm means, uniform in [0, 1] rounded to 3 decimals (exact in JSON), redrawn until the gap holds."""
+    """Arm means, uniform in [0, 1] rounded to 3 decimals (exact in JSON), redrawn until the gap
+    holds. Drawn in blocks of rows (one generator stream, so the same list as one row at a
+    time), and never more than a few times the budget: a ConfigError, not a hang."""
     if min_gap > 1.0 - 1e-3:
         raise ConfigError(f"bandit_min_gap={min_gap} leaves no task (means lie in [0, 1]); use a gap below 0.9")
     rng = np.random.default_rng(TASK_SEED)
-    tasks = []
+    tasks: list[list[float]] = []
+    drawn = 0
+    rows = max(1, min(100_000, 1_000_000 // n_arms))
     while len(tasks) < n_tasks:
-        means = np.round(rng.random(n_arms), 3)
-        top2 = np.sort(means)[-2:]
-        if top2[1] - top2[0] >= min_gap - 1e-9:
-            tasks.append(means.tolist())
+        if drawn > 3 * DRAW_BUDGET:
+            raise ConfigError(f"bandit_min_gap={min_gap} with n_arms={n_arms}: no {n_tasks} tasks found in "
+                              f"{drawn:,} draws; use bandit_min_gap <= {0.99 * largest_gap(n_tasks, n_arms):.2g}")
+        means = np.round(rng.random((rows, n_arms)), 3)
+        drawn += means.size
+        top2 = np.partition(means, n_arms - 2, axis=1)[:, -2:]  # [second best, best]
+        ok = top2[:, -1] - top2[:, -2] >= min_gap - 1e-9
+        tasks.extend(means[ok][:n_tasks - len(tasks)].tolist())
     return tasks
 
 
@@ -104,10 +136,30 @@ class BatchedBandit:
 
 class Bandit(Family):
     name, gym_id, gym_class = "bandit", "BernoulliBandit-v0", BanditEnv
+    size_keys = ("bandit_tasks",)
+
+    def n_tasks(self, cfg):
+        return cfg["bandit_tasks"]
+
+    def size_hint(self, cfg):
+        return f"use bandit_tasks <= {MAX_TASKS:,}"
 
     def check_config(self, cfg):
         if cfg["horizon"] != 1:
             raise ConfigError(f"env=bandit has one pull per episode: set horizon=1 (got {cfg['horizon']})")
+        n, arms, gap = cfg["bandit_tasks"], cfg["n_arms"], cfg["bandit_min_gap"]
+        most = DRAW_BUDGET // 4  # arm means the task list may hold
+        if n * arms > most:
+            raise ConfigError(f"bandit_tasks={n} x n_arms={arms} = {n * arms:,} arm means is more than the "
+                              f"{most:,} the task list may hold; use n_arms <= {max(2, most // n)} "
+                              "or fewer bandit_tasks")
+        if expected_draw(n, arms, gap) > DRAW_BUDGET:
+            best = largest_gap(n, arms) * 0.99
+            raise ConfigError(f"bandit_min_gap={gap} with n_arms={arms}: a draw of {arms} means has its best arm "
+                              f"{gap} above the second with chance {acceptance(arms, gap):.1e}, so the {n} tasks "
+                              f"would take about {expected_draw(n, arms, gap):.1e} draws; " +
+                              (f"use bandit_min_gap <= {best:.2g} (or fewer n_arms)" if best > 0 else
+                               "use fewer n_arms or bandit_tasks"))
 
     def tasks(self, cfg):
         return [{"means": m} for m in draw_tasks(cfg["bandit_tasks"], cfg["n_arms"], cfg["bandit_min_gap"])]

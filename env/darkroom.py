@@ -8,7 +8,7 @@ to the horizon (no early termination), so every episode of every task has the sa
 import gymnasium as gym
 import numpy as np
 
-from env.family import Family, register
+from env.family import MAX_TASKS, Family, register
 
 N_ACTIONS = 5
 MOVES = np.array([[0, 0], [0, 1], [0, -1], [-1, 0], [1, 0]], dtype=np.int64)
@@ -80,6 +80,16 @@ class BatchedDarkroom:
 class Darkroom(Family):
     name, gym_id, gym_class = "darkroom", "Darkroom-v0", DarkroomEnv
     hidden_cells = 1  # the goal: alg PosteriorSampling searches for it (the key, then the door: 2)
+    size_keys = ("grid_size",)
+
+    def n_tasks(self, cfg):
+        return cfg["grid_size"] ** (2 * self.hidden_cells)  # a cell per hidden thing
+
+    def size_hint(self, cfg):
+        largest = int(MAX_TASKS ** (1 / (2 * self.hidden_cells)))
+        while (largest + 1) ** (2 * self.hidden_cells) <= MAX_TASKS:
+            largest += 1
+        return f"use grid_size <= {largest}"
 
     def tasks(self, cfg):
         g = cfg["grid_size"]

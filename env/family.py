@@ -8,6 +8,12 @@ import gymnasium as gym
 import numpy as np
 
 from config.schema import FAMILIES
+from errors import ConfigError
+
+# The most tasks a family's task list may hold: the list is built in memory whenever a config
+# is checked (the split), and written into every dataset's header; 100,000 small tasks build
+# in well under a second. A family's size keys are refused above it before anything is built.
+MAX_TASKS = 100_000
 
 
 class Family:
@@ -20,10 +26,34 @@ class Family:
     # What a scripted source needs, for the families that offer it: `expert` (alg NoisyExpert)
     # below, and a class attribute `hidden_cells` (alg PosteriorSampling: the number of grid
     # cells that hide the reward, found in order; see env/darkroom.py).
+    size_keys: tuple = ()  # the config keys that set how many tasks the family has (named in messages)
+
+    def check(self, cfg: dict):
+        """Every check of a config against the family, quick whatever the values: the size
+        of the task list first (nothing may build a list too large to hold), then the
+        family's own `check_config`. Called when a config is loaded, before any work."""
+        n = self.n_tasks(cfg)
+        if n is not None and n > MAX_TASKS:
+            now = ", ".join(f"{k}={cfg[k]}" for k in self.size_keys) or f"env={cfg['env']}"
+            raise ConfigError(f"{now} gives {n:,} tasks, more than the {MAX_TASKS:,} a task list may hold (it is "
+                              f"built in memory at every start: about {n * 500 / 1e9:.1f} GB); "
+                              f"{self.size_hint(cfg) or 'use fewer tasks'}")
+        self.check_config(cfg)
+
+    def n_tasks(self, cfg: dict) -> int | None:
+        """How many tasks `tasks(cfg)` gives, computed without building them (None: unknown,
+        then the family itself must keep its size keys bounded)."""
+        return None
+
+    def size_hint(self, cfg: dict) -> str:
+        """What to set for a task list of at most MAX_TASKS tasks, e.g. 'use grid_size <= 17'."""
+        return ""
 
     def check_config(self, cfg: dict):
         """Raise ConfigError (one line naming the key and what is allowed) for settings the
-        family cannot run with; called when a config is loaded, before any work."""
+        family cannot run with; called by `check` when a config is loaded, before any work.
+        It must return within a second for every allowed value: a draw loop needs a bound
+        (or a refusal of the values that would make it run on)."""
 
     def tasks(self, cfg: dict) -> list[dict]:
         """Every task of the family at these settings, in a fixed order (a JSON-able dict each)."""

@@ -26,7 +26,7 @@ import gymnasium as gym
 import numpy as np
 
 from config.schema import add_keys
-from env.family import Family, register
+from env.family import MAX_TASKS, Family, register
 
 add_keys("env", family="point_robot",
          robot_goals=(int, 100, "point_robot: goals, evenly spaced on the upper half of the unit circle", {"min": 2}),
@@ -107,6 +107,13 @@ def moves_to_goal(goal, step: float, radius: float) -> int:
 
 class PointRobot(Family):
     name, gym_id, gym_class = "point_robot", "PointRobot-v0", PointRobotEnv
+    size_keys = ("robot_goals",)
+
+    def n_tasks(self, cfg):
+        return cfg["robot_goals"]
+
+    def size_hint(self, cfg):
+        return f"use robot_goals <= {MAX_TASKS:,}"
 
     def tasks(self, cfg):
         n = cfg["robot_goals"]

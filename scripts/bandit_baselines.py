@@ -11,7 +11,6 @@ runs' eval_seed, so copy r of a task draws the same uniforms as AD's rollout r (
 comparison). Runs given the same --label are pooled (seeds). The 95% interval is a
 bootstrap over tasks of the per-task mean regret.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import env as envs  # noqa: E402
 from algorithm.history import dataset_path  # noqa: E402
-from cli import load_config, run_cli  # noqa: E402
+from cli import ArgumentParser, load_config, run_cli  # noqa: E402
 from errors import UserError  # noqa: E402
 from report import load_evaluation  # noqa: E402
 
@@ -184,7 +183,7 @@ def _random_rewards(cfg, task_indices, n_rollouts, n_pulls) -> np.ndarray:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="evaluated bandit run directories (evaluate.py)")
     p.add_argument("--label", nargs="+", help="a row name per run (runs with the same label are pooled); "
                    "default: the run directory")

@@ -7,7 +7,6 @@ with a 95% bootstrap interval over the evaluation tasks.
 
 Both runs of a pair must have been evaluated on the same tasks with the same rollouts.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
-from cli import run_cli  # noqa: E402
+from cli import ArgumentParser, run_cli  # noqa: E402
 from errors import UserError  # noqa: E402
 
 
@@ -68,7 +67,7 @@ def compare(base: Path, new: Path, tag: str = "", variant: str | None = None) ->
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base", type=Path, help="folder of the reference runs")
     p.add_argument("new", type=Path, help="folder of the runs with the changed setting")
     p.add_argument("--tag", default="", help="compare the evaluations tagged so (evaluate.py --tag); default untagged")

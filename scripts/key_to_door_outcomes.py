@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from ppo_curve import fraction_of_optimal  # noqa: E402
 
 from algorithm.history import dataset_path  # noqa: E402
-from cli import load_config, run_cli  # noqa: E402
+from cli import ArgumentParser, load_config, run_cli  # noqa: E402
 from errors import UserError  # noqa: E402
 from report import load_evaluation  # noqa: E402
 
@@ -71,7 +71,7 @@ def transitions(outcomes: np.ndarray) -> list[str]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("runs", type=Path, nargs="+", help="evaluated run directories; the seeds of one variant in one "
                    "folder are pooled into one row")

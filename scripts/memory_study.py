@@ -247,15 +247,33 @@ def plot_study(path: Path, rows: list[dict], title: str):
     plt.close(fig)
 
 
+def check_budgets(ladders: dict, steps_in_stream: int):
+    """Every budget fits a training stream (a window longer than the stream has no sample):
+    found before the collection, not after it."""
+    for variant, budgets in ladders.items():
+        for n in budgets:
+            if n is None:
+                continue
+            if n < 2:
+                raise UserError(f"--budgets {n}: a context budget (n_transit) is at least 2 steps")
+            if n > steps_in_stream:
+                raise UserError(f"--budgets {n}: {variant}'s context is longer than a training stream "
+                                f"({steps_in_stream} steps at these settings); use budgets up to {steps_in_stream}")
+
+
 def run_study(args, setup, train_config, collect_cmd: list[str]):
     """Called by scripts/pipeline.py --study memory."""
     if args.size != "cpu":
         raise UserError("--study memory runs at --size cpu (the ladder and step budget are set for it)")
+    if args.env not in LADDERS:
+        raise UserError(f"--study memory has budget ladders for --env {' and '.join(LADDERS)} only (set for their "
+                        f"streams and variants), not for --env {args.env}: use one of those")
     ladders = {v: LADDERS[args.env][v] for v in args.variants}
     if args.budgets:  # the same ladder for every variant whose budget is free
-        ladders = {v: (ladder if ladder == [None] else sorted(args.budgets)) for v, ladder in ladders.items()}
+        ladders = {v: (ladder if ladder == [None] else sorted(set(args.budgets))) for v, ladder in ladders.items()}
     data_cfg = train_config(setup.data, setup.sets + args.set)
     steps_in_stream = steps_per_stream(data_cfg)
+    check_budgets(ladders, steps_in_stream)
     n_episodes = data_cfg["eval_episodes"]
     long_episodes = LENGTH_FACTOR * steps_in_stream // data_cfg["horizon"]
     base = Path(data_cfg["run_dir"]) / "memory_study" / args.env

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report
-from cli import load_config, run_cli, run_path
+from cli import ArgumentParser, load_config, run_cli, run_path
 from config.loading import parse_set
 from errors import UserError
 from files import atomic_write, ensure_writable_dir
@@ -199,7 +199,7 @@ def write_table_of_finished(args, run_dirs: dict, out_dir: Path, tag: str):
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env", choices=SETUPS, default="darkroom")
     p.add_argument("--size", choices=SIZES, default="cpu",
                    help="cpu: finishes on a laptop; smoke (darkroom): a 5x5 grid, every output in a few minutes; "
@@ -235,6 +235,15 @@ def parse_args() -> argparse.Namespace:
         args.jobs = 2 if args.study else 1
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
+    # flags that would be ignored in this combination: refused, so nothing is silently not done
+    if args.table_only and args.study:
+        p.error("--table-only writes the pipeline's table, --study its own (memory_study.md, rerun to refresh it): "
+                "drop one of them")
+    if args.budgets and not args.study:
+        p.error("--budgets sets the ladder of a study: add --study memory, or drop --budgets (the pipeline "
+                "trains at each model config's n_transit)")
+    if args.budgets and min(args.budgets) < 2:
+        p.error(f"--budgets {min(args.budgets)}: a context budget (n_transit) is at least 2 steps")
     if args.eval_tag and not args.table_only:
         p.error("--eval-tag reads evaluations that are already there: use it with --table-only")
     return args

@@ -10,7 +10,6 @@ led there by what it never saw, which a model reading that one stream cannot pre
     python scripts/ppo_curve.py datasets/dark_key_to_door_9x9/history_dark_key_to_door_PPO_alg-seed42.hdf5
     python scripts/ppo_curve.py FILE --split test        # only the held-out test tasks
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import env as envs  # noqa: E402
 from algorithm import history  # noqa: E402
-from cli import run_cli  # noqa: E402
+from cli import ArgumentParser, run_cli  # noqa: E402
 from errors import UserError  # noqa: E402
 
 
@@ -97,7 +96,7 @@ def first_episode_reaching(curve: np.ndarray, level: float):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("file", type=Path, help="a history file written by collect.py")
     p.add_argument("--split", default="all", choices=("all", "train", "val", "test"))
     args = p.parse_args()

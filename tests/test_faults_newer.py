@@ -1,0 +1,248 @@
+"""Bad inputs and faults of the newer features (scripted sources, bandits, point robot,
+max_tasks, the memory study, the report scripts): each ends in one line and exit code 2,
+before any long work, with nothing on disk changed. One section per class of fault."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_in_process import run_in_process
+
+import collect
+from cli import load_config
+from config.schema import FAMILIES
+from env import bandit
+from env.family import MAX_TASKS
+from errors import ConfigError, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+ALG, ENV = ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+
+def assert_one_line_error(code, stderr, *words):
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def script(*args, timeout=120):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stderr, proc.stdout
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- 1. sizes and draw loops
+
+BANDIT = {"env": "bandit", "horizon": 1}
+# family settings at the largest sizes allowed, and far beyond them
+AT_BOUNDS = [
+    {"env": "darkroom", "grid_size": 64},
+    {"env": "dark_key_to_door", "grid_size": 17},
+    {**BANDIT, "bandit_tasks": MAX_TASKS, "n_arms": 2},
+    {**BANDIT, "bandit_tasks": 50_000, "n_arms": 50, "bandit_min_gap": 0.99 * bandit.largest_gap(50_000, 50)},
+    {**BANDIT, "bandit_tasks": 2_500, "n_arms": 1000, "bandit_min_gap": 0.99 * bandit.largest_gap(2_500, 1000)},
+    {"env": "point_robot", "robot_goals": MAX_TASKS},
+    {"env": "darkroom", "max_tasks": 10**15},
+]
+ABSURD = [
+    ({"env": "dark_key_to_door", "grid_size": 64}, "grid_size <= 17"),
+    ({**BANDIT, "bandit_tasks": 10**12}, "bandit_tasks <="),
+    ({**BANDIT, "n_arms": 10**9}, "n_arms <="),
+    ({**BANDIT, "n_arms": 1000}, "bandit_min_gap <="),           # the gap of 0.1 is (almost) never drawn
+    ({**BANDIT, "n_arms": 50, "bandit_min_gap": 0.89}, "bandit_min_gap <="),
+    ({**BANDIT, "bandit_min_gap": 1.0}, "bandit_min_gap"),
+    ({"env": "point_robot", "robot_goals": 10**12}, "robot_goals <="),
+]
+
+
+@pytest.mark.parametrize("sets", AT_BOUNDS, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_config_check_at_the_bounds_returns_within_a_second(sets):
+    tic = time.perf_counter()
+    load_config([ALG], sets)
+    assert time.perf_counter() - tic < 1.0
+
+
+@pytest.mark.parametrize("sets, fix", ABSURD, ids=[f"{i}" for i in range(len(ABSURD))])
+def test_absurd_family_sizes_are_refused_fast_with_the_value_that_works(sets, fix):
+    tic = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        load_config([ALG], sets)
+    assert time.perf_counter() - tic < 1.0
+    assert fix in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_every_built_in_family_counts_its_tasks_without_building_them():
+    """The size bound needs the count before the list exists."""
+    for name, family in FAMILIES.items():
+        cfg = load_config([ALG], {"env": name, "horizon": 1} if name == "bandit" else {"env": name})
+        assert family.n_tasks(cfg) == len(family.tasks(cfg)), name
+        assert family.size_keys, name
+
+
+def test_bandit_task_draw_ends_even_where_the_estimate_is_wrong(monkeypatch):
+    monkeypatch.setattr(bandit, "DRAW_BUDGET", 1000)
+    tic = time.perf_counter()
+    with pytest.raises(ConfigError, match="bandit_min_gap <="):
+        bandit.draw_tasks(500, 20, 0.5)
+    assert time.perf_counter() - tic < 1.0
+
+
+def test_bandit_task_list_is_the_one_datasets_were_made_with():
+    """The block-wise draw gives the list the row-by-row draw gave (checked against its first tasks)."""
+    rng = np.random.default_rng(bandit.TASK_SEED)
+    old = []
+    while len(old) < 20:
+        means = np.round(rng.random(5), 3)
+        top2 = np.sort(means)[-2:]
+        if top2[1] - top2[0] >= 0.1 - 1e-9:
+            old.append(means.tolist())
+    assert bandit.draw_tasks(20, 5, 0.1) == old
+
+
+# ----------------------------------------------------------------------------- 9. PPO's rules and scripted sources
+
+SCRIPTED = [ROOT / "config/algorithm/noisy_expert_dark_key_to_door.yaml",
+            ROOT / "config/algorithm/posterior_sampling_dark_key_to_door.yaml"]
+
+
+@pytest.mark.parametrize("alg", SCRIPTED, ids=lambda p: p.stem)
+def test_scripted_sources_skip_ppo_minibatch_checks(alg):
+    cfg = load_config([alg, ROOT / "config/env/dark_key_to_door_5x5.yaml"], {"batch_size": 7, "n_stream": 5})
+    assert cfg["batch_size"] == 7
+
+
+@pytest.mark.parametrize("alg", SCRIPTED, ids=lambda p: p.stem)
+def test_scripted_sources_refuse_learners_per_task(alg):
+    with pytest.raises(ConfigError, match="learners_per_task=2 applies to alg=PPO only"):
+        load_config([alg, ROOT / "config/env/dark_key_to_door_5x5.yaml"], {"learners_per_task": 2})
+
+
+def test_ppo_still_checks_minibatches():
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config([ALG, ENV], {"batch_size": 7})
+
+
+def test_data_identity_holds_only_keys_that_change_the_data():
+    from config.loading import collection_config
+    env = ROOT / "config/env/dark_key_to_door_5x5.yaml"
+    expert = collection_config(load_config([SCRIPTED[0], env]))
+    psrl = collection_config(load_config([SCRIPTED[1], env]))
+    ppo = collection_config(load_config([ALG, env]))
+    for key in ("batch_size", "n_epochs", "source_lr", "learners_per_task"):
+        assert key not in expert and key not in psrl and key in ppo
+    assert "noise_decay_episodes" in expert and "noise_decay_episodes" not in psrl | ppo
+
+
+def test_scripted_dataset_recorded_with_ppo_keys_still_matches(tmp_path):
+    """A file collected when the PPO keys were part of every identity is the same data."""
+    from algorithm import history
+    from config.loading import collection_config
+    cfg = load_config([SCRIPTED[1], ROOT / "config/env/dark_key_to_door_5x5.yaml"], {"dataset_dir": str(tmp_path)})
+    stored = collection_config(cfg) | {"batch_size": 40, "n_epochs": 20, "learners_per_task": 1}
+    history.check_matches(tmp_path / "x.hdf5", {"collection_config": stored}, cfg)
+    with pytest.raises(UserError, match="n_stream"):
+        history.check_matches(tmp_path / "x.hdf5", {"collection_config": stored | {"n_stream": 3}}, cfg)
+
+
+# ----------------------------------------------------------------------------- 2. the memory study's budgets
+
+@pytest.mark.parametrize("args, words", [
+    (["--env", "bandit"], ["ladders", "--env bandit"]),
+    (["--env", "point_robot", "--budgets", "10"], ["ladders"]),
+    (["--budgets", "0"], ["--budgets 0", "at least 2"]),
+    (["--budgets", "10", "100000"], ["--budgets 100000", "longer than a training stream"]),
+])
+def test_memory_study_refuses_before_collecting(tmp_path, args, words):
+    code, err, out = script(SCRIPTS / "pipeline.py", "--study", "memory", *args, "--set", f"dataset_dir={tmp_path}/d",
+                            f"run_dir={tmp_path}/r")
+    assert_one_line_error(code, err, *words)
+    assert "collect.py" not in out and not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- 6. flags that would be ignored
+
+@pytest.mark.parametrize("args, words", [
+    (["--study", "memory", "--table-only"], ["--table-only", "--study"]),
+    (["--budgets", "10"], ["--budgets", "--study memory"]),
+])
+def test_pipeline_refuses_flags_it_would_ignore(tmp_path, args, words):
+    code, err, out = script(SCRIPTS / "pipeline.py", *args, "--set", f"dataset_dir={tmp_path}/d", f"run_dir={tmp_path}/r")
+    assert_one_line_error(code, err, *words)
+    assert not any(tmp_path.iterdir())
+
+
+def test_collect_refuses_tasks_with_merge(tmp_path, monkeypatch, capsys):
+    code, err = run_in_process(monkeypatch, capsys, "collect.py", collect.main,
+                               [ALG, ENV, "--set", f"dataset_dir={tmp_path}", "--tasks", "0:3", "--merge", "a.hdf5"])
+    assert_one_line_error(code, err, "--tasks", "--merge")
+    assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- 11. argument errors are one line
+
+@pytest.mark.parametrize("argv", [
+    ["scripts/pipeline.py", "--jobs", "x"], ["scripts/pipeline.py", "--env", "nope"], ["scripts/pipeline.py", "--bogus"],
+    ["collect.py", "--tasks"], ["collect.py", "--bogus"], ["scripts/compare_runs.py"],
+    ["scripts/ppo_curve.py", "a", "--split", "nope"], ["scripts/key_to_door_outcomes.py", "--episodes", "x"],
+    ["scripts/bandit_baselines.py"],
+], ids=lambda a: "-".join(a).replace("/", "_"))
+def test_argument_errors_are_one_line(argv):
+    code, err, _ = script(*argv)
+    assert_one_line_error(code, err, "--help")
+
+
+# ----------------------------------------------------------------------------- 7. silent wrong inputs
+
+def test_duplicate_key_in_a_config_file_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "env.yaml"
+    path.write_text("env: darkroom\ngrid_size: 5\nhorizon: 10\ngrid_size: 7\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([path])
+    assert "grid_size" in str(e.value) and "line 4" in str(e.value) and "line 2" in str(e.value)
+
+
+def test_duplicate_key_in_a_nested_mapping_or_included_file_is_refused(tmp_path):
+    (tmp_path / "inc.yaml").write_text("horizon: 10\nhorizon: 12\n")
+    (tmp_path / "main.yaml").write_text("include: inc.yaml\n")
+    with pytest.raises(ConfigError, match="inc.yaml.*horizon"):
+        load_config([tmp_path / "main.yaml"])
+
+
+@pytest.mark.parametrize("sets", [{"eval_tasks": "3"}, {"eval_tasks": "3,3"},
+                                  {"grid_size": 3, "train_env_ratio": 0.9, "eval_split": "test"}])
+def test_shuffle_ablation_with_one_task_is_refused(sets):
+    with pytest.raises(ConfigError, match="eval_memory=shuffle needs at least 2"):
+        load_config([ALG, ENV], {"eval_memory": "shuffle", **sets})
+
+
+def test_shuffle_ablation_with_two_tasks_is_allowed():
+    load_config([ALG, ENV], {"eval_memory": "shuffle", "eval_tasks": "3,4"})
+
+
+# ----------------------------------------------------------------------------- 10. messages that name the cause
+
+@pytest.mark.parametrize("sets, words", [
+    ({"max_tasks": 1}, ["max_tasks=1", "raise max_tasks"]),
+    ({"env": "point_robot", "robot_goals": 2, "val_env_ratio": 0.5}, ["robot_goals=2", "raise robot_goals"]),
+    ({"grid_size": 2, "train_env_ratio": 1.0}, ["no held-out test task", "lower train_env_ratio"]),
+])
+def test_split_message_names_the_real_cause(sets, words):
+    with pytest.raises(ConfigError) as e:
+        load_config([ALG], sets)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    if "max_tasks" in sets or "robot_goals" in sets:
+        assert "lower train_env_ratio" not in str(e.value)
