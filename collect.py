@@ -26,7 +26,7 @@ from algorithm.history import dataset_path
 from cli import config_arg_parser, load_config, run_cli
 from config.loading import parse_set
 from errors import UserError
-from files import ensure_writable_dir
+from files import check_writable_file, ensure_writable_dir
 from runtime import check_memory, pick_device
 
 
@@ -93,6 +93,7 @@ def collect(cfg: dict, path: Path, indices: list[int]):
         scripted_source(cfg).check(cfg)  # a family it cannot play stops here, before any work
     check_fits(cfg, len(indices))
     ensure_writable_dir(path.parent, "dataset directory")
+    check_writable_file(path, "dataset", "make it writable (chmod u+w) or use another dataset_dir")
     with history.lock(path):
         _collect(cfg, path, indices)
 
@@ -175,6 +176,7 @@ def main():
         for p in args.merge:
             history.check_matches(Path(p), history.read_header(Path(p)), cfg)
         ensure_writable_dir(path.parent, "dataset directory")
+        check_writable_file(path, "dataset", "make it writable (chmod u+w) or use another dataset_dir")
         with history.lock(path):
             added, have, total = history.merge(path, [Path(p) for p in args.merge])
         print(f"merged {added} tasks into {path}: {have} of {total} tasks present")

@@ -71,6 +71,24 @@ def ensure_writable_dir(path: Path, what: str = "output directory") -> Path:
     return path
 
 
+def check_output_path(path: Path, what: str = "output file") -> Path:
+    """Check, before any work, that `path` can be written at the end: its folder can be created
+    and written to, and it is not a folder, a device or a read-only file."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UserError(f"{what} {path} exists and is not a regular file; give another path")
+    ensure_writable_dir(path.parent, f"the folder of {what} {path.name}")
+    check_writable_file(path, what, "give another path or fix its permissions")
+    return path
+
+
+def check_writable_file(path: Path, what: str, fix: str):
+    """A file that exists but cannot be written (read-only), found before any work."""
+    path = Path(path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path} is read-only; {fix}")
+
+
 @contextmanager
 def locked(path: Path, what: str):
     """Hold an exclusive lock on the file `path` (created if missing) during the block, or

@@ -155,12 +155,41 @@ def _recover_for_reader(path: Path):
                         "rerun the collect.py command with write access to the dataset directory") from None
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _looks_like_hdf5(path: Path) -> bool:
+    """The HDF5 signature at offset 0 or a power of two from 512 on (a user block), read
+    without h5py; an empty file (a collection killed before its first write) is not HDF5."""
+    with open(path, "rb") as f:
+        offset = 0
+        while True:
+            f.seek(offset)
+            head = f.read(8)
+            if head == HDF5_SIGNATURE:
+                return True
+            if len(head) < 8:
+                return False
+            offset = 512 if offset == 0 else offset * 2
+
+
 def read_header(path: Path) -> dict:
     """File attrs and the finished task indices; a user error for anything unreadable."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"dataset not found: {path}; collect it first with python collect.py "
                         "<algorithm.yaml> <env.yaml> (same configs and --set as here)")
+    if not path.is_file():  # a folder (or a device) passed for a dataset: nothing to move away
+        raise UserError(f"{path} is not a file: give a learning-history file that collect.py wrote "
+                        "(datasets/history_<env>_<alg>_alg-seed<seed>.hdf5)")
+    if not _looks_like_hdf5(path):
+        if path.suffix in (".hdf5", ".h5"):  # in a dataset's place (e.g. empty after a crash): recollect it
+            why = "empty" if not path.stat().st_size else "no HDF5 signature"
+            raise UserError(f"{path} is not a readable HDF5 file ({why}): move it away and rerun collect.py "
+                            "to recollect it")
+        # e.g. a config file given in a dataset's place: the path is wrong, not the file
+        raise UserError(f"{path} is not an HDF5 file: give a learning-history file that collect.py wrote "
+                        "(datasets/history_<env>_<alg>_alg-seed<seed>.hdf5)")
     _recover_for_reader(path)
     try:
         with h5py.File(path, "r") as f:
@@ -169,8 +198,8 @@ def read_header(path: Path) -> dict:
     except (OSError, ValueError, RuntimeError) as e:
         if journal.journal_path(path).exists():  # opened in the instant a running append rewrote its metadata
             raise UserError(f"{path} is being appended to by a running collect.py: retry when it is done") from None
-        raise UserError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0]}): "
-                        "move it away (or delete it) and rerun collect.py to recollect") from None
+        raise UserError(f"{path} is a damaged HDF5 file ({str(e).splitlines()[0]}): move it away and rerun "
+                        "collect.py to recollect it") from None
     missing = [k for k in ("format_version", "config", "collection_config", "tasks", "split") if k not in attrs]
     if missing:
         raise UserError(f"{path} is not a learning-history file of this toolkit (attrs {missing} are "

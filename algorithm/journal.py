@@ -118,10 +118,16 @@ class JournaledFile:
 
     # -- commit and abort
     def commit(self):
-        os.fsync(self.fd)  # the new bytes first: the journal must never point at data not on disk
-        body = _BODY.pack(self.size, len(self.pages)) + b"".join(
-            _PAGE.pack(i, len(p)) + bytes(p) for i, p in sorted(self.pages.items()))
-        _write_journal(self.path, body + struct.pack("<I", zlib.crc32(body)), os.O_APPEND)
+        try:
+            os.fsync(self.fd)  # the new bytes first: the journal must never point at data not on disk
+            body = _BODY.pack(self.size, len(self.pages)) + b"".join(
+                _PAGE.pack(i, len(p)) + bytes(p) for i, p in sorted(self.pages.items()))
+            _write_journal(self.path, body + struct.pack("<I", zlib.crc32(body)), os.O_APPEND)
+        except BaseException:
+            # not committed (a full disk, an I/O error): the old part was never touched, so the
+            # append is undone here and now, and no journal is left to look like a killed run
+            self.abort()
+            raise
         _apply(self.fd, self.pages, self.size)
         os.close(self.fd)
         _remove(journal_path(self.path))
@@ -207,8 +213,12 @@ def appending(path: Path):
     one crash-safe append when it ends, and not at all if it raises."""
     path = Path(path)
     recover(path)
-    _begin(path, os.path.getsize(path))
-    f = JournaledFile(path)
+    try:
+        _begin(path, os.path.getsize(path))
+        f = JournaledFile(path)
+    except BaseException:  # nothing was written to the file yet: a journal left now would be noise
+        _remove(journal_path(path))
+        raise
     try:
         yield f
     except BaseException:

@@ -22,6 +22,7 @@ import env as envs  # noqa: E402
 from algorithm.history import dataset_path  # noqa: E402
 from cli import ArgumentParser, load_config, run_cli  # noqa: E402
 from errors import UserError  # noqa: E402
+from files import atomic_write, check_output_path  # noqa: E402
 from report import load_evaluation  # noqa: E402
 
 BOOTSTRAP_REPS = 2000
@@ -193,10 +194,13 @@ def main():
     labels = args.label or [str(r) for r in args.runs]
     if len(labels) != len(args.runs):
         raise UserError(f"--label: give one label per run ({len(args.runs)} runs, {len(labels)} labels)")
+    if args.out:  # checked before the baselines run, not after
+        check_output_path(args.out)
     text, _ = compare(args.runs, labels, args.tag)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        with atomic_write(args.out, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ from errors import UserError  # noqa: E402
 
 def paired_runs(base: Path, new: Path, variant: str | None) -> list[str]:
     """Names of the run directories (with a config.yaml) that both folders hold."""
+    for folder in (base, new):  # a wrong path is not "no runs"
+        if not folder.is_dir():
+            raise UserError(f"folder not found: {folder}" + (" (a file, not a folder)" if folder.exists() else "")
+                            + "; give the run_dir of a pipeline.py run")
     names = lambda folder: {p.parent.name for p in folder.glob("*/config.yaml")}  # noqa: E731
     both = sorted(names(base) & names(new))
     if variant:  # run names are {variant}-{env}-seed{seed}; a variant name may hold '-' (AD-tworegion)

@@ -93,15 +93,22 @@ def main():
         rows[name] = np.concatenate([rows[name], outcomes]) if name in rows else outcomes
     if len(splits) > 1:
         raise UserError(f"the runs were evaluated on different splits ({sorted(splits)}); compare one split at a time")
-    episodes = args.episodes or min(r.shape[1] for r in rows.values())  # the runs' own, not the source's
+    ran = min(r.shape[1] for r in rows.values())  # the runs' own, not the source's
+    if args.episodes and args.episodes > ran:  # a column or a range of episodes never run would be a false label
+        raise UserError(f"--episodes {args.episodes}: the evaluations ran {ran} episodes; use --episodes {ran} or "
+                        "fewer, or evaluate longer (eval_episodes)")
+    episodes = args.episodes or ran
     if not args.no_source:
         source, outcomes = source_outcomes(args.runs, splits.pop())
         rows = {source: outcomes} | rows
     rows = {name: r[:, :episodes] for name, r in rows.items()}  # every row over the same episodes
+    points = {k: s for k, s in POINTS.items() if s.start < episodes}  # only episodes that were run
+    points = {(k if s.stop <= episodes else f"{s.start + 1}-{episodes}" if s.start + 1 < episodes else str(episodes)): s
+              for k, s in points.items()}
     print("% of episodes ending with no key / the key only / key and door, by episode\n")
-    print("| who | " + " | ".join(f"episode {k}" for k in POINTS) + " |\n|---|" + "---|" * len(POINTS))
+    print("| who | " + " | ".join(f"episode {k}" for k in points) + " |\n|---|" + "---|" * len(points))
     for name, outcomes in rows.items():
-        print(f"| {name} | " + " | ".join(shares(outcomes, s) for s in POINTS.values()) + " |")
+        print(f"| {name} | " + " | ".join(shares(outcomes, s) for s in points.values()) + " |")
     print(f"\nnext episode given this one, over episodes 1-{episodes} (count of this-episode cases)\n")
     print("| who | key again after the key | door again after the door | key after no key | door after the key only |"
           "\n|---|---|---|---|---|")

@@ -180,6 +180,8 @@ def train_config(configs: list[str], overrides: list[str]) -> dict:
 
 def write_table_of_finished(args, run_dirs: dict, out_dir: Path, tag: str):
     """--table-only: the table of the evaluated runs, each variant over the seeds it has."""
+    if not out_dir.is_dir():  # a wrong run_dir is not "no evaluation"
+        raise UserError(f"run folder not found: {out_dir}; give the run_dir the pipeline ran with (--set run_dir=...)")
     rows, absent = [], []
     for variant in args.variants:
         done = [ROOT / run_dirs[variant, s] for s in args.seeds

@@ -48,12 +48,59 @@ def evaluation_files(run_dir: Path, tag: str = "") -> tuple[Path, Path]:
 
 def load_evaluation(run_dir: Path, tag: str = "") -> tuple[dict, np.ndarray]:
     """(eval_summary, eval_result returns) of one evaluate.py run of a run directory, tagged
-    `tag` (evaluate.py --tag) or untagged; a one-line UserError naming the fix when missing."""
-    summary, returns = evaluation_files(run_dir, tag)
-    if not (summary.is_file() and returns.is_file()):
-        raise UserError(f"{run_dir} has no evaluation{' tagged ' + tag if tag else ''} ({returns.name}); run "
-                        f"evaluate.py {run_dir}{' --tag ' + tag if tag else ''} first")
-    return upgrade_summary(json.loads(summary.read_text())), np.load(returns)
+    `tag` (evaluate.py --tag) or untagged: the one reader of evaluation outputs. Whatever is
+    missing or damaged (a folder that is not there, an empty or truncated file, not JSON, a
+    wrong shape, keys missing) is a one-line UserError naming the file and the fix."""
+    run_dir = Path(run_dir)
+    summary_path, returns_path = evaluation_files(run_dir, tag)
+    rerun = f"evaluate.py {run_dir}{' --tag ' + tag if tag else ''}"
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}" + (" (a file, not a folder)" if run_dir.exists() else "")
+                        + "; check the path")
+    if not (summary_path.is_file() and returns_path.is_file()):
+        unfinished = not (run_dir / "ckpt-last.pt").is_file()
+        raise UserError(f"{run_dir} has no evaluation{' tagged ' + tag if tag else ''} ({returns_path.name})"
+                        + ("; the run has no checkpoint yet: finish its training (train.py), then run " if unfinished
+                           else "; run ") + f"{rerun} first")
+    damaged = f"; rerun {rerun} to write it again"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{summary_path} is damaged (not JSON: {str(e).splitlines()[0][:80]}){damaged}") from None
+    problem = _summary_problem(summary)
+    if problem:
+        raise UserError(f"{summary_path} is damaged ({problem}){damaged}")
+    try:
+        returns = np.load(returns_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{returns_path} is damaged ({(str(e).splitlines() or [type(e).__name__])[0][:80]})"
+                        f"{damaged}") from None
+    n_tasks = len(summary["per_task"])
+    rows = n_tasks * summary["n_rollouts"] if "n_rollouts" in summary else None
+    wrong_rows = returns.ndim != 2 or (returns.shape[0] != rows if rows else returns.shape[0] % n_tasks)
+    if wrong_rows or returns.shape[1] < 1 or returns.dtype.kind not in "fiu":
+        rows = rows or f"a multiple of {n_tasks}"
+        raise UserError(f"{returns_path} is damaged (shape {list(returns.shape)} {returns.dtype}, expected {rows} "
+                        f"rows of episode returns for {summary_path.name}){damaged}")
+    if "n_episodes" in summary and summary["n_episodes"] != returns.shape[1]:
+        raise UserError(f"{returns_path} holds {returns.shape[1]} episodes and {summary_path.name} says "
+                        f"{summary['n_episodes']}: they are from different evaluations{damaged}")
+    return upgrade_summary(summary), returns
+
+
+def _summary_problem(summary) -> str:
+    """What is wrong with a loaded eval_summary, or '' (the keys every report reads)."""
+    if not isinstance(summary, dict):
+        return f"a {type(summary).__name__}, not a mapping"
+    if "per_task" not in summary:
+        return "key 'per_task' is missing"
+    tasks = summary["per_task"]
+    if (not isinstance(tasks, list) or not tasks
+            or not all(isinstance(t, dict) and isinstance(t.get("optimal"), (int, float)) for t in tasks)):
+        return "per_task is not a list of tasks with their optimal return"
+    if not isinstance(summary.get("n_rollouts", 1), int) or summary.get("n_rollouts", 1) < 1:
+        return f"n_rollouts is {summary['n_rollouts']!r}"
+    return ""
 
 
 # eval_summary keys under the names an earlier version of evaluate.py wrote them

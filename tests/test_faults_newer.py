@@ -246,3 +246,146 @@ def test_split_message_names_the_real_cause(sets, words):
         assert w in str(e.value), str(e.value)
     if "max_tasks" in sets or "robot_goals" in sets:
         assert "lower train_env_ratio" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- 3. damaged evaluation outputs
+
+def fake_evaluation(run: Path, tag: str = "", n_tasks: int = 3, n_rollouts: int = 2, n_episodes: int = 12):
+    """An evaluated run as evaluate.py leaves it (the parts the report scripts read)."""
+    import report
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "ckpt-last.pt").write_bytes(b"x")
+    summary_path, returns_path = report.evaluation_files(run, tag)
+    summary = {"per_task": [{"optimal": 2.0} for _ in range(n_tasks)], "n_rollouts": n_rollouts,
+               "optimal_return": [2.0] * n_tasks * n_rollouts, "n_episodes": n_episodes, "tasks": list(range(n_tasks)),
+               "eval_split": "test", "temperature": 0.5, "greedy": False, "seed": 0, "memory": "keep"}
+    summary_path.write_text(json.dumps(summary))
+    np.save(returns_path, np.ones((n_tasks * n_rollouts, n_episodes), dtype=np.float32))
+    return summary_path, returns_path
+
+
+DAMAGE = {
+    "summary_empty": lambda s, r: s.write_text(""),
+    "summary_truncated": lambda s, r: s.write_text(s.read_text()[:30]),
+    "summary_not_json": lambda s, r: s.write_bytes(b"\x89PNG\r\n\x1a\n\xff"),
+    "summary_a_list": lambda s, r: s.write_text("[1, 2]"),
+    "summary_missing_keys": lambda s, r: s.write_text(json.dumps({"n_rollouts": 2})),  # no per_task
+    "result_empty": lambda s, r: r.write_bytes(b""),
+    "result_truncated": lambda s, r: r.write_bytes(r.read_bytes()[:100]),
+    "result_not_npy": lambda s, r: r.write_text("not numpy"),
+    "result_wrong_shape": lambda s, r: np.save(r, np.ones((5, 12))),
+    "result_one_dim": lambda s, r: np.save(r, np.ones(72)),
+    "result_object": lambda s, r: np.save(r, np.array([{"a": 1}] * 6, dtype=object).reshape(6, 1)),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damaged_evaluation_is_one_user_error_naming_file_and_fix(tmp_path, kind):
+    import report
+    run = tmp_path / "AD-darkroom-seed0"
+    summary, returns = fake_evaluation(run)
+    DAMAGE[kind](summary, returns)
+    with pytest.raises(UserError) as e:
+        report.load_evaluation(run)
+    msg = str(e.value)
+    assert "\n" not in msg and f"evaluate.py {run}" in msg, msg
+    assert (summary.name if kind.startswith("summary") else returns.name) in msg, msg
+
+
+def test_missing_run_folder_and_unfinished_run_say_so(tmp_path):
+    import report
+    with pytest.raises(UserError, match="run folder not found"):
+        report.load_evaluation(tmp_path / "nope")
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(UserError, match="no checkpoint yet: finish its training"):
+        report.load_evaluation(tmp_path / "unfinished")
+
+
+@pytest.mark.parametrize("tool", ["compare_runs", "key_to_door_outcomes"])
+def test_report_scripts_turn_damage_into_one_line(tmp_path, tool):
+    base, new = tmp_path / "base" / "AD-dark_key_to_door-seed0", tmp_path / "new" / "AD-dark_key_to_door-seed0"
+    for run in (base, new):
+        fake_evaluation(run)
+        (run / "config.yaml").write_text("env: dark_key_to_door\n")
+    DAMAGE["result_truncated"](None, new / "eval_result.npy")
+    args = [base.parent, new.parent] if tool == "compare_runs" else [new, "--no-source"]
+    code, err, _ = script(SCRIPTS / f"{tool}.py", *args)
+    assert_one_line_error(code, err, "eval_result.npy", "evaluate.py")
+
+
+# ----------------------------------------------------------------------------- 4. output paths checked first
+
+def test_bandit_baselines_checks_out_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err, _ = script(SCRIPTS / "bandit_baselines.py", tmp_path / "no_run", "--out", blocker / "table.md")
+    assert_one_line_error(code, err, "table.md")
+
+
+def test_output_path_probe_refuses_directories_and_read_only_files(tmp_path, monkeypatch):
+    import files
+    with pytest.raises(UserError, match="not a regular file"):
+        files.check_output_path(tmp_path)
+    out = tmp_path / "t.md"
+    out.write_text("old")
+    monkeypatch.setattr(files.os, "access", lambda *a: False)  # tests may run as root
+    with pytest.raises(UserError, match="read-only"):
+        files.check_output_path(out)
+
+
+def test_read_only_dataset_is_refused_before_any_task(tmp_path, monkeypatch, capsys):
+    from fixtures_history import build_history_file, make_cfg
+
+    import files
+    cfg = make_cfg(tmp_path)
+    path = build_history_file(cfg, task_indices=[0])
+    before = path.read_bytes()
+    real_access = files.os.access
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == path else real_access(p, mode))
+    monkeypatch.setattr(collect, "run_backend", lambda *a: pytest.fail("work started"))
+    with pytest.raises(UserError, match="read-only"):
+        collect.collect(cfg, path, list(range(3)))
+    assert path.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- 5. a failed append leaves no journal
+
+@pytest.mark.parametrize("fail_at", ["fsync", "journal"])
+def test_failed_commit_rolls_back_and_leaves_no_journal(tmp_path, monkeypatch, fail_at):
+    from fixtures_history import build_history_file, make_cfg, random_histories
+
+    from algorithm import history, journal
+    cfg = make_cfg(tmp_path)
+    path = build_history_file(cfg, task_indices=[0])
+    before = path.read_bytes()
+    header = history.read_header(path)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    if fail_at == "fsync":
+        real = journal.os.fsync
+        calls = []
+        monkeypatch.setattr(journal.os, "fsync", lambda fd: calls.append(fd) or (full() if len(calls) == 2 else real(fd)))
+    else:
+        real_write = journal._write_journal
+        monkeypatch.setattr(journal, "_write_journal",
+                            lambda p, data, flags: full() if flags == journal.os.O_APPEND else real_write(p, data, flags))
+    with pytest.raises(OSError):
+        history.append_tasks(path, random_histories(cfg, [1]), header["tasks"], header["split"], "random")
+    monkeypatch.undo()
+    assert not journal.journal_path(path).exists() and not history.has_leftovers(path)
+    assert path.read_bytes() == before
+    assert history.read_header(path)["done"] == [0]
+
+
+# ----------------------------------------------------------------------------- 8. messages never ask to delete what was passed
+
+@pytest.mark.parametrize("kind", ["config", "folder"])
+def test_merge_of_a_config_file_or_folder_does_not_say_delete(tmp_path, monkeypatch, capsys, kind):
+    given = tmp_path / ("env.yaml" if kind == "config" else "slices")
+    given.write_text("env: darkroom\n") if kind == "config" else given.mkdir()
+    code, err = run_in_process(monkeypatch, capsys, "collect.py", collect.main,
+                               [ALG, ENV, "--set", f"dataset_dir={tmp_path}/out", "--merge", given])
+    line = assert_one_line_error(code, err, str(given), "collect.py wrote")
+    assert "delete" not in line and "move it away" not in line
+    assert given.exists()

@@ -121,10 +121,17 @@ def test_eval_tag_without_table_only_is_refused(tmp_path):
 
 
 def test_table_only_without_evaluations_runs_nothing_and_exits_2(tmp_path):
+    (tmp_path / "runs").mkdir()
     proc = _pipeline("--table-only", "--seeds", "0", "--set", f"run_dir={tmp_path}/runs", f"dataset_dir={tmp_path}/data")
     assert proc.returncode == 2 and "no run of these variants and seeds has an evaluation" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "data").exists()  # nothing was collected
+
+
+def test_table_only_with_a_missing_run_folder_says_so(tmp_path):
+    proc = _pipeline("--table-only", "--seeds", "0", "--set", f"run_dir={tmp_path}/runs", f"dataset_dir={tmp_path}/data")
+    assert proc.returncode == 2 and "run folder not found" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_study_plot_draws_budgets_where_only_some_seeds_reach_80_percent(tmp_path):
