@@ -21,15 +21,16 @@ from algorithm.sb3_ppo import task_seed
 CHUNK_TASKS = 256  # tasks stepped together: numpy work per step is shared; memory stays small
 
 
-def run_chunk(cfg: dict, chunk: list[int], tasks: list[dict], make_policy) -> dict:
-    """{index: history} of every task in `chunk`, n_stream streams each."""
+def run_chunk(cfg: dict, chunk: list[int], tasks: list[dict], make_policy, progress=None) -> dict:
+    """{index: history} of every task in `chunk`, n_stream streams each; `progress(0, env steps)`
+    after every episode, so a bar moves while a chunk of hundreds of tasks runs."""
     S, T = cfg["n_stream"], steps_per_stream(cfg)
     copies = [tasks[i] for i in chunk for _ in range(S)]
     batched = envs.make_batched_env(cfg, copies, seed=cfg["alg_seed"])
     generators = [np.random.default_rng(task_seed(cfg["alg_seed"], i)) for i in chunk]
     policy = make_policy(cfg, copies, generators)
     record = History(len(chunk), T, S, envs.state_dim(cfg))
-    states, episode = batched.reset(), 0
+    states, episode, reported = batched.reset(), 0, 0
     policy.new_episode()
     for t in range(T):
         actions = policy.act(states, episode)
@@ -40,15 +41,19 @@ def run_chunk(cfg: dict, chunk: list[int], tasks: list[dict], make_policy) -> di
         if dones.any():  # every copy shares one clock (Family.make_batched_env)
             states, episode = batched.reset(), episode + 1
             policy.new_episode()
+            if progress is not None:
+                progress(0, len(copies) * (t + 1 - reported))
+                reported = t + 1
+    if progress is not None and T > reported:
+        progress(0, len(copies) * (T - reported))
     return {index: record.task(slice(k, k + 1), cfg["n_steps"]) for k, index in enumerate(chunk)}
 
 
 def collect(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress, make_policy):
     """Same contract as batched_ppo.collect: `on_done({index: history})` after each chunk."""
-    per_task = steps_per_stream(cfg) * cfg["n_stream"]
     size = cfg["task_chunk"] or CHUNK_TASKS
     for start in range(0, len(indices), size):
         chunk = indices[start:start + size]
-        on_done(run_chunk(cfg, chunk, tasks, make_policy))
+        on_done(run_chunk(cfg, chunk, tasks, make_policy, progress))
         if progress is not None:
-            progress(len(chunk), len(chunk) * per_task)
+            progress(len(chunk), 0)

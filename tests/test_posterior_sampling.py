@@ -76,3 +76,15 @@ def test_a_family_without_hidden_cells_is_refused_before_any_work(tmp_path, monk
                                [*files, "--set", "alg=PosteriorSampling", f"dataset_dir={tmp_path}"])
     assert code == 2 and "alg=PosteriorSampling searches grid cells" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_progress_of_a_scripted_source_moves_every_episode():
+    """A chunk of hundreds of tasks takes minutes: the bar moves per episode, not per chunk."""
+    cfg = config(K2D, ["grid_size=5", "horizon=25", "n_stream=2", "n_steps=50", "total_source_timesteps=200"])
+    tasks = envs.task_list(cfg)
+    calls = []
+    posterior_sampling.collect(cfg, list(range(6)), tasks, lambda results: None,
+                               lambda n_tasks, n_steps: calls.append((n_tasks, n_steps)))
+    steps = [s for _, s in calls if s]
+    assert len(steps) == 4  # 100 steps per stream: one call per 25-step episode
+    assert sum(steps) == 6 * 2 * 100 and sum(n for n, _ in calls) == 6
