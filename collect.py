@@ -5,6 +5,8 @@
                                                  # an expert with decaying noise instead of PPO (AD-epsilon)
     python collect.py config/algorithm/posterior_sampling_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
                                                  # a learner that searches by posterior sampling
+    python collect.py config/algorithm/q_learning_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
+                                                 # tabular Q-learning, one learner per stream
     python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml --set n_stream=4
     python collect.py ... --tasks 0:40          # a slice, e.g. on another machine
     python collect.py ... --merge a.hdf5 b.hdf5 # combine slices into the full file
@@ -47,8 +49,9 @@ def slice_path(path: Path, indices: list[int]) -> Path:
 
 def scripted_source(cfg: dict):
     """The module that makes the histories where no PPO learner does (algorithm/scripted.py), or None."""
-    from algorithm import noisy_expert, posterior_sampling
-    return {"NoisyExpert": noisy_expert, "PosteriorSampling": posterior_sampling}.get(cfg["alg"])
+    from algorithm import noisy_expert, posterior_sampling, q_learning
+    return {"NoisyExpert": noisy_expert, "PosteriorSampling": posterior_sampling,
+            "QLearning": q_learning}.get(cfg["alg"])
 
 
 def backend_name(cfg: dict) -> str:

@@ -59,11 +59,22 @@ SCHEMA: dict[str, Key] = {
         "algorithm",
         alg=(str, "PPO", "what makes the learning histories: 'PPO' learners; 'PosteriorSampling', a "
              "learner that searches the grid for the hidden cells by posterior sampling "
-             "(algorithm/posterior_sampling.py); or 'NoisyExpert', an expert "
+             "(algorithm/posterior_sampling.py); 'QLearning', tabular Q-learning with optimistic "
+             "initialisation, one independent learner per stream that knows nothing of the task "
+             "(algorithm/q_learning.py); or 'NoisyExpert', an expert "
              "that knows the task acting epsilon-greedily with epsilon falling from 1 to 0 (AD-epsilon; "
-             "algorithm/noisy_expert.py)", {"choices": ("PPO", "NoisyExpert", "PosteriorSampling")}),
+             "algorithm/noisy_expert.py)", {"choices": ("PPO", "NoisyExpert", "PosteriorSampling", "QLearning")}),
         noise_decay_episodes=(int, 40, "alg NoisyExpert: episodes over which a stream's epsilon falls "
                               "linearly from 1 to 0 (then 0)", {"min": 1}),
+        q_alpha=(float, 1.0, "alg QLearning: learning rate of the Q updates (1 suits a deterministic env)",
+                 {"min": 0.0, "max": 1.0}),
+        q_gamma=(float, 0.99, "alg QLearning: discount factor", {"min": 0.0, "max": 1.0}),
+        q_init=(float, 2.0, "alg QLearning: initial value of every action (optimism: above any return "
+                "an action can earn drives systematic exploration)"),
+        q_epsilon=(float, 0.0, "alg QLearning: probability of a uniformly random action instead of the greedy "
+                   "one (ties among the greedy ones are broken at random)", {"min": 0.0, "max": 1.0}),
+        q_replay=(bool, True, "alg QLearning: at each episode end, replay the episode's transitions backwards "
+                  "(one Q update each), so a reward's value reaches the start in one episode"),
         backend=(str, "batched", "PPO implementation: 'batched' trains all tasks at once in one "
                  "process (fast); 'sb3' runs one Stable-Baselines3 learner per task (reference)",
                  {"choices": ("batched", "sb3")}),
@@ -190,7 +201,9 @@ def add_keys(section: str, family: str = "", **entries):
 # A key that does not apply is no part of a dataset's identity (collection_keys).
 PPO_KEYS = ("batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda", "clip_range", "ent_coef", "vf_coef",
             "max_grad_norm", "learners_per_task")
-SOURCE_KEYS = {**{k: ("PPO",) for k in PPO_KEYS}, "noise_decay_episodes": ("NoisyExpert",)}
+Q_KEYS = ("q_alpha", "q_gamma", "q_init", "q_epsilon", "q_replay")
+SOURCE_KEYS = {**{k: ("PPO",) for k in PPO_KEYS}, "noise_decay_episodes": ("NoisyExpert",),
+               **{k: ("QLearning",) for k in Q_KEYS}}
 
 
 def applies(key: str, cfg: dict) -> bool:
@@ -207,6 +220,7 @@ COLLECTION_KEYS = [  # a list: add_keys(..., family=...) extends it in place
     "alg", "n_steps", "batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda",
     "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "total_source_timesteps",
     "n_stream", "learners_per_task", "alg_seed", "noise_decay_episodes",
+    "q_alpha", "q_gamma", "q_init", "q_epsilon", "q_replay",
 ]
 
 # keys added after datasets and runs were saved: the value those were made with
