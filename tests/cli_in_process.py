@@ -16,6 +16,17 @@ def run_in_process(monkeypatch, capsys, script: str, main, argv) -> tuple[int, s
     return code, capsys.readouterr().err
 
 
+def assert_one_line_error(code, stderr: str, *words, stdout: str = "") -> str:
+    """A command's refusal: exit code 2 and one line `error: ...` holding every word, no traceback."""
+    assert code == 2, (code, stdout[-2000:], stderr[-2000:])
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
 def collect_train_evaluate(monkeypatch, capsys, data_files, model_file, sets, run_dir):
     """collect.py, train.py and evaluate.py in turn, each asserted to exit 0; run_dir is the
     run train.py writes (evaluate.py reads it)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from cli_in_process import assert_one_line_error
 
 import env as envs
 from algorithm import journal
@@ -32,6 +33,11 @@ SMALL_SET = ["backend=sb3", "grid_size=3", "n_stream=4", "total_source_timesteps
              "n_steps=40", "batch_size=40"]
 
 
+
+def assert_refused(proc, *words) -> str:
+    """A subprocess's refusal (see cli_in_process.assert_one_line_error)."""
+    return assert_one_line_error(proc.returncode, proc.stderr, *words, stdout=proc.stdout)
+
 def cmd(dataset_dir, sets, *extra):
     return [sys.executable, str(ROOT / "collect.py"), ALG, ENV, "--set", *sets, f"dataset_dir={dataset_dir}",
             *extra]
@@ -49,14 +55,6 @@ def assert_ok(proc):
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr
 
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def snapshot(path: Path):
@@ -167,7 +165,7 @@ def test_e2e_mismatched_settings_refused(e2e):
     before = snapshot(e2e["path"])
     sets = [s for s in E2E_SET if not s.startswith("n_stream=")] + ["n_stream=2"]
     proc = run(cmd(e2e["dir"], sets, "--tasks", E2E_TASKS))
-    assert_one_line_error(proc, "n_stream", str(e2e["path"]))
+    assert_refused(proc, "n_stream", str(e2e["path"]))
     assert snapshot(e2e["path"]) == before
 
 
@@ -178,7 +176,7 @@ def test_corrupt_dataset_refused_and_untouched(tmp_path):
     path.write_bytes(garbage)
     st = path.stat()
     proc = run(cmd(tmp_path, SMALL_SET))
-    assert_one_line_error(proc, str(path))
+    assert_refused(proc, str(path))
     assert path.read_bytes() == garbage and path.stat().st_mtime_ns == st.st_mtime_ns
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
@@ -290,11 +288,11 @@ def test_merge_refuses_slice_with_other_settings(e2e, tmp_path):
     other = e2e["path"]
     before_other = snapshot(other)
     proc = run(cmd(tmp_path, sets, "--merge", str(other)))
-    assert_one_line_error(proc, "grid_size", str(other))
+    assert_refused(proc, "grid_size", str(other))
     assert not dataset_path(cfg_of(tmp_path, sets)).exists()
     assert snapshot(other) == before_other
     # and with matching settings otherwise, a differing n_stream is named
     sets5 = [s for s in E2E_SET if not s.startswith("n_stream=")] + ["n_stream=2"]
     proc = run(cmd(tmp_path, sets5, "--merge", str(other)))
-    assert_one_line_error(proc, "n_stream")
+    assert_refused(proc, "n_stream")
     assert not dataset_path(cfg_of(tmp_path, sets5)).exists()

@@ -67,7 +67,8 @@ def test_a_history_file_without_the_keys_added_later_reads_with_their_old_values
 
 def test_an_evaluation_summary_with_the_older_key_names_reads_under_the_new_ones(tmp_path):
     summary, returns = report.evaluation_files(tmp_path, "")
-    summary.write_text(json.dumps({"ppo_episodes_to_80pct": 7, "final_return": 1.0}))
+    summary.write_text(json.dumps({"ppo_episodes_to_80pct": 7, "final_return": 1.0, "n_rollouts": 2,
+                                   "per_task": [{"optimal": 2.0}]}))
     np.save(returns, np.zeros((2, 3)))
     loaded, _ = report.load_evaluation(tmp_path)
     assert loaded["source_episodes_to_80pct"] == 7 and "ppo_episodes_to_80pct" not in loaded

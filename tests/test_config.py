@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_in_process import assert_one_line_error
 
 from cli import load_config
 from config.loading import parse_set
@@ -14,6 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ALG = ROOT / "config/algorithm/ppo_darkroom.yaml"
 ENV = ROOT / "config/env/darkroom.yaml"
 
+
+
+def assert_refused(proc, *words) -> str:
+    """A subprocess's refusal (see cli_in_process.assert_one_line_error)."""
+    return assert_one_line_error(proc.returncode, proc.stderr, *words, stdout=proc.stdout)
 
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,33 +337,23 @@ def run_collect(*args, cwd=None):
                           capture_output=True, text=True, timeout=120, cwd=cwd or ROOT)
 
 
-def assert_one_line_error(proc, *words):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
 
 def test_script_unknown_key_exits_2(tmp_path):
     proc = run_collect(ALG, ENV, "--set", "bogus_key=1", f"dataset_dir={tmp_path}")
-    assert_one_line_error(proc, "bogus_key")
+    assert_refused(proc, "bogus_key")
     assert not any(tmp_path.iterdir())  # stopped before any work
 
 
 def test_script_wrong_type_exits_2(tmp_path):
     proc = run_collect(ALG, ENV, "--set", "n_stream=abc", f"dataset_dir={tmp_path}")
-    assert_one_line_error(proc, "n_stream", "int")
+    assert_refused(proc, "n_stream", "int")
     assert not any(tmp_path.iterdir())
 
 
 def test_script_bad_file_and_combination_exit_2(tmp_path):
     bad = write(tmp_path / "bad.yaml", "n_stream: [\n")
-    assert_one_line_error(run_collect(ALG, bad), str(bad))
-    assert_one_line_error(run_collect(ALG, ENV, "--set", "batch_size=33", f"dataset_dir={tmp_path}"),
+    assert_refused(run_collect(ALG, bad), str(bad))
+    assert_refused(run_collect(ALG, ENV, "--set", "batch_size=33", f"dataset_dir={tmp_path}"),
                           "batch_size")
 
 

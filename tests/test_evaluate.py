@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cli_in_process import run_in_process
+from cli_in_process import assert_one_line_error, run_in_process
 from fixtures_history import HORIZON, N_STEPS, build_history_file, make_cfg
 from model_helpers import sensitive_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -364,14 +364,6 @@ def test_evaluate_is_reproducible(trained, evaluated, monkeypatch):
 def evaluate_in_process(monkeypatch, capsys, args) -> tuple[int, str]:
     return run_in_process(monkeypatch, capsys, "evaluate.py", evaluate.main, args)
 
-
-def assert_one_line_error(code, stderr, *words):
-    assert code == 2, (code, stderr[-2000:])
-    assert "Traceback" not in stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def test_missing_run_dir_exits_2(tmp_path, monkeypatch, capsys):

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from cli_in_process import run_in_process
+from cli_in_process import assert_one_line_error, run_in_process
 from fixtures_history import build_history_file, cli_sets, config_files, make_cfg, random_histories
 
 import collect
@@ -35,15 +35,6 @@ ALG, ENV = ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkr
 TINY_RUN = ["train_timesteps=4", "ckpt_interval=4", "eval_interval=0"]
 EVAL_SET = ["eval_episodes=2", "eval_rollouts=1", "device=cpu"]
 
-
-def assert_one_line_error(code, stderr, *words):
-    assert code == 2, (code, stderr[-2000:])
-    assert "Traceback" not in stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def train_cli(monkeypatch, capsys, sets):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_in_process import run_in_process
+from cli_in_process import assert_one_line_error, run_in_process
 
 import collect
 from cli import load_config
@@ -23,15 +23,6 @@ ALG, ENV = ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkr
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-
-def assert_one_line_error(code, stderr, *words):
-    assert code == 2, (code, stderr[-2000:])
-    assert "Traceback" not in stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def script(*args, timeout=120):
@@ -69,18 +60,28 @@ ABSURD = [
 
 
 @pytest.mark.parametrize("sets", AT_BOUNDS, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
-def test_config_check_at_the_bounds_returns_within_a_second(sets):
-    tic = time.perf_counter()
+def test_config_check_at_the_bounds_ends_without_a_hang(sets):
+    # CPU time of this process, not wall time: other processes on the machine do not count;
+    # a draw loop that cannot end, or billions of tasks built, take far longer than this
+    tic = time.process_time()
     load_config([ALG], sets)
-    assert time.perf_counter() - tic < 1.0
+    assert time.process_time() - tic < 5.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sets", AT_BOUNDS, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_config_check_at_the_bounds_returns_within_a_second(sets):
+    tic = time.process_time()  # 0.6 s at most on a 2-core machine (the 50-arm bandit at its largest gap)
+    load_config([ALG], sets)
+    assert time.process_time() - tic < 1.0
 
 
 @pytest.mark.parametrize("sets, fix", ABSURD, ids=[f"{i}" for i in range(len(ABSURD))])
 def test_absurd_family_sizes_are_refused_fast_with_the_value_that_works(sets, fix):
-    tic = time.perf_counter()
+    tic = time.process_time()
     with pytest.raises(ConfigError) as e:
         load_config([ALG], sets)
-    assert time.perf_counter() - tic < 1.0
+    assert time.process_time() - tic < 5.0
     assert fix in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 

@@ -16,9 +16,8 @@ LAYERS = [
     ("system", ["files", "runtime"]),
     ("config", ["config"]),
     ("environment families", ["env"]),
-    ("data", ["algorithm", "algorithm.history", "algorithm.journal", "tokens", "dataset"]),
-    ("source learners", ["algorithm.batched_net", "algorithm.batched_ppo", "algorithm.sb3_ppo", "algorithm.utils",
-                         "algorithm.scripted", "algorithm.noisy_expert", "algorithm.posterior_sampling"]),
+    ("data", ["algorithm.history", "algorithm.journal", "tokens", "dataset"]),
+    ("source learners", ["algorithm"]),  # every other module of algorithm/ is a source of learning histories
     ("model", ["model"]),
     ("commands", ["cli", "collect", "train", "evaluate", "scripts", "bench"]),
 ]
@@ -48,7 +47,9 @@ def imports_of(name: str, path: Path, known: dict) -> set[str]:
             if node.level:
                 parts = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(p for p in parts + [base] if p)
-            targets += [base] + [f"{base}.{alias.name}" for alias in node.names]
+            # `from package import module` imports that module (and the package's __init__,
+            # which only counts where the name is defined there, not a submodule)
+            targets += [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
     if "iter_modules(__path__)" in path.read_text():  # a registry package imports every module in it
         targets += [m for m in known if m.startswith(name + ".") and m.count(".") == name.count(".") + 1]
     found = set()

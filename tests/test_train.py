@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cli_in_process import run_in_process
+from cli_in_process import assert_one_line_error, run_in_process
 from fixtures_history import build_history_file, cli_sets, config_files, make_cfg
 from model_helpers import assert_same_state, interrupted_then_resumed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -48,14 +48,6 @@ def run_script(args, timeout=240, env=None):
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env=env or dict(os.environ, OMP_NUM_THREADS="1"))
 
-
-def assert_one_line_error(code, stderr, *words):
-    assert code == 2, (code, stderr[-2000:])
-    assert "Traceback" not in stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def run_main_in_process(monkeypatch, capsys, argv) -> tuple[int, str]:
