@@ -128,14 +128,15 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def config_arg_parser(description: str, config_files_help: str = "YAML config files, merged left to right") \
-        -> argparse.ArgumentParser:
+def config_arg_parser(description: str, config_files_help: str = "YAML config files, merged left to right",
+                      set_example: str = "n_stream=4 device=cpu") -> argparse.ArgumentParser:
+    """A command's parser: config files, --set overrides (`set_example`: ones this command accepts)."""
     parser = ArgumentParser(
         description=description, epilog="config keys (set in YAML files or with --set):" + config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", help=config_files_help)
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set n_stream=4 device=cpu")
+                        help=f"override config keys, e.g. --set {set_example}")
     return parser
 
 

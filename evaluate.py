@@ -246,7 +246,8 @@ def evaluate_run(run_dir: Path, overrides: dict, tag: str = "",
 
 
 def main():
-    parser = config_arg_parser(__doc__.split("\n\n")[0], "run directories written by train.py")
+    parser = config_arg_parser(__doc__.split("\n\n")[0], "run directories written by train.py",
+                               set_example="eval_episodes=50 eval_temperature=1.0")
     parser.add_argument("--plot", type=Path, help="comparison plot path when several runs are given "
                         "(default: eval_comparison.png beside the first run)")
     parser.add_argument("--tag", default="", help="name suffix of the output files (eval_summary_TAG.json, ...), "

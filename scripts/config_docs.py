@@ -6,13 +6,14 @@
 Importing `env` and `model` registers every family's and variant's own keys (`add_keys`) and fills
 the registries that `env` and `model` choose from, so the page lists every key a config can set.
 """
-import argparse
 import difflib
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from cli import ArgumentParser  # noqa: E402
+
 PAGE = ROOT / "docs" / "configuration.md"
 
 SECTIONS = {  # schema section -> heading and one line on what it is for, in the page's order
@@ -106,7 +107,7 @@ def generate() -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed page instead of writing it")
     args = parser.parse_args()
     text = generate()

@@ -102,7 +102,7 @@ def study_row(variant: str, seed: int, cfg: dict, run_dir: Path, n_episodes: int
     final_shuffle, _ = curve_metrics(*report.load_evaluation(run_dir, "shuffle"), n_episodes)
     final_t1, to80_t1 = curve_metrics(*report.load_evaluation(run_dir, t1_tag(cfg)), n_episodes)
     first, _ = curve_metrics(keep, keep_r, 1)
-    train = json.loads((run_dir / "train_summary.json").read_text())
+    train = report.load_training(run_dir)
     return {"variant": variant, "seed": seed, "n_transit": cfg["n_transit"],
             "context_tokens": keep["max_context_tokens"],
             "context_bytes": context_bytes(cfg, keep["max_context_tokens"]),

@@ -163,7 +163,7 @@ def table_row(variant: str, run_dirs: list[Path], eval_tag: str = "") -> dict:
     """Mean over seeds of what evaluate.py (its evaluation tagged `eval_tag`, or the untagged
     one) and train.py wrote into the run folders."""
     summaries, returns = zip(*(report.load_evaluation(d, eval_tag) for d in run_dirs))
-    trainings = [json.loads((d / "train_summary.json").read_text()) for d in run_dirs]
+    trainings = [report.load_training(d) for d in run_dirs]
     mean = lambda k: sum(s[k] for s in summaries) / len(summaries)  # noqa: E731
     optimal = summaries[0]["optimal_return"]
     return {"variant": variant, "seeds": len(summaries), "final": mean("final_return"),

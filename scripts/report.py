@@ -39,6 +39,23 @@ def iqm_with_ci(scores: np.ndarray, seed: int = 0) -> tuple[float, float, float]
     return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
 
 
+def load_training(run_dir: Path) -> dict:
+    """train_summary.json of a run (steps, seconds, hardware), or a one-line UserError saying
+    whether the run is missing, unfinished or its summary damaged."""
+    path = Path(run_dir) / "train_summary.json"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run folder not found: {run_dir}; check the path")
+    if not path.is_file():
+        raise UserError(f"{run_dir} has not finished training (no {path.name}): rerun the same train.py command")
+    try:
+        summary = json.loads(path.read_text())
+        float(summary["seconds"])
+        return summary
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({str(e).splitlines()[0][:80]}); move it away and rerun "
+                        "the same train.py command") from None
+
+
 def evaluation_files(run_dir: Path, tag: str = "") -> tuple[Path, Path]:
     """(eval_summary, eval_result) paths of one evaluate.py run, tagged `tag` or untagged
     (the names evaluate.output_names gives; repeated here so reports need not import torch)."""

@@ -418,3 +418,17 @@ def test_evaluating_with_other_data_settings_is_refused(trained, monkeypatch, ca
     code, err = evaluate_in_process(monkeypatch, capsys, [trained["AD"], "--set", key])
     assert_one_line_error(code, err, key.split("=")[0], "drop these --set keys")
     assert not (trained["AD"] / "eval_summary_x.json").exists()
+
+
+def test_the_set_example_of_evaluate_help_is_one_evaluate_accepts(capsys):
+    """evaluate.py keeps a run's data and split: its --help example may only change evaluation keys."""
+    from config.schema import SCHEMA
+    argv, sys.argv = sys.argv, ["evaluate.py", "--help"]
+    try:
+        with pytest.raises(SystemExit):
+            evaluate.main()
+    finally:
+        sys.argv = argv
+    text = " ".join(capsys.readouterr().out.split())
+    example = text.split("override config keys, e.g. --set ")[1].split("--plot")[0].split()
+    assert example and all(SCHEMA[item.split("=")[0]].section == "evaluation" for item in example)

@@ -170,3 +170,15 @@ def test_job_logs_keep_earlier_runs(tmp_path):
         jobs.run_jobs([("say", ["-c", f"print('{word}')"])], 1, tmp_path)
     log = (tmp_path / "say.log").read_text()
     assert log.count("=== ") == 2 and log.index("first") < log.index("second")
+
+
+def test_an_unfinished_or_missing_run_is_named_as_such_in_a_table(tmp_path):
+    import report
+    from errors import UserError
+    with pytest.raises(UserError, match="run folder not found"):
+        report.load_training(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="has not finished training"):
+        report.load_training(tmp_path)
+    (tmp_path / "train_summary.json").write_text("{")
+    with pytest.raises(UserError, match="is damaged"):
+        report.load_training(tmp_path)
