@@ -96,7 +96,8 @@ SETUPS: dict[str, dict[str, Setup]] = {
         # the same 650 tasks, histories from tabular Q-learning, one learner per stream: 64
         # streams of 20 episodes per task (algorithm/q_learning.py; its own run folder)
         "9x9-q": Setup(["config/algorithm/q_learning_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9.yaml"],
-                       K2D9_VARIANTS, train_sets=["run_dir=runs/dark_key_to_door_9x9_q"]),
+                       {**K2D9_VARIANTS, "CompressedAD": "config/model/compressed_ad_k2d9_short_streams.yaml"},
+                       train_sets=["run_dir=runs/dark_key_to_door_9x9_q"]),
         "full": Setup(["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"],
                       K2D5_VARIANTS, train_sets=FULL_MODEL + ["n_transit=200", "compress_interval=100"]),
     },
