@@ -98,12 +98,12 @@ class ADDataset:
         if self.stride > 1:
             self.episode_len, self.T = subsampled_length(self.path, dones, self.stride)
             self.streams = [(s, o) for s in self.streams for o in range(self.stride)]
-        self.compressed = cfg["use_compressed_context"] if two_region is None else two_region
-        if self.compressed and not has_markers:
+        self.two_region = cfg["use_compressed_context"] if two_region is None else two_region
+        if self.two_region and not has_markers:
             warnings.warn(f"{self.path} has no compress_markers: FALLING BACK TO STANDARD AD WINDOWS "
                           "(use_compressed_context is ignored for this data)", stacklevel=2)
-            self.compressed = False
-        if self.compressed:
+            self.two_region = False
+        if self.two_region:
             self.region_starts = np.flatnonzero(markers == history.MARK_START)
             self.region_ends = np.flatnonzero(markers == history.MARK_END) + 1
             self.per_stream = len(self.region_starts) - 1  # sample = region k-1 and k, k >= 1
@@ -160,7 +160,7 @@ class ADDataset:
         return _SubsampledView(arrays, *stream, self.stride, self.episode_len)
 
     def locate(self, index: int) -> tuple[int, int, int]:
-        """index -> (task, stream, position): window start, or region k in compressed mode;
+        """index -> (task, stream, position): window start, or region k in two-region mode;
         with episode_stride the stream is (stream, offset), see stream_view."""
         per_task = len(self.streams) * self.per_stream
         task, rest = divmod(index, per_task)
@@ -170,7 +170,7 @@ class ADDataset:
     def __getitem__(self, index: int) -> dict:
         task, stream, pos = self.locate(int(index))
         one = self.stream_view(task, stream)
-        if not self.compressed:
+        if not self.two_region:
             return window_tokens(self.cfg, one, pos, pos + self.cfg["n_transit"])
         k = pos + 1
         parts = (region_tokens(self.cfg, one, self.region_starts[k - 1], self.region_ends[k - 1])

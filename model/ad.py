@@ -1,10 +1,10 @@
-"""The Algorithm Distillation transformer, for plain and two-region compressed context.
+"""The Algorithm Distillation transformer, for a plain window and the two-region context.
 
 Tokens (built by model/tokens.py). One token per environment step t embeds what the agent knows when it must act:
 the state s_t, the previous action a_{t-1}, the previous reward r_{t-1} and whether s_t
 starts a new episode. The token's output predicts a_t, so every step of a window is an
 action target (dense supervision) and no action is ever visible to its own prediction.
-In compressed-context mode learned `<compress>` / `</compress>` marker tokens open and
+In two-region mode learned `<compress>` / `</compress>` marker tokens open and
 close each PPO rollout region, a token-type embedding tells the three kinds apart, and a
 token-type head predicts the kind of the *next* token (so it learns when a region ends).
 
@@ -39,7 +39,7 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     dropout: float = 0.0
-    compressed: bool = False  # two-region context with marker tokens and a token-type head
+    two_region: bool = False  # two-region context with marker tokens and a token-type head
     # factored state embedding: the state index is mixed-radix over these per-dimension
     # cardinalities and each dimension has its own table (empty: one vector per state)
     state_cardinalities: tuple = ()
@@ -178,7 +178,7 @@ class AD(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.backbone = Transformer(c)
         self.action_head = nn.Linear(E, c.n_actions)
-        if c.compressed:
+        if c.two_region:
             self.marker_emb = nn.Embedding(3, E)      # rows 1, 2: learned <compress>, </compress>
             self.token_type_emb = nn.Embedding(3, E)  # step / start marker / end marker
             self.type_head = nn.Linear(E, 3)
@@ -211,7 +211,7 @@ class AD(nn.Module):
         x = (self.embed_state(t["state"]) + self.prev_action_emb(t["prev_action"])
              + self.reward_emb(t["prev_reward"].unsqueeze(-1).to(self.reward_emb.weight.dtype))
              + self.new_episode_emb(t["new_episode"]))
-        if self.config.compressed:
+        if self.config.two_region:
             kind = t["kind"]
             x = torch.where((kind == KIND_STEP).unsqueeze(-1), x, self.marker_emb(kind))
             x = x + self.token_type_emb(kind)
@@ -223,13 +223,13 @@ class AD(nn.Module):
         `mask` and `pos` for padded rows (model/rollout.py)."""
         h = self.backbone(self.embed(tokens), cache, mask, pos)
         logits = {"action": self.action_head(h)}
-        if self.config.compressed:
+        if self.config.two_region:
             logits["next_kind"] = self.type_head(h)
         return logits, None if targets is None else self.loss(logits, targets)
 
     def loss(self, logits: dict, targets: dict) -> torch.Tensor:
         total = _cross_entropy(logits["action"], targets["action"])
-        if self.config.compressed:
+        if self.config.two_region:
             total = total + self.config.token_type_loss_weight * self._token_type_loss(logits, targets)
         return total
 
@@ -242,7 +242,7 @@ class AD(nn.Module):
         """Float metrics: loss_action, acc_action, and the token-type ones (two-region)."""
         metrics = {"loss_action": _cross_entropy(logits["action"], targets["action"]).item(),
                    "acc_action": _accuracy(logits["action"], targets["action"])}
-        if self.config.compressed:
+        if self.config.two_region:
             # accuracy alone hides a head that never predicts the rare region end: report its recall too
             ends = targets["next_kind"] == KIND_END
             predicted = logits["next_kind"].argmax(-1)[ends]

@@ -96,7 +96,7 @@ def test_first_step_of_a_stream_and_new_episode_after_dones(data):
 def test_two_region_sample_layout(data):
     _, _, ccfg, path = data
     ds = ADDataset(path, ccfg)
-    assert ds.compressed and ds.per_stream == T // N_STEPS - 1
+    assert ds.two_region and ds.per_stream == T // N_STEPS - 1
     assert len(ds) == len(ds.tasks) * 3 * (T // N_STEPS - 1)
     I = N_STEPS
     kinds = np.array([KIND_START] + [KIND_STEP] * I + [KIND_END] + [KIND_START] + [KIND_STEP] * I + [KIND_END])
@@ -172,7 +172,7 @@ def test_file_without_markers_falls_back_with_a_warning(data, tmp_path):
             del f[g]["compress_markers"]
     with pytest.warns(UserWarning, match=copy.name):
         ds = ADDataset(copy, ccfg)
-    assert not ds.compressed
+    assert not ds.two_region
     s = ds[3]
     assert len(s["kind"]) == ccfg["n_transit"] and (s["kind"] == KIND_STEP).all()
     task, stream, a = ds.locate(3)

@@ -334,7 +334,7 @@ def test_forward_is_invariant_to_a_constant_position_offset(data, mode):
 def test_model_config_from_config(data):
     cfgs, _ = data
     c = ModelConfig.from_config(cfgs["two_region"], {"n_actions": 5, "state_cardinalities": [5, 5]})
-    assert (c.n_embd, c.n_layer, c.n_head, c.compressed) == (16, 1, 2, True)
+    assert (c.n_embd, c.n_layer, c.n_head, c.two_region) == (16, 1, 2, True)
     assert (c.n_state_tokens, c.state_cardinalities, c.n_actions) == (25, (5, 5), 5)
     # the loss weights are the model config's, not attributes set after building
     assert (c.token_type_loss_weight, c.region_end_weight) == (cfgs["two_region"]["token_type_loss_weight"],
