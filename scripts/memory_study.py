@@ -272,12 +272,23 @@ def run_study(args, setup, train_config, collect_cmd: list[str]):
     if args.budgets:  # the same ladder for every variant whose budget is free
         ladders = {v: (ladder if ladder == [None] else sorted(set(args.budgets))) for v, ladder in ladders.items()}
     data_cfg = train_config(setup.data, setup.sets + args.set)
-    steps_in_stream = steps_per_stream(data_cfg)
-    check_budgets(ladders, steps_in_stream)
-    n_episodes = data_cfg["eval_episodes"]
-    long_episodes = LENGTH_FACTOR * steps_in_stream // data_cfg["horizon"]
+    check_budgets(ladders, steps_per_stream(data_cfg))
     base = Path(data_cfg["run_dir"]) / "memory_study" / args.env
-    plan = {}  # (variant, n_transit, seed) -> (train argv, cfg)
+    plan = plan_trainings(args, setup, train_config, ladders, steps_per_stream(data_cfg), base)
+    out = ROOT / base
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"memory study, {args.env}: {len(plan)} trainings, {args.jobs} at a time; output in {out}")
+    tic = time.perf_counter()
+    run(collect_cmd)
+    run_jobs([(f"train_{v}_ctx{n}_seed{s}", argv) for (v, n, s), (argv, _) in plan.items()], args.jobs, out / "logs")
+    run_dirs = {key: ROOT / run_path(cfg) for key, (_, cfg) in plan.items()}
+    run_jobs(evaluation_jobs(args, setup, data_cfg, run_dirs, out), args.jobs, out / "logs")
+    write_study(args, out, plan, run_dirs, data_cfg["eval_episodes"], tic)
+
+
+def plan_trainings(args, setup, train_config, ladders: dict, steps_in_stream: int, base: Path) -> dict:
+    """(variant, n_transit, seed) -> (train.py argv, resolved config): every config checked before any work."""
+    plan = {}
     for variant, budgets in ladders.items():
         for n in budgets:
             for seed in args.seeds:
@@ -286,31 +297,34 @@ def run_study(args, setup, train_config, collect_cmd: list[str]):
                 user = setup.sets + args.set
                 sets = budget_overrides(train_config(configs, user), n, steps_in_stream) + [f"seed={seed}"] + \
                     user + [f"run_dir={base}/ctx{n or 'default'}"]
-                cfg = train_config(configs, sets)  # every config checked before any work
-                plan[variant, n, seed] = (["train.py", *configs, "--set", *sets], cfg)
-    out = ROOT / base
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"memory study, {args.env}: {len(plan)} trainings, {args.jobs} at a time; output in {out}")
-    tic = time.perf_counter()
-    run(collect_cmd)
-    run_jobs([(f"train_{v}_ctx{n}_seed{s}", argv) for (v, n, s), (argv, _) in plan.items()], args.jobs, out / "logs")
-    run_dirs = {key: ROOT / run_path(cfg) for key, (_, cfg) in plan.items()}
-    evals = []
+                plan[variant, n, seed] = (["train.py", *configs, "--set", *sets], train_config(configs, sets))
+    return plan
+
+
+def evaluation_jobs(args, setup, data_cfg: dict, run_dirs: dict, out: Path) -> list:
+    """evaluate.py calls of every setting of EVALS not yet on disk, one per job slot and setting."""
+    long_episodes = LENGTH_FACTOR * steps_per_stream(data_cfg) // data_cfg["horizon"]
+    jobs = []
     for tag, changes in EVALS.items():
         if tag == "T1" and t1_tag(data_cfg) == "keep":  # the chosen temperature is 1.0
             continue
-        settings = {"eval_episodes": long_episodes if tag == "keep" else n_episodes, "eval_memory": "keep",
-                    "eval_temperature": data_cfg["eval_temperature"], "eval_split": data_cfg["eval_split"]} | changes
+        settings = {"eval_episodes": long_episodes if tag == "keep" else data_cfg["eval_episodes"],
+                    "eval_memory": "keep", "eval_temperature": data_cfg["eval_temperature"],
+                    "eval_split": data_cfg["eval_split"]} | changes
         expected = {SUMMARY_NAMES[k]: v for k, v in settings.items()}
         dirs = [str(d) for d in run_dirs.values() if not evaluated(d, tag, expected)]
-        for part in range(args.jobs):  # one evaluate.py per job slot and setting
+        for part in range(args.jobs):
             chunk = dirs[part::args.jobs]
             if chunk:
-                evals.append((f"eval_{tag}_{part}", ["evaluate.py", *chunk, "--tag", tag, "--plot",
-                                                     str(out / "logs" / f"comparison_{tag}_{part}.png"),
-                                                     "--set", *setup.sets, *args.set,
-                                                     *(f"{k}={v}" for k, v in settings.items())]))
-    run_jobs(evals, args.jobs, out / "logs")
+                jobs.append((f"eval_{tag}_{part}", ["evaluate.py", *chunk, "--tag", tag, "--plot",
+                                                    str(out / "logs" / f"comparison_{tag}_{part}.png"),
+                                                    "--set", *setup.sets, *args.set,
+                                                    *(f"{k}={v}" for k, v in settings.items())]))
+    return jobs
+
+
+def write_study(args, out: Path, plan: dict, run_dirs: dict, n_episodes: int, tic: float):
+    """memory_study.json (this run's rows and the earlier ones), memory_study.md and the plot."""
     rows = earlier_rows(out / "memory_study.json", plan) + [
         study_row(v, s, cfg, run_dirs[v, n, s], n_episodes) for (v, n, s), (_, cfg) in plan.items()]
     rows.sort(key=lambda r: (r["variant"], r["n_transit"], r["seed"]))
