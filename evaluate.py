@@ -79,7 +79,7 @@ def eval_task_indices(cfg: dict) -> list[int]:
 
 
 def source_curve(cfg: dict, task_indices: list[int]) -> np.ndarray | None:
-    """Mean over the tasks' streams of the PPO return per episode, from the dataset."""
+    """Mean over the tasks' streams of the source learner's return per episode, from the dataset."""
     path = dataset_path(cfg)
     try:
         header = history.read_header(path)
@@ -89,7 +89,7 @@ def source_curve(cfg: dict, task_indices: list[int]) -> np.ndarray | None:
         return None
     damaged = history.damaged_tasks(path, header, task_indices)
     if damaged:  # the curve is a reference line; the evaluation stands without it
-        print(f"note: no source PPO curve: {path} has damaged tasks ({history.describe(damaged)})")
+        print(f"note: no source curve: {path} has damaged tasks ({history.describe(damaged)})")
         return None
     import h5py
     curves = []
