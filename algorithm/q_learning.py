@@ -28,13 +28,13 @@ import env as envs
 from algorithm import scripted
 from errors import ConfigError
 
-STAGE_FAMILIES = ("dark_key_to_door",)  # reward once per hidden cell: the reward count is a stage
-
 
 def n_stages(cfg: dict) -> int:
-    """Stages of the learner's state: rewards counted so far this episode, 0 .. hidden cells.
-    Darkroom pays at every step on the goal, so its count says nothing: one stage."""
-    return envs.family(cfg).hidden_cells + 1 if cfg["env"] in STAGE_FAMILIES else 1
+    """Stages of the learner's state: rewards counted so far this episode, 0 .. hidden cells,
+    where a family pays once per hidden cell (Dark Key-to-Door). Darkroom pays at every step on
+    the goal, so its count says nothing: one stage."""
+    family = envs.family(cfg)
+    return family.hidden_cells + 1 if getattr(family, "pays_once_per_hidden_cell", False) else 1
 
 
 class QLearner:

@@ -85,6 +85,7 @@ class DarkKeyToDoor(Darkroom):
     """Darkroom's moves, with a (key, door) pair per task."""
     name, gym_id, gym_class = "dark_key_to_door", "DarkKeyToDoor-v0", DarkKeyToDoorEnv
     hidden_cells = 2  # the key, then the door
+    pays_once_per_hidden_cell = True  # +1 at each, the first time: a learner may count its rewards as stages
 
     def tasks(self, cfg):
         cells = [[x, y] for x in range(cfg["grid_size"]) for y in range(cfg["grid_size"])]

@@ -25,7 +25,8 @@ class Family:
     gym_class = None  # its class: gym_class(**gym_kwargs(cfg), **task)
     # What a scripted source needs, for the families that offer it: `expert` (alg NoisyExpert)
     # below, and a class attribute `hidden_cells` (alg PosteriorSampling: the number of grid
-    # cells that hide the reward, found in order; see env/darkroom.py).
+    # cells that hide the reward, found in order; see env/darkroom.py) and, for alg QLearning, whether
+    # the family pays once per hidden cell (`pays_once_per_hidden_cell`, Dark Key-to-Door).
     size_keys: tuple = ()  # the config keys that set how many tasks the family has (named in messages)
 
     def check(self, cfg: dict):
