@@ -29,12 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
+import h5py
+import numpy as np
 from _toolkit import ROOT  # noqa: E402,F401  (first: puts the toolkit on sys.path)
 
-from algorithm import history  # noqa: E402
-from cli import load_config  # noqa: E402
+from algorithm import history
+from cli import load_config
 
 CONFIGS = [ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"]
 

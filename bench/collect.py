@@ -41,13 +41,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
 
-import env as envs  # noqa: E402
-from algorithm import batched_ppo, history, sb3_ppo  # noqa: E402
-from cli import load_config  # noqa: E402
-from runtime import pick_device  # noqa: E402
+import env as envs
+from algorithm import batched_ppo, history, sb3_ppo
+from cli import load_config
+from runtime import pick_device
 
 CONFIGS = {"darkroom": [ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"],
            "dark_key_to_door": [ROOT / "config/algorithm/ppo_dark_key_to_door.yaml",

@@ -27,12 +27,12 @@ import json
 import os
 import time
 
-import torch  # noqa: E402
+import torch
 from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
 
-import env as envs  # noqa: E402
-from algorithm import batched_ppo  # noqa: E402
-from cli import load_config  # noqa: E402
+import env as envs
+from algorithm import batched_ppo
+from cli import load_config
 
 CONFIGS = {"darkroom": ["config/algorithm/ppo_darkroom.yaml", "config/env/darkroom.yaml"],
            "dark_key_to_door": ["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9.yaml"]}

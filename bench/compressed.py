@@ -58,7 +58,7 @@ import time
 
 from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit, not bench/ siblings, on sys.path)
 
-from bench.train import IN_PROCESS_MEMORY, memory_tracker, rss_mb, saved_activation_mb, serve, start_workers, sync  # noqa: E402
+from bench.train import IN_PROCESS_MEMORY, memory_tracker, rss_mb, saved_activation_mb, serve, start_workers, sync
 
 BASE = [ROOT / "config/algorithm/ppo_base.yaml", ROOT / "config/env/darkroom.yaml"]
 COMPRESSED = ROOT / "config/model/ad_compressed_dr.yaml"

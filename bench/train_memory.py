@@ -30,12 +30,12 @@ from pathlib import Path
 from _toolkit import ROOT  # noqa: E402  (first: puts the toolkit on sys.path)
 
 sys.path.insert(0, str(ROOT / "tests"))
-from fixtures_history import random_histories  # noqa: E402
+from fixtures_history import random_histories
 
-import env as envs  # noqa: E402
-from algorithm import history  # noqa: E402
-from algorithm.history import dataset_path  # noqa: E402
-from cli import load_config  # noqa: E402
+import env as envs
+from algorithm import history
+from algorithm.history import dataset_path
+from cli import load_config
 
 ALG, ENV = ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"
 GRIDS = {1: 5, 4: 10, 16: 20}  # size -> darkroom grid: 25, 100, 400 tasks

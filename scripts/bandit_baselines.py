@@ -18,12 +18,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import env as envs  # noqa: E402
-from algorithm.history import dataset_path  # noqa: E402
-from cli import ArgumentParser, load_config, run_cli  # noqa: E402
-from errors import UserError  # noqa: E402
-from files import atomic_write, check_output_path  # noqa: E402
-from report import load_evaluation  # noqa: E402
+import env as envs
+from algorithm.history import dataset_path
+from cli import ArgumentParser, load_config, run_cli
+from errors import UserError
+from files import atomic_write, check_output_path
+from report import load_evaluation
 
 BOOTSTRAP_REPS = 2000
 

@@ -13,9 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-import report  # noqa: E402
-from cli import ArgumentParser, run_cli  # noqa: E402
-from errors import UserError  # noqa: E402
+import report
+from cli import ArgumentParser, run_cli
+from errors import UserError
 
 
 def paired_runs(base: Path, new: Path, variant: str | None) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cli import ArgumentParser  # noqa: E402
+from cli import ArgumentParser
 
 PAGE = ROOT / "docs" / "configuration.md"
 

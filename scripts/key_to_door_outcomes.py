@@ -22,12 +22,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from ppo_curve import fraction_of_optimal  # noqa: E402
+from ppo_curve import fraction_of_optimal
 
-from algorithm.history import dataset_path  # noqa: E402
-from cli import ArgumentParser, load_config, run_cli  # noqa: E402
-from errors import UserError  # noqa: E402
-from report import load_evaluation  # noqa: E402
+from algorithm.history import dataset_path
+from cli import ArgumentParser, load_config, run_cli
+from errors import UserError
+from report import load_evaluation
 
 POINTS = {"1-5": slice(0, 5), "10": slice(9, 10), "20": slice(19, 20), "50": slice(49, 50), "91-100": slice(90, 100)}
 

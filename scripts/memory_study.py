@@ -30,11 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-import report  # noqa: E402
-from algorithm.history import steps_per_stream  # noqa: E402
-from cli import run_path  # noqa: E402
-from errors import UserError  # noqa: E402
-from jobs import run, run_jobs  # noqa: E402
+import report
+from algorithm.history import steps_per_stream
+from cli import run_path
+from errors import UserError
+from jobs import run, run_jobs
 
 # n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts).
 # The longest AD window is a whole training stream (darkroom 1,000 steps = 50 episodes,

@@ -17,10 +17,10 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import env as envs  # noqa: E402
-from algorithm import history  # noqa: E402
-from cli import ArgumentParser, run_cli  # noqa: E402
-from errors import UserError  # noqa: E402
+import env as envs
+from algorithm import history
+from cli import ArgumentParser, run_cli
+from errors import UserError
 
 
 def fraction_of_optimal(path: Path, split: str) -> np.ndarray:

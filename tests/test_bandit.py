@@ -15,7 +15,7 @@ from errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import bandit_baselines as bb  # noqa: E402
+import bandit_baselines as bb
 
 DATA = [ROOT / "config/algorithm/ppo_bandit.yaml", ROOT / "config/env/bandit.yaml"]
 

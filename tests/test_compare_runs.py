@@ -10,10 +10,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import compare_runs  # noqa: E402
+import compare_runs
 
-import report  # noqa: E402
-from errors import UserError  # noqa: E402
+import report
+from errors import UserError
 
 N_TASKS, N_ROLLOUTS = 20, 2
 

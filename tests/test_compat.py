@@ -17,7 +17,7 @@ from config.schema import COLLECTION_KEYS_ADDED_LATER, applies
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import report  # noqa: E402
+import report
 
 RENAMED_CONFIGS = {
     "ad_k2d_compressed.yaml": "tworegion_ad_k2d.yaml",

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import key_to_door_outcomes as outcomes  # noqa: E402
+import key_to_door_outcomes as outcomes
 
 
 def test_transitions_count_what_the_next_episode_reaches():

@@ -18,7 +18,7 @@ from config.loading import parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import ppo_curve  # noqa: E402
+import ppo_curve
 
 K2D = ["config/algorithm/noisy_expert_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"]
 

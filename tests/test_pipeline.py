@@ -8,9 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import pipeline  # noqa: E402
+import pipeline
 
-from cli import run_path  # noqa: E402
+from cli import run_path
 
 
 @pytest.mark.parametrize("env,size", [(env, size) for env, sizes in pipeline.SETUPS.items() for size in sizes])

@@ -11,7 +11,7 @@ import env as envs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import ppo_curve  # noqa: E402
+import ppo_curve
 
 
 def test_fraction_of_optimal_is_each_episodes_return_over_the_tasks_optimum(tmp_path):

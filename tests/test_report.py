@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import report  # noqa: E402
+import report
 
 
 def test_iqm_is_the_mean_of_the_middle_half():
