@@ -127,6 +127,11 @@ SCHEMA: dict[str, Key] = {
         tf_dropout=(float, 0.0, "dropout in the transformer", {"min": 0.0, "max": 1.0}),
         n_latent=(int, 8, "CompressedAD: latent tokens per compression", {"min": 1}),
         enc_n_layer=(int, 2, "CompressedAD: encoder layers", {"min": 1}),
+        latent_sets=(int, 1, "CompressedAD: latent sets the decoder reads, the newest first out; 1 = each "
+                     "compression overwrites the latents, more = they accumulate (n_latent tokens per set)",
+                     {"min": 1}),
+        encoder_reads_latents=(bool, True, "CompressedAD: the encoder reads the previous latents with each stage "
+                               "(recurrent memory); false: each set summarises its own stage only"),
         max_compression_depth=(int, 3, "CompressedAD: deepest compression trained on", {"min": 0}),
         grad_compression_rounds=(int, 1, "CompressedAD: compression rounds gradients flow through "
                                  "(older rounds are computed without grad)", {"min": 1}),

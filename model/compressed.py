@@ -7,6 +7,12 @@ form a *stage*: the encoder reads [previous latents, stage tokens, K learned que
 the new latents. The latents therefore summarise the whole history before the recent
 steps, recursively, in a fixed budget of K tokens.
 
+Two keys change what the memory is. `latent_sets` M > 1 keeps the newest M latent sets side
+by side (the decoder reads M * K latents) instead of overwriting one set. Without
+`encoder_reads_latents` each set summarises its own stage only: the memory is then the last
+M stages, each in K tokens, with no recurrence, so a rollout thousands of steps long reads
+latents of the same kind as a training sample of depth M.
+
 Training samples hold `compression_depth` d stages (consecutive steps of one stream, each
 of a random length in [stage_len // 2, stage_len]) followed by n_transit recent steps with
 dense action targets; gradients flow through the last `grad_compression_rounds`
@@ -54,22 +60,26 @@ class CompressionEncoder(nn.Module):
 
 
 class CompressedAD(AD):
-    def __init__(self, c: ModelConfig, n_latent: int, enc_n_layer: int, grad_rounds: int):
+    def __init__(self, c: ModelConfig, n_latent: int, enc_n_layer: int, grad_rounds: int,
+                 latent_sets: int = 1, encoder_reads_latents: bool = True):
         super().__init__(c)
         self.encoder = CompressionEncoder(c, n_latent, enc_n_layer)
         self.encoder.apply(self._init_weights)
         self.n_latent, self.grad_rounds = n_latent, grad_rounds
+        self.latent_sets, self.encoder_reads_latents = latent_sets, encoder_reads_latents
 
     def compress(self, latents, stage: dict, stage_mask):
-        return self.encoder(latents, self.embed(stage), stage_mask)
+        """New latents of one stage; `latents` is the newest set before it (None: none yet)."""
+        return self.encoder(latents if self.encoder_reads_latents else None, self.embed(stage), stage_mask)
 
     def latents_of(self, stages: list[dict]):
-        """Fold the stages (oldest first) into latents; None at depth 0."""
-        latents = None
+        """Fold the stages (oldest first) into latents: the newest `latent_sets` sets side by
+        side (oldest first), (B, sets * K, E); None at depth 0."""
+        sets = []
         for i, stage in enumerate(stages):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= len(stages) - self.grad_rounds):
-                latents = self.compress(latents, stage, stage["mask"])
-        return latents
+                sets = (sets + [self.compress(sets[-1] if sets else None, stage, stage["mask"])])[-self.latent_sets:]
+        return torch.cat(sets, 1) if sets else None
 
     def decode(self, latents, recent: dict, cache: KVCache | None = None):
         """Action logits at the recent step tokens, decoded after the latents."""
@@ -96,7 +106,8 @@ class CompressedAD(AD):
 
 def build_compressed_model(cfg: dict, inputs: dict) -> CompressedAD:
     c = ModelConfig.from_config(cfg, inputs)
-    return CompressedAD(c, cfg["n_latent"], cfg["enc_n_layer"], cfg["grad_compression_rounds"])
+    return CompressedAD(c, cfg["n_latent"], cfg["enc_n_layer"], cfg["grad_compression_rounds"],
+                        cfg["latent_sets"], cfg["encoder_reads_latents"])
 
 
 def split_compressed_batch(batch: dict) -> tuple[dict, dict]:
@@ -145,7 +156,7 @@ class CompressedADVariant(Variant):
         # the decoder sees the latents + recent steps; in training the encoder keeps activations
         # for the grad_compression_rounds stages gradients flow through, each a stage of up to
         # n_transit // 2 steps between the latents in and the latent queries
-        runs = [(cfg["tf_n_layer"], cfg["n_transit"] + cfg["n_latent"])]
+        runs = [(cfg["tf_n_layer"], cfg["n_transit"] + cfg["latent_sets"] * cfg["n_latent"])]
         if training:
             rounds = min(cfg["grad_compression_rounds"], cfg["max_compression_depth"])
             runs.append((cfg["enc_n_layer"] * rounds, cfg["n_transit"] // 2 + 2 * cfg["n_latent"]))
@@ -157,7 +168,7 @@ class CompressedADVariant(Variant):
         return [f"max_compression_depth={min(40, deepest)}"]
 
     def memory_state_bytes(self, cfg: dict) -> int:
-        return cfg["n_latent"] * cfg["tf_n_embd"] * 4  # the latents (fp32)
+        return cfg["latent_sets"] * cfg["n_latent"] * cfg["tf_n_embd"] * 4  # the latents (fp32)
 
 
 class LatentMemory:
@@ -178,9 +189,11 @@ class LatentMemory:
         self.memory, self.perm = memory, perm
         self.stage_len = stage_len(n_transit)
         self.recent: list[dict] = []  # one (B, 1) token dict per step
-        self.latents = None  # what the encoder folded so far
+        self.latents = None  # the newest latents the encoder folded
+        self.sets: list = []  # the newest latent_sets of them, oldest first
         self.visible = None  # what the decoder reads: the latents, or their ablation
-        self.cache = model.new_cache(batch, model.n_latent + n_transit, device) if use_cache else None
+        capacity = model.latent_sets * model.n_latent + n_transit
+        self.cache = model.new_cache(batch, capacity, device) if use_cache else None
         self.depth, self.max_tokens, self.batch = 0, 0, batch
 
     def _cat(self, tokens: list[dict]) -> dict:
@@ -191,7 +204,8 @@ class LatentMemory:
         stage, self.recent = self.recent[: self.stage_len], self.recent[self.stage_len:]
         mask = torch.ones(self.batch, len(stage), dtype=torch.bool, device=self.device)
         self.latents = self.model.compress(self.latents, self._cat(stage), mask)
-        self.visible = self._ablated(self.latents)
+        self.sets = (self.sets + [self.latents])[-self.model.latent_sets:]
+        self.visible = self._ablated(torch.cat(self.sets, 1))
         self.depth += 1
         if self.use_cache:  # re-encode latents + kept steps
             self.cache.length = 0

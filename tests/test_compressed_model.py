@@ -287,6 +287,43 @@ def test_rollout_memory_does_not_grow_with_the_history(data, monkeypatch):
     assert peaks[6] == peaks[24] == N_LATENT + N_TRANSIT  # tokens ever held in the cache
 
 
+@pytest.mark.parametrize("reads_latents", [True, False])
+def test_accumulated_latent_sets_are_the_training_fold_and_bound_the_context(data, monkeypatch, reads_latents):
+    """latent_sets=3: the decoder reads the newest three sets side by side, in a rollout as in
+    training; without encoder_reads_latents each set is its own stage's summary alone."""
+    _, cfg, _, _ = data
+    model = sensitive_compressed_model(cfg)
+    model.latent_sets, model.encoder_reads_latents = 3, reads_latents
+    tokens = []
+    real_step = LatentMemory.step
+
+    def step(self, token):
+        tokens.append({k: v.clone() for k, v in token.items()})
+        return real_step(self, token)
+
+    monkeypatch.setattr(LatentMemory, "step", step)
+    _, stats, logits, _, mem = recorded_rollout(monkeypatch, model, cfg, True, n_episodes=12, n_rollouts=1)
+    depth = depth_after(12 * cfg["horizon"])  # 4 compressions: one set more than the decoder reads
+    assert stats["compression_depth_reached"] == mem.depth == depth == 4
+    assert stats["max_context_tokens"] == 3 * N_LATENT + N_TRANSIT and mem.visible.shape[1] == 3 * N_LATENT
+    cat = lambda ts: {k: torch.cat([t[k] for t in ts], 1) for k in ts[0]}  # noqa: E731
+    stages = []
+    for i in range(depth):
+        st = cat(tokens[i * STAGE:(i + 1) * STAGE])
+        st["mask"] = torch.ones_like(st["state"], dtype=torch.bool)
+        stages.append(st)
+    with torch.no_grad():
+        latents = model.latents_of(stages)
+        last = model.decode(latents, cat(tokens[depth * STAGE:]))[:, -1]
+        alone = model.encoder(None, model.embed(stages[-1]), stages[-1]["mask"])
+    torch.testing.assert_close(mem.visible, latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[-1], last, atol=1e-4, rtol=1e-4)
+    # the newest set is the last stage's summary alone exactly when the encoder does not read latents
+    assert torch.allclose(latents[:, -N_LATENT:], alone, atol=1e-5) == (not reads_latents)
+    _, _, uncached, _, _ = recorded_rollout(monkeypatch, model, cfg, False, n_episodes=12, n_rollouts=1)
+    torch.testing.assert_close(logits, uncached, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- train.py
 
 def scalars(run_dir: Path) -> dict:
