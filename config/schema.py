@@ -180,9 +180,10 @@ SCHEMA: dict[str, Key] = {
         eval_seed=(int, 0, "seed of the evaluation rollouts", SEED),
         eval_memory=(str, "keep", "memory ablation: 'keep' (normal); 'drop': no memory of earlier episodes "
                      "(window variants drop every token older than the current episode at each episode "
-                     "start; CompressedAD decodes without latents, as at depth 0 in training); 'zero': "
-                     "CompressedAD's latents replaced by zeros (window variants: as 'drop'); 'shuffle': "
-                     "the memory of a rollout on another task (its older tokens, or its latents)",
+                     "start; CompressedAD decodes without latents, as at depth 0 in training, and SummaryAD "
+                     "without summaries, as in a stream's first segment); 'zero': CompressedAD's latents or "
+                     "SummaryAD's summaries replaced by zeros (window variants: as 'drop'); 'shuffle': "
+                     "the memory of a rollout on another task (its older tokens, latents or summaries)",
                      {"choices": ("keep", "drop", "zero", "shuffle")}),
     ),
     **_keys(

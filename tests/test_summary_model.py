@@ -232,3 +232,18 @@ def test_train_and_evaluate_end_to_end(data, tmp_path):
     assert state["step"] == 6 and "queries" in state["model"] and "summary_out.weight" in state["model"]
     summary, returns, _ = evaluate.evaluate_run(run_dir, {"eval_episodes": 6, "eval_rollouts": 1})
     assert returns.shape[1] == 6 and summary["max_context_tokens"] == M * K + S + K
+
+
+def test_a_continuous_state_family_trains_and_rolls_out(tmp_path):
+    """SummaryAD's tokens are AD's step tokens, so a Box state (the point robot's position) goes
+    through the training forward and the rollout like a discrete one."""
+    files = [ROOT / "config/algorithm/ppo_point_robot.yaml", ROOT / "config/env/point_robot.yaml", MODEL]
+    sets = ["n_stream=2", "n_steps=30", "batch_size=30", "total_source_timesteps=240", "robot_goals=10",
+            "test_stream_ratio=0.5", "tf_n_embd=16", "tf_n_layer=1", "tf_n_head=2", "train_batch_size=2",
+            "warmup_steps=1", "device=cpu", f"dataset_dir={tmp_path}", f"run_dir={tmp_path}", *SETS]
+    cfg = load_config(files, parse_set(sets))
+    assert envs.model_inputs(cfg)["state_dim"] == 2
+    build_history_file(cfg)
+    run_dir = train.train(cfg)
+    summary, returns, _ = evaluate.evaluate_run(run_dir, {"eval_episodes": 2, "eval_rollouts": 1})
+    assert returns.shape[1] == 2 and summary["max_context_tokens"] == M * K + S + K
