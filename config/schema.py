@@ -135,6 +135,18 @@ SCHEMA: dict[str, Key] = {
         max_compression_depth=(int, 3, "CompressedAD: deepest compression trained on", {"min": 0}),
         grad_compression_rounds=(int, 1, "CompressedAD: compression rounds gradients flow through "
                                  "(older rounds are computed without grad)", {"min": 1}),
+        segment_len=(int, 25, "SummaryAD: steps per segment; the history is cut into segments aligned to the "
+                     "stream's (and a rollout's) first step, and each segment ends with a summary write",
+                     {"min": 1}),
+        n_summary=(int, 4, "SummaryAD: summary tokens the model writes at the end of each segment", {"min": 1}),
+        summary_segments=(int, 5, "SummaryAD: segments whose summaries the context keeps (oldest out first): "
+                          "at most summary_segments x n_summary summary tokens", {"min": 1}),
+        train_segments=(int, 12, "SummaryAD: consecutive segments of one stream per training sample, decoded "
+                        "in order with gradients through every summary write; must exceed summary_segments",
+                        {"min": 2}),
+        summary_grad_segments=(int, 0, "SummaryAD: 0 = gradients through every summary write of a sample; "
+                               "G >= 2 = the summaries are detached every G segments (truncated "
+                               "backpropagation through time in blocks of G segments)", {"min": 0}),
         lr=(float, 1e-3, "peak learning rate (AdamW)", {"min": 0.0}),
         weight_decay=(float, 0.01, "AdamW weight decay", {"min": 0.0}),
         warmup_steps=(int, 200, "linear warmup steps before the cosine decay", {"min": 0}),
@@ -173,9 +185,10 @@ SCHEMA: dict[str, Key] = {
         eval_seed=(int, 0, "seed of the evaluation rollouts", SEED),
         eval_memory=(str, "keep", "memory ablation: 'keep' (normal); 'drop': no memory of earlier episodes "
                      "(window variants drop every token older than the current episode at each episode "
-                     "start; CompressedAD decodes without latents, as at depth 0 in training); 'zero': "
-                     "CompressedAD's latents replaced by zeros (window variants: as 'drop'); 'shuffle': "
-                     "the memory of a rollout on another task (its older tokens, or its latents)",
+                     "start; CompressedAD decodes without latents, as at depth 0 in training, and SummaryAD "
+                     "without summaries, as in a stream's first segment); 'zero': CompressedAD's latents or "
+                     "SummaryAD's summaries replaced by zeros (window variants: as 'drop'); 'shuffle': "
+                     "the memory of a rollout on another task (its older tokens, latents or summaries)",
                      {"choices": ("keep", "drop", "zero", "shuffle")}),
     ),
     **_keys(

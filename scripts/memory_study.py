@@ -11,7 +11,8 @@ then evaluated on the test tasks four ways (evaluate.py --tag):
   the goal; the usual 100-episode numbers are read off the same rollouts, which do not
   depend on how long they run);
 - `drop`: memory switched off (eval_memory=drop: window variants forget every earlier
-  episode at each episode start; CompressedAD decodes without its latents);
+  episode at each episode start; CompressedAD decodes without its latents, SummaryAD
+  without its summaries);
 - `shuffle`: the memory of a rollout on another task (eval_memory=shuffle);
 - `T1`: sampling at temperature 1.0 instead of the chosen eval_temperature (where 1.0 is
   the chosen one, `keep` gives these numbers).
@@ -37,11 +38,14 @@ from errors import UserError
 from jobs import run, run_jobs
 
 # n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts).
+# SummaryAD reads a budget as the most tokens it attends to (its write pass, see
+# model/summary.py summary_budget): 49 is its model config, 25 one summary segment.
 # The longest AD window is a whole training stream (darkroom 1,000 steps = 50 episodes,
 # Dark Key-to-Door 5x5 1,000 steps = 40 episodes with the study's 10-stream data).
 LADDERS = {
     "darkroom": {"AD": [10, 20, 40, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 20, 40]},
-    "dark_key_to_door": {"AD": [10, 25, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 25]},
+    "dark_key_to_door": {"AD": [10, 25, 100, 250, 1000], "AD-tworegion": [None], "CompressedAD": [10, 25],
+                         "SummaryAD": [25, 49]},
 }
 TARGETS_PER_STEP = 1600  # windows x steps per optimiser step, the same at every budget
 EVALS = {"keep": {}, "drop": {"eval_memory": "drop"}, "shuffle": {"eval_memory": "shuffle"},

@@ -60,9 +60,11 @@ DARKROOM_VARIANTS = {"AD": "config/model/ad_dr.yaml", "AD-tworegion": "config/mo
                      "CompressedAD": "config/model/ad_compressed_dr.yaml"}
 K2D5 = ["config/algorithm/ppo_dark_key_to_door_5x5.yaml", "config/env/dark_key_to_door_5x5.yaml"]
 K2D5_VARIANTS = {"AD": "config/model/ad_k2d.yaml", "AD-tworegion": "config/model/tworegion_ad_k2d.yaml",
-                 "CompressedAD": "config/model/compressed_ad_k2d.yaml"}
+                 "CompressedAD": "config/model/compressed_ad_k2d.yaml",
+                 "SummaryAD": "config/model/summary_ad_k2d.yaml"}
 K2D9_VARIANTS = {"AD": "config/model/ad_k2d9.yaml", "AD-tworegion": "config/model/tworegion_ad_k2d9.yaml",
-                 "CompressedAD": "config/model/compressed_ad_k2d9.yaml"}
+                 "CompressedAD": "config/model/compressed_ad_k2d9.yaml",
+                 "SummaryAD": "config/model/summary_ad_k2d9.yaml"}
 BANDIT = ["config/algorithm/ppo_bandit.yaml", "config/env/bandit.yaml"]
 BANDIT_VARIANTS = {"AD": "config/model/ad_bandit.yaml", "AD-10": "config/model/ad_bandit_short.yaml",
                    "CompressedAD": "config/model/compressed_ad_bandit.yaml"}
@@ -223,8 +225,8 @@ def parse_args() -> argparse.Namespace:
                    help="extra overrides for every stage, e.g. env_split_seed=1 run_dir=runs/split1")
     p.add_argument("--study", choices=["memory"], help="memory: train every variant at a ladder of context "
                    "budgets and evaluate each with its memory on and off (see scripts/memory_study.py)")
-    p.add_argument("--budgets", type=int, nargs="+", help="--study: the n_transit ladder of AD and CompressedAD "
-                   "(default: scripts/memory_study.py LADDERS)")
+    p.add_argument("--budgets", type=int, nargs="+", help="--study: the n_transit ladder of AD, CompressedAD "
+                   "and SummaryAD (its most tokens attended) (default: scripts/memory_study.py LADDERS)")
     p.add_argument("--table-only", action="store_true", help="run nothing: the table of the runs among "
                    "--variants x --seeds that have an evaluation (eval_summary.json), as they are")
     p.add_argument("--eval-tag", default="", help="with --table-only: the evaluations tagged so (evaluate.py "

@@ -39,7 +39,7 @@ def test_a_model_config_under_its_older_name_gives_the_same_config(old, new):
 
 
 def test_every_model_config_opens_with_its_variant_and_environment():
-    names = {"AD": "AD", "two-region AD": "AD", "CompressedAD": "CompressedAD"}
+    names = {"AD": "AD", "two-region AD": "AD", "CompressedAD": "CompressedAD", "SummaryAD": "SummaryAD"}
     for path in sorted((ROOT / "config/model").glob("*.yaml")):
         first = path.read_text().splitlines()[0]
         variant = next((v for v in sorted(names, key=len, reverse=True) if first.startswith(f"# {v} on ")), None)
