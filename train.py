@@ -26,7 +26,7 @@ from tqdm import tqdm
 import env as envs
 from algorithm import history
 from algorithm.history import dataset_path
-from cli import config_arg_parser, load_config, run_cli, run_path
+from cli import check_training, config_arg_parser, load_config, run_cli, run_path
 from config.loading import parse_set, read_yaml_mapping, save_config
 from config.schema import KEYS_ADDED_LATER, SCHEMA, applies
 from errors import UserError, first_line
@@ -68,8 +68,7 @@ def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
     held-out losses come from the training tasks' held-out streams, or with test_stream_ratio=0 (one
     stream per task) from the validation tasks."""
     variant, path, bs, workers = variant_of(cfg), dataset_path(cfg), cfg["train_batch_size"], cfg["num_workers"]
-    held_out = "test" if cfg["test_stream_ratio"] > 0 else "val"
-    train_set, test_set = variant.dataset(path, cfg, "train"), variant.dataset(path, cfg, held_out)
+    train_set, test_set = (variant.dataset(path, cfg, part) for part in data_parts(cfg))
     train_batches = variant.batches(train_set, bs, cfg["seed"], rank, world, start, cfg["train_timesteps"])
     test_batches = variant.batches(test_set, bs, cfg["seed"] + 1, 0, 1, 0, 4)
     # own generator: iterating a DataLoader draws a seed, which must not shift the global
@@ -78,6 +77,26 @@ def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
             DataLoader(train_set, batch_sampler=train_batches, collate_fn=variant.collate, num_workers=workers,
                        pin_memory=pin, persistent_workers=workers > 0, generator=torch.Generator()),
             DataLoader(test_set, batch_sampler=test_batches, collate_fn=variant.collate, generator=torch.Generator()))
+
+
+def data_parts(cfg: dict) -> tuple[str, str]:
+    """The dataset parts a training reads: its windows, and the held-out ones of the test/ losses."""
+    return "train", "test" if cfg["test_stream_ratio"] > 0 else "val"
+
+
+def check_ready(cfg: dict, device):
+    """Everything a training checks before it writes anything: the config's combinations that
+    concern the data, the memory, the data file (its settings, split, tasks, streams and
+    windows: the datasets are built once here and again, from the checked file, in
+    make_loaders), and a run already in the folder. A refusal leaves no folder behind."""
+    check_training(cfg)
+    check_fits(cfg, device)
+    for part in data_parts(cfg):
+        variant_of(cfg).dataset(dataset_path(cfg), cfg, part)
+    run_dir = run_path(cfg)
+    if (run_dir / "ckpt-last.pt").exists():
+        check_resumable(run_dir, cfg)
+    previous_training(run_dir)
 
 
 def check_resumable(run_dir: Path, cfg: dict):
@@ -203,7 +222,7 @@ def train(cfg: dict):
     """Train the run of `cfg`; rank 0 holds the run directory meanwhile (see files.claim_run_dir)."""
     if int(os.environ.get("RANK", 0)) != 0:
         return _train(cfg)
-    check_fits(cfg, pick_device(cfg["device"]))
+    check_ready(cfg, pick_device(cfg["device"]))
     with claim_run_dir(run_path(cfg)):
         return _train(cfg)
 
