@@ -12,8 +12,8 @@ from pathlib import Path
 
 import env
 import model
-from config.loading import config_help, resolve_config
 from algorithm.history import n_rollouts, steps_per_stream
+from config.loading import config_help, resolve_config
 from config.schema import SCHEMA, SOURCE_KEYS
 from errors import ConfigError, UserError, disk_full, first_line
 

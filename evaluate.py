@@ -44,12 +44,7 @@ def load_run(run_dir: Path, overrides: dict):
     if changed:  # another split or data would evaluate (and label as held out) tasks the run trained on
         raise UserError(f"{run_dir} was trained on data made with {', '.join(changed)}; evaluation keeps the "
                         "run's data settings and split: drop these --set keys")
-    device = pick_device(cfg["device"])
-    n_rows = len(eval_task_indices(cfg)) * cfg["eval_rollouts"]
-    parts = memory_estimate(cfg, envs.model_inputs(cfg), n_rows, training=False)
-    parts["returns"] = n_rows * cfg["eval_episodes"] * 4
-    check_memory(f"evaluating {run_dir}", parts, device,
-                 "use fewer eval_rollouts, eval_episodes or tasks, or a smaller model")
+    device = check_evaluation(cfg, f"evaluating {run_dir}")
     model = build(cfg, envs.model_inputs(cfg)).to(device)
     state = load_checkpoint(ckpt, device)
     try:
@@ -58,6 +53,17 @@ def load_run(run_dir: Path, overrides: dict):
         raise UserError(f"{ckpt} does not fit the run's config ({first_line(e)}); was the "
                         "model changed with --set, or the file damaged? retrain or drop the --set") from None
     return cfg, model, state.get("step", 0)
+
+
+def check_evaluation(cfg: dict, what: str = "the evaluation"):
+    """What an evaluation of `cfg` checks before any work (its tasks, its memory): here and in
+    pipeline.py, which checks its evaluations before it collects and trains. The device."""
+    device = pick_device(cfg["device"])
+    n_rows = len(eval_task_indices(cfg)) * cfg["eval_rollouts"]
+    parts = memory_estimate(cfg, envs.model_inputs(cfg), n_rows, training=False)
+    parts["returns"] = n_rows * cfg["eval_episodes"] * 4
+    check_memory(what, parts, device, "use fewer eval_rollouts, eval_episodes or tasks, or a smaller model")
+    return device
 
 
 def eval_task_indices(cfg: dict) -> list[int]:

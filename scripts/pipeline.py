@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report
-from cli import ArgumentParser, load_config, run_cli, run_path
+from cli import ArgumentParser, check_training, load_config, run_cli, run_path
 from config.loading import parse_set
 from errors import UserError
 from files import atomic_write, ensure_writable_dir
@@ -186,6 +186,16 @@ def train_config(configs: list[str], overrides: list[str]) -> dict:
     return load_config([ROOT / c for c in configs], parse_set(overrides))
 
 
+def checked_config(configs: list[str], overrides: list[str]) -> dict:
+    """A training's config with every check its train.py and evaluate.py calls will make from the
+    config alone: a training or evaluation that would refuse stops the pipeline before the collection."""
+    from evaluate import check_evaluation
+    cfg = train_config(configs, overrides)
+    check_training(cfg)
+    check_evaluation(cfg)
+    return cfg
+
+
 def write_table_of_finished(args, run_dirs: dict, out_dir: Path, tag: str):
     """--table-only: the table of the evaluated runs, each variant over the seeds it has."""
     if not out_dir.is_dir():  # a wrong run_dir is not "no evaluation"
@@ -267,7 +277,7 @@ def plan_trainings(args, setup: Setup) -> dict:
     for variant in args.variants:
         for seed in args.seeds:
             sets = training_sets(setup, variant, seed, args.set)
-            plan[variant, seed] = sets, train_config(setup.data + [setup.variants[variant]], sets)
+            plan[variant, seed] = sets, checked_config(setup.data + [setup.variants[variant]], sets)
     run_dirs = [str(run_path(cfg)) for _, cfg in plan.values()]
     if len(set(run_dirs)) < len(run_dirs):
         raise UserError("two variants resolve to the same run directory; give one of them its own folder in SETUPS")
