@@ -99,15 +99,21 @@ def check_ready(cfg: dict, device):
     previous_training(run_dir)
 
 
-def check_resumable(run_dir: Path, cfg: dict):
+def run_differences(run_dir: Path, cfg: dict) -> list[str]:
+    """'key=saved (now asked)' for the settings that change what the run in `run_dir` learned
+    (its config.yaml against `cfg`): a run to resume, or to report under cfg's name."""
     try:
         saved = read_yaml_mapping(run_dir / "config.yaml", "run config")
     except UserError as e:
-        raise UserError(f"{run_dir} holds a checkpoint but its config.yaml cannot be read ({e}); restore "
+        raise UserError(f"{run_dir} holds a run but its config.yaml cannot be read ({e}); restore "
                         "config.yaml or move the run away") from None
     saved = KEYS_ADDED_LATER | saved
     free = RESUME_FREE_KEYS + variant_of(cfg).unused_keys(cfg) + tuple(k for k in SCHEMA if not applies(k, cfg))
-    diff = [f"{k}={saved.get(k)!r} (now {cfg[k]!r})" for k in cfg if k not in free and saved.get(k) != cfg[k]]
+    return [f"{k}={saved.get(k)!r} (now {cfg[k]!r})" for k in cfg if k not in free and saved.get(k) != cfg[k]]
+
+
+def check_resumable(run_dir: Path, cfg: dict):
+    diff = run_differences(run_dir, cfg)
     if diff:
         raise UserError(f"{run_dir} holds a run with other settings: {', '.join(diff)}; use those "
                         "settings to resume, another seed or run_dir, or move the run away")
