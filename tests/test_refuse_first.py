@@ -152,3 +152,114 @@ def test_full_disk_during_collection_is_one_line_and_the_rerun_finishes_the_same
     assert code == 0, err
     ref, got = arrays(next((tmp_path / "ref").glob("*.hdf5"))), arrays(path)
     assert ref.keys() == got.keys() and all(np.array_equal(ref[k], got[k]) for k in ref)
+
+
+def test_source_curve_script_refuses_a_damaged_task_in_one_line(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ppo_curve
+    path = build_history_file(make_cfg(tmp_path))
+    with h5py.File(path, "r+") as f:
+        del f["3"]["rewards"]
+    code, err = run_in_process(monkeypatch, capsys, "ppo_curve.py", ppo_curve.main, [path])
+    assert_one_line_error(code, err, "damaged", "task 3", "collect.py")
+
+
+def test_docs_generator_refuses_a_page_it_may_not_write_before_writing(monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import config_docs
+    import files
+    before = config_docs.PAGE.read_bytes()
+    real_access = files.os.access
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == config_docs.PAGE
+                        else real_access(p, mode))
+    code, err = run_in_process(monkeypatch, capsys, "config_docs.py", lambda: sys.exit(config_docs.main()), [])
+    assert_one_line_error(code, err, "read-only", "configuration.md")
+    assert config_docs.PAGE.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- 4. never mix data silently
+
+TINY_RUN = ["eval_interval=0", "train_timesteps=4", "ckpt_interval=4", "eval_episodes=2"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Tiny trained runs of one variant on two datasets that differ in one collection key."""
+    base = tmp_path_factory.mktemp("two_runs")
+    out = {}
+    for name, extra in (("a", []), ("b", ["source_lr=0.01"])):
+        cfg = make_cfg(base / f"data_{name}", base / f"runs_{name}", extra=TINY_RUN + extra)
+        build_history_file(cfg)
+        out[name] = (cfg, train.train(cfg))
+    return out
+
+
+def test_source_curve_is_left_out_when_the_data_was_collected_again_with_other_settings(tmp_path, two_runs, capsys):
+    import shutil
+
+    import env as envs
+    import evaluate
+    cfg, _ = two_runs["a"]
+    cfg = {**cfg, "dataset_dir": str(tmp_path)}
+    tasks = envs.tasks_of_split(cfg, "test")
+    shutil.copy(dataset_path(two_runs["a"][0]), dataset_path(cfg))
+    assert evaluate.source_curve(cfg, tasks) is not None
+    shutil.copy(dataset_path(two_runs["b"][0]), dataset_path(cfg))  # collected again at the same path
+    assert evaluate.source_curve(cfg, tasks) is None
+    assert "other settings" in capsys.readouterr().out
+
+
+def test_comparison_plot_refuses_runs_of_other_data_before_any_evaluation(tmp_path, two_runs, monkeypatch, capsys):
+    import evaluate
+    (_, run_a), (_, run_b) = two_runs["a"], two_runs["b"]
+    before = tree(run_a.parent) | tree(run_b.parent)
+    code, err = run_in_process(monkeypatch, capsys, "evaluate.py", evaluate.main,
+                               [run_a, run_b, "--plot", tmp_path / "cmp.png"])
+    assert_one_line_error(code, err, "comparison plot", "source_lr")
+    assert tree(run_a.parent) | tree(run_b.parent) == before and not (tmp_path / "cmp.png").exists()
+
+
+def test_plot_asked_for_one_run_is_drawn(tmp_path, two_runs, monkeypatch, capsys):
+    import evaluate
+    code, err = run_in_process(monkeypatch, capsys, "evaluate.py", evaluate.main,
+                               [two_runs["a"][1], "--plot", tmp_path / "one.png", "--set", "eval_rollouts=1"])
+    assert code == 0, err
+    assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table_of_finished_runs_refuses_a_run_made_with_other_settings(two_runs):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pipeline
+    from errors import UserError
+    cfg, run = two_runs["a"]
+    pipeline.check_made_with(run, cfg, eval_tag="T1")  # the run's own settings: fine
+    with pytest.raises(UserError, match="other settings.*n_transit=40 \\(now 20\\)"):
+        pipeline.check_made_with(run, {**cfg, "n_transit": 20}, eval_tag="T1")
+
+
+# ----------------------------------------------------------------------------- 5. messages
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_named_as_such(value):
+    for key in ("lr", "n_stream"):
+        with pytest.raises(ConfigError, match=f"{key}=.*infinite and NaN values"):
+            load_config([], parse_set([f"{key}={value}"]))
+
+
+@pytest.mark.parametrize("alg, key, owner", [
+    ("PPO", "q_alpha=0.5", "alg=QLearning"), ("QLearning", "noise_decay_episodes=10", "alg=NoisyExpert"),
+    ("QLearning", "learners_per_task=2", "alg=PPO"), ("NoisyExpert", "q_replay=false", "alg=QLearning")])
+def test_a_sources_key_set_for_another_source_is_refused_naming_its_source(alg, key, owner):
+    with pytest.raises(ConfigError, match=f"{key.split('=')[0]}=.*applies to {owner} only"):
+        load_config([], parse_set([f"alg={alg}", "env=dark_key_to_door", key]))
+
+
+def test_tables_say_n_a_instead_of_nan():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pipeline
+    row = {"variant": "AD", "seeds": 1, "final": 0.0, "optimal": 0.0, "fraction": float("nan"),
+           "per_seed": [float("nan")], "iqm": pipeline.report.format_iqm((float("nan"),) * 3), "first": 0.0,
+           "episodes_to_80": [None], "source_episodes_to_80": None, "context": 4, "train_seconds": 1.0,
+           "hardware": "CPU"}
+    assert "nan" not in pipeline.result_table([row]) and "n/a" in pipeline.result_table([row])
