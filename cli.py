@@ -206,8 +206,8 @@ def run_cli(main):
     except OSError as e:  # the disk or the system failed (full disk, I/O error); writes are atomic
         where = f": {e.filename}" if e.filename else ""
         if disk_full(e):
-            print(f"error: the disk is full{' while writing ' + str(e.filename) if e.filename else ''}; finished "
-                  "work is saved: free space and rerun the same command", file=sys.stderr)
+            print(f"error: the disk is full ({e.strerror or first_line(e)}){where}; finished work is saved: free "
+                  "space and rerun the same command", file=sys.stderr)
             sys.exit(2)
         print(f"error: {e.strerror or first_line(e)}{where}; finished work is saved, fix the cause and "
               "rerun the same command", file=sys.stderr)

@@ -167,6 +167,7 @@ def test_source_curve_script_refuses_a_damaged_task_in_one_line(tmp_path, monkey
 def test_docs_generator_refuses_a_page_it_may_not_write_before_writing(monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     import config_docs
+
     import files
     before = config_docs.PAGE.read_bytes()
     real_access = files.os.access
@@ -230,6 +231,7 @@ def test_plot_asked_for_one_run_is_drawn(tmp_path, two_runs, monkeypatch, capsys
 def test_table_of_finished_runs_refuses_a_run_made_with_other_settings(two_runs):
     sys.path.insert(0, str(ROOT / "scripts"))
     import pipeline
+
     from errors import UserError
     cfg, run = two_runs["a"]
     pipeline.check_made_with(run, cfg, eval_tag="T1")  # the run's own settings: fine
