@@ -12,8 +12,10 @@ from pathlib import Path
 
 import env
 import model
+from algorithm.history import n_rollouts, steps_per_stream
 from config.loading import config_help, resolve_config
-from errors import ConfigError, UserError, first_line
+from config.schema import SCHEMA, SOURCE_KEYS
+from errors import ConfigError, UserError, disk_full, first_line
 
 
 def load_config(paths: list, overrides: dict | None = None) -> dict:
@@ -43,16 +45,26 @@ def check_combinations(cfg: dict):
     check_memory_ablation(cfg)
 
 
+def check_source_keys(cfg: dict):
+    """A key of one source set for another is refused, naming the source it belongs to: it would
+    be ignored, and a key that names the data must keep its default so one dataset never has two
+    names. PPO's minibatch and optimiser keys are the exception: the scripted sources' configs
+    include a PPO config for its env settings, and those keys are no part of their data."""
+    for key, sources in SOURCE_KEYS.items():
+        ppo_setting = sources == ("PPO",) and key != "learners_per_task"
+        if cfg["alg"] in sources or ppo_setting or cfg[key] == SCHEMA[key].default:
+            continue
+        raise ConfigError(f"{key}={cfg[key]!r} applies to alg={' or alg='.join(sources)} only (alg={cfg['alg']} "
+                          f"does not read it): drop it or leave it at {SCHEMA[key].default!r}")
+
+
 def check_learners(cfg: dict):
     """A PPO learner's rollout is n_steps x its streams; its minibatches must tile it. A
-    scripted source (alg NoisyExpert, PosteriorSampling) has no learner and no minibatches:
-    PPO's keys mean nothing to it, and learners_per_task, which names the data (a collection
-    key), must keep its default there so one dataset never has two names."""
+    scripted source (alg NoisyExpert, PosteriorSampling, QLearning) has no PPO learner and no
+    minibatches (check_source_keys)."""
+    check_source_keys(cfg)
     learners = cfg["learners_per_task"]
     if cfg["alg"] != "PPO":
-        if learners != 1:
-            raise ConfigError(f"learners_per_task={learners} applies to alg=PPO only (alg={cfg['alg']} has no "
-                              "learner to split): leave it at 1")
         return
     if cfg["n_stream"] % learners:
         raise ConfigError(f"learners_per_task={learners} must divide n_stream={cfg['n_stream']} "
@@ -117,6 +129,45 @@ def check_memory_ablation(cfg: dict):
                           f"{which} gives 1: evaluate more tasks (eval_tasks=a,b or another eval_split)")
 
 
+def check_training(cfg: dict):
+    """What a training of `cfg` needs that its config alone decides (streams to hold out, held-out
+    tasks, windows that fit a stream): checked by train.py before it claims the run folder, and
+    by pipeline.py before it collects the data the training would refuse."""
+    streams, ratio = cfg["n_stream"], cfg["test_stream_ratio"]
+    val_tasks = env.tasks_of_split(cfg, "val")
+    if ratio > 0 and int(round(ratio * streams)) < 1:
+        fix = (f"raise it above {0.5 / streams:.3g}, or " if 0.5 / streams < SCHEMA["test_stream_ratio"].max
+               else "")
+        raise ConfigError(f"test_stream_ratio={ratio} holds out no stream of n_stream={streams} for the test/ "
+                          f"losses; {fix}set test_stream_ratio=0 to take them from the validation tasks")
+    if ratio == 0 and not val_tasks:
+        raise ConfigError(f"test_stream_ratio=0 takes the test/ losses from the validation tasks, and val_env_ratio="
+                          f"{cfg['val_env_ratio']} leaves none; raise val_env_ratio, or hold out streams of the "
+                          "training tasks (test_stream_ratio > 0 with n_stream >= 2)")
+    if cfg["eval_interval"] and not val_tasks:
+        raise ConfigError(f"eval_interval={cfg['eval_interval']} rolls out on the validation tasks, and val_env_ratio="
+                          f"{cfg['val_env_ratio']} leaves none; raise val_env_ratio or set eval_interval=0")
+    check_window(cfg)
+
+
+def check_window(cfg: dict):
+    """A training window must fit in one stream of the data (after episode_stride's subsampling)."""
+    length, note = steps_per_stream(cfg), ""
+    if cfg["use_compressed_context"]:
+        if n_rollouts(cfg) < 2:
+            raise ConfigError(f"use_compressed_context=true trains on two regions (PPO rollouts) of a stream, and a "
+                              f"stream holds {n_rollouts(cfg)}; raise total_source_timesteps (at least "
+                              f"{2 * cfg['n_steps'] * cfg['n_stream']}) or use use_compressed_context=false")
+        return
+    if cfg["episode_stride"] > 1 and length % cfg["horizon"] == 0:
+        length = length // cfg["horizon"] // cfg["episode_stride"] * cfg["horizon"]
+        note = f" once episode_stride={cfg['episode_stride']} keeps every {cfg['episode_stride']}th episode"
+    if cfg["n_transit"] > length:
+        raise ConfigError(f"n_transit={cfg['n_transit']} is longer than a stream of the data ({length} steps{note}: "
+                          "total_source_timesteps / n_stream rounded up to whole n_steps rollouts); lower n_transit "
+                          "or raise total_source_timesteps")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose argument errors are one line `error: ...` and exit code 2 (as
     every other user error), not a usage block; every command and script builds its parser
@@ -154,6 +205,10 @@ def run_cli(main):
         sys.exit(2)
     except OSError as e:  # the disk or the system failed (full disk, I/O error); writes are atomic
         where = f": {e.filename}" if e.filename else ""
+        if disk_full(e):
+            print(f"error: the disk is full ({e.strerror or first_line(e)}){where}; finished work is saved: free "
+                  "space and rerun the same command", file=sys.stderr)
+            sys.exit(2)
         print(f"error: {e.strerror or first_line(e)}{where}; finished work is saved, fix the cause and "
               "rerun the same command", file=sys.stderr)
         sys.exit(2)

@@ -18,6 +18,7 @@ tasks' PPO curves are the baseline that evaluate.py compares against. A task fou
 (a dataset missing or unreadable) is collected again. One collection writes a file at a time.
 """
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from algorithm import history
 from algorithm.history import dataset_path
 from cli import config_arg_parser, load_config, run_cli
 from config.loading import parse_set
-from errors import UserError
+from errors import UserError, disk_full
 from files import check_writable_file, ensure_writable_dir
 from runtime import check_memory, pick_device
 
@@ -76,9 +77,21 @@ TORCH_PROCESS_BYTES = 300_000_000  # what a worker process carries before any ta
 
 def check_fits(cfg: dict, n_tasks: int):
     """Refuse sizes that cannot fit in memory: one task in each worker process (the batched
-    backend cuts chunks of tasks to what fits, but never below one task per worker)."""
+    backend cuts chunks of tasks to what fits, but never below one task per worker); a scripted
+    source holds a chunk of tasks at once, with its policy's state (a Q table per stream)."""
     from algorithm.batched_ppo import bytes_per_task, observation_encoder
     device = pick_device(cfg["device"])
+    source = scripted_source(cfg)
+    if source:
+        from algorithm import scripted
+        tasks = min(scripted.chunk_size(cfg), n_tasks)
+        policy = getattr(source, "policy_bytes_per_stream", lambda cfg: 0)(cfg)
+        state = f" with the state of alg={cfg['alg']} per stream" if policy else ""
+        check_memory("collection", {f"{tasks} task(s) of {cfg['n_stream']} streams x {history.steps_per_stream(cfg)} "
+                                    f"steps{state}": tasks * scripted.bytes_per_task(cfg, policy)}, device,
+                     ("use a smaller task_chunk (tasks held at once; the data stays the same), or " if tasks > 1
+                      else "use ") + "a smaller n_stream, total_source_timesteps or grid_size")
+        return
     obs_dim = observation_encoder(cfg, "cpu").dim if cfg["backend"] == "batched" else envs.state_dim(cfg)
     one = bytes_per_task(cfg, obs_dim)
     workers = 1 if device.type == "cuda" and cfg["backend"] == "batched" else min(cfg["n_process"], n_tasks)
@@ -97,8 +110,21 @@ def collect(cfg: dict, path: Path, indices: list[int]):
     check_fits(cfg, len(indices))
     ensure_writable_dir(path.parent, "dataset directory")
     check_writable_file(path, "dataset", "make it writable (chmod u+w) or use another dataset_dir")
-    with history.lock(path):
+    with history.lock(path), disk_full_is_one_line(path):
         _collect(cfg, path, indices)
+
+
+@contextmanager
+def disk_full_is_one_line(path: Path):
+    """A full disk while writing the dataset is one line: every append is whole or undone
+    (algorithm/journal.py), so the tasks finished before it are safe and a rerun goes on."""
+    try:
+        yield
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        raise UserError(f"the disk is full while writing {path}; the tasks finished so far are safe; "
+                        "free space and rerun the same command") from None
 
 
 def already_complete(cfg: dict, path: Path, indices: list[int]) -> bool:
@@ -107,6 +133,8 @@ def already_complete(cfg: dict, path: Path, indices: list[int]) -> bool:
     if not path.exists() or history.has_leftovers(path):  # leftovers are cleared under the lock
         return False
     header = history.read_header(path)
+    if not header["done"]:  # nothing collected yet: _collect starts it again (with these settings)
+        return False
     history.check_matches(path, header, cfg)
     if set(indices) - set(header["done"]) or history.damaged_tasks(path, header, indices):
         return False
@@ -117,6 +145,10 @@ def already_complete(cfg: dict, path: Path, indices: list[int]) -> bool:
 def _collect(cfg: dict, path: Path, indices: list[int]):
     tasks, split = envs.task_list(cfg), envs.task_split(cfg)
     history.recover(path)  # finish or undo the append of a run killed while writing
+    if path.exists() and not history.read_header(path)["done"]:
+        # a collection stopped before its first task (e.g. out of memory) left only the header:
+        # nothing to keep, so a rerun with other (smaller) settings starts the file again
+        path.unlink()
     if path.exists():
         header = history.read_header(path)
         history.check_matches(path, header, cfg)
@@ -156,6 +188,9 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
 
     try:
         run_backend(cfg, todo, tasks, on_done, progress)
+    except BaseException:
+        bar.leave = False  # the error's line is the last word, not a bar stopped half-way
+        raise
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
@@ -180,7 +215,7 @@ def main():
             history.check_matches(Path(p), history.read_header(Path(p)), cfg)
         ensure_writable_dir(path.parent, "dataset directory")
         check_writable_file(path, "dataset", "make it writable (chmod u+w) or use another dataset_dir")
-        with history.lock(path):
+        with history.lock(path), disk_full_is_one_line(path):
             added, have, total = history.merge(path, [Path(p) for p in args.merge])
         print(f"merged {added} tasks into {path}: {have} of {total} tasks present")
         return

@@ -22,7 +22,7 @@ import env as envs
 from algorithm import history
 from algorithm.history import dataset_path
 from cli import config_arg_parser, load_config, run_cli
-from config.loading import collection_keys, parse_set
+from config.loading import collection_config, collection_keys, parse_set
 from errors import UserError, first_line
 from files import atomic_write, claim_run_dir, ensure_writable_dir, load_checkpoint
 from model import build, memory_estimate
@@ -44,12 +44,7 @@ def load_run(run_dir: Path, overrides: dict):
     if changed:  # another split or data would evaluate (and label as held out) tasks the run trained on
         raise UserError(f"{run_dir} was trained on data made with {', '.join(changed)}; evaluation keeps the "
                         "run's data settings and split: drop these --set keys")
-    device = pick_device(cfg["device"])
-    n_rows = len(eval_task_indices(cfg)) * cfg["eval_rollouts"]
-    parts = memory_estimate(cfg, envs.model_inputs(cfg), n_rows, training=False)
-    parts["returns"] = n_rows * cfg["eval_episodes"] * 4
-    check_memory(f"evaluating {run_dir}", parts, device,
-                 "use fewer eval_rollouts, eval_episodes or tasks, or a smaller model")
+    device = check_evaluation(cfg, f"evaluating {run_dir}")
     model = build(cfg, envs.model_inputs(cfg)).to(device)
     state = load_checkpoint(ckpt, device)
     try:
@@ -58,6 +53,17 @@ def load_run(run_dir: Path, overrides: dict):
         raise UserError(f"{ckpt} does not fit the run's config ({first_line(e)}); was the "
                         "model changed with --set, or the file damaged? retrain or drop the --set") from None
     return cfg, model, state.get("step", 0)
+
+
+def check_evaluation(cfg: dict, what: str = "the evaluation"):
+    """What an evaluation of `cfg` checks before any work (its tasks, its memory): here and in
+    pipeline.py, which checks its evaluations before it collects and trains. The device."""
+    device = pick_device(cfg["device"])
+    n_rows = len(eval_task_indices(cfg)) * cfg["eval_rollouts"]
+    parts = memory_estimate(cfg, envs.model_inputs(cfg), n_rows, training=False)
+    parts["returns"] = n_rows * cfg["eval_episodes"] * 4
+    check_memory(what, parts, device, "use fewer eval_rollouts, eval_episodes or tasks, or a smaller model")
+    return device
 
 
 def eval_task_indices(cfg: dict) -> list[int]:
@@ -84,6 +90,11 @@ def source_curve(cfg: dict, task_indices: list[int]) -> np.ndarray | None:
     try:
         header = history.read_header(path)
     except UserError:
+        return None
+    diff = history.config_differences(header["collection_config"], collection_config(cfg))
+    if diff or header["split"] != envs.task_split(cfg):  # e.g. collected again at the same path since
+        print(f"note: no source curve: {path} now holds data made with other settings than the run's "
+              f"({', '.join(diff) or 'another split'}); the evaluation itself stands")
         return None
     if any(i not in header["done"] for i in task_indices):
         return None
@@ -245,11 +256,26 @@ def evaluate_run(run_dir: Path, overrides: dict, tag: str = "",
     return summary, returns, source_returns
 
 
+def check_comparable(runs: list[Path], cfgs: list[dict]):
+    """One comparison plot draws one optimum and one source curve: its runs must come from the same
+    data (the collection keys of their configs) and be evaluated on the same tasks."""
+    first, want = collection_config(cfgs[0]), eval_task_indices(cfgs[0])
+    for run, cfg in zip(runs[1:], cfgs[1:]):
+        other = collection_config(cfg)
+        diff = [f"{k}={first.get(k)!r} vs {other.get(k)!r}" for k in sorted(set(first) | set(other))
+                if first.get(k) != other.get(k)]
+        if not diff and eval_task_indices(cfg) != want:
+            diff = ["other evaluation tasks"]
+        if diff:
+            raise UserError(f"{runs[0]} and {run} cannot share one comparison plot: they come from other data or tasks "
+                            f"({', '.join(diff[:4])}); evaluate them in separate evaluate.py calls")
+
+
 def main():
     parser = config_arg_parser(__doc__.split("\n\n")[0], "run directories written by train.py",
                                set_example="eval_episodes=50 eval_temperature=1.0")
-    parser.add_argument("--plot", type=Path, help="comparison plot path when several runs are given "
-                        "(default: eval_comparison.png beside the first run)")
+    parser.add_argument("--plot", type=Path, help="comparison plot path (drawn when several runs are given, "
+                        "or when --plot is; default: eval_comparison.png beside the first run)")
     parser.add_argument("--tag", default="", help="name suffix of the output files (eval_summary_TAG.json, ...), "
                         "so several evaluations of one run (e.g. eval_memory=drop) sit side by side")
     args = parser.parse_args()
@@ -268,13 +294,15 @@ def main():
         loaded = [load_run(run, overrides) for run in runs]
         for run in runs:
             held.enter_context(claim_run_dir(run, create=False, job=f"evaluation {args.tag}".strip()))
-        if len(runs) > 1:
+        compare = len(runs) > 1 or args.plot is not None  # a --plot asked for is drawn, also of one run
+        if compare:
+            check_comparable(runs, [cfg for cfg, _, _ in loaded])
             check_plot_path(plot)
         results = {}
         for run, run_loaded in zip(runs, loaded):
             summary, returns, source_returns = evaluate_run(run, overrides, args.tag, run_loaded)
             results[str(run) if run.name in results else run.name] = (summary, returns, source_returns)
-    if len(results) > 1:
+    if compare:
         first = next(iter(results.values()))
         plot_curves(plot, {k: v[1] for k, v in results.items()}, float(np.mean(first[0]["optimal_return"])),
                     first[2], "in-context return, held-out tasks", first[0]["source_alg"])

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import env as envs
 from algorithm import history
 from algorithm.history import dataset_path
-from cli import config_arg_parser, load_config, run_cli, run_path
+from cli import check_training, config_arg_parser, load_config, run_cli, run_path
 from config.loading import parse_set, read_yaml_mapping, save_config
 from config.schema import KEYS_ADDED_LATER, SCHEMA, applies
 from errors import UserError, first_line
@@ -68,8 +68,7 @@ def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
     held-out losses come from the training tasks' held-out streams, or with test_stream_ratio=0 (one
     stream per task) from the validation tasks."""
     variant, path, bs, workers = variant_of(cfg), dataset_path(cfg), cfg["train_batch_size"], cfg["num_workers"]
-    held_out = "test" if cfg["test_stream_ratio"] > 0 else "val"
-    train_set, test_set = variant.dataset(path, cfg, "train"), variant.dataset(path, cfg, held_out)
+    train_set, test_set = (variant.dataset(path, cfg, part) for part in data_parts(cfg))
     train_batches = variant.batches(train_set, bs, cfg["seed"], rank, world, start, cfg["train_timesteps"])
     test_batches = variant.batches(test_set, bs, cfg["seed"] + 1, 0, 1, 0, 4)
     # own generator: iterating a DataLoader draws a seed, which must not shift the global
@@ -80,15 +79,41 @@ def make_loaders(cfg: dict, rank: int, world: int, start: int, pin: bool):
             DataLoader(test_set, batch_sampler=test_batches, collate_fn=variant.collate, generator=torch.Generator()))
 
 
-def check_resumable(run_dir: Path, cfg: dict):
+def data_parts(cfg: dict) -> tuple[str, str]:
+    """The dataset parts a training reads: its windows, and the held-out ones of the test/ losses."""
+    return "train", "test" if cfg["test_stream_ratio"] > 0 else "val"
+
+
+def check_ready(cfg: dict, device):
+    """Everything a training checks before it writes anything: the config's combinations that
+    concern the data, the memory, the data file (its settings, split, tasks, streams and
+    windows: the datasets are built once here and again, from the checked file, in
+    make_loaders), and a run already in the folder. A refusal leaves no folder behind."""
+    check_training(cfg)
+    check_fits(cfg, device)
+    for part in data_parts(cfg):
+        variant_of(cfg).dataset(dataset_path(cfg), cfg, part)
+    run_dir = run_path(cfg)
+    if (run_dir / "ckpt-last.pt").exists():
+        check_resumable(run_dir, cfg)
+    previous_training(run_dir)
+
+
+def run_differences(run_dir: Path, cfg: dict) -> list[str]:
+    """'key=saved (now asked)' for the settings that change what the run in `run_dir` learned
+    (its config.yaml against `cfg`): a run to resume, or to report under cfg's name."""
     try:
         saved = read_yaml_mapping(run_dir / "config.yaml", "run config")
     except UserError as e:
-        raise UserError(f"{run_dir} holds a checkpoint but its config.yaml cannot be read ({e}); restore "
+        raise UserError(f"{run_dir} holds a run but its config.yaml cannot be read ({e}); restore "
                         "config.yaml or move the run away") from None
     saved = KEYS_ADDED_LATER | saved
     free = RESUME_FREE_KEYS + variant_of(cfg).unused_keys(cfg) + tuple(k for k in SCHEMA if not applies(k, cfg))
-    diff = [f"{k}={saved.get(k)!r} (now {cfg[k]!r})" for k in cfg if k not in free and saved.get(k) != cfg[k]]
+    return [f"{k}={saved.get(k)!r} (now {cfg[k]!r})" for k in cfg if k not in free and saved.get(k) != cfg[k]]
+
+
+def check_resumable(run_dir: Path, cfg: dict):
+    diff = run_differences(run_dir, cfg)
     if diff:
         raise UserError(f"{run_dir} holds a run with other settings: {', '.join(diff)}; use those "
                         "settings to resume, another seed or run_dir, or move the run away")
@@ -203,7 +228,7 @@ def train(cfg: dict):
     """Train the run of `cfg`; rank 0 holds the run directory meanwhile (see files.claim_run_dir)."""
     if int(os.environ.get("RANK", 0)) != 0:
         return _train(cfg)
-    check_fits(cfg, pick_device(cfg["device"]))
+    check_ready(cfg, pick_device(cfg["device"]))
     with claim_run_dir(run_path(cfg)):
         return _train(cfg)
 

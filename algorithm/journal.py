@@ -54,6 +54,11 @@ class JournaledFile:
         self.old_size = self.size = os.fstat(self.fd).st_size
         self.pages: dict[int, bytearray] = {}  # page index -> the page's bytes below old_size
         self.pos = 0
+        # the first write that failed (a full disk): the append is lost from then on, and later
+        # writes only pretend to succeed, so that HDF5 closes the file quietly instead of
+        # retrying, reporting and failing again on every block; `appending` then undoes the
+        # append and raises this error
+        self.error: OSError | None = None
 
     # -- the file-object protocol h5py uses: seek, tell, readinto, write, truncate, flush
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -81,20 +86,30 @@ class JournaledFile:
 
     def write(self, data) -> int:
         data = memoryview(data).cast("B")
+        try:
+            if self.error is None:
+                self._write(data)
+        except OSError as e:
+            self.error = e
+        self.pos += len(data)
+        self.size = max(self.size, self.pos)
+        return len(data)
+
+    def _write(self, data: memoryview):
         for a, b, page in self._pieces(self.pos, self.pos + len(data), create=True):
             if page is None:
                 os.pwrite(self.fd, data[a - self.pos:b - self.pos], a)
             else:
                 start = a - (a // PAGE) * PAGE
                 page[start:start + b - a] = data[a - self.pos:b - self.pos]
-        self.pos += len(data)
-        self.size = max(self.size, self.pos)
-        return len(data)
 
     def truncate(self, size: int | None = None) -> int:
         size = self.pos if size is None else size
-        # the old part is never cut before commit: a shorter final size is applied with the pages
-        os.ftruncate(self.fd, max(size, self.old_size))
+        try:
+            if self.error is None:  # the old part is never cut before commit: a shorter size comes with the pages
+                os.ftruncate(self.fd, max(size, self.old_size))
+        except OSError as e:
+            self.error = e
         self.size = size
         return size
 
@@ -223,5 +238,10 @@ def appending(path: Path):
         yield f
     except BaseException:
         f.abort()
+        if f.error is not None:  # h5py's own error for a failed write hides its cause (e.g. ENOSPC)
+            raise f.error from None
         raise
+    if f.error is not None:
+        f.abort()
+        raise f.error
     f.commit()

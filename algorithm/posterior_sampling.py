@@ -25,6 +25,11 @@ from env.darkroom import step_toward
 from errors import ConfigError
 
 
+def policy_bytes_per_stream(cfg: dict) -> int:
+    """A stream's candidate cells for each hidden cell (one byte each)."""
+    return envs.family(cfg).hidden_cells * cfg["grid_size"] ** 2
+
+
 class PosteriorSampler:
     def __init__(self, cfg: dict, copies: list[dict], generators: list):
         self.generators, self.n_stream = generators, cfg["n_stream"]

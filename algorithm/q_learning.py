@@ -37,6 +37,13 @@ def n_stages(cfg: dict) -> int:
     return family.hidden_cells + 1 if getattr(family, "pays_once_per_hidden_cell", False) else 1
 
 
+def policy_bytes_per_stream(cfg: dict) -> int:
+    """A stream's Q table (float64 over cells x stages x actions) and its episode kept for replay
+    (per step: two cells, two stages, an action and a reward, 8 bytes each)."""
+    table = cfg["grid_size"] ** 2 * n_stages(cfg) * envs.n_actions(cfg) * 8
+    return table + (cfg["horizon"] * 8 * 8 if cfg["q_replay"] else 0)
+
+
 class QLearner:
     def __init__(self, cfg: dict, copies: list[dict], generators: list):
         self.generators, self.n_stream = generators, cfg["n_stream"]

@@ -21,6 +21,19 @@ from algorithm.sb3_ppo import task_seed
 CHUNK_TASKS = 256  # tasks stepped together: numpy work per step is shared; memory stays small
 
 
+def chunk_size(cfg: dict) -> int:
+    """Tasks played together (and held in memory at once)."""
+    return cfg["task_chunk"] or CHUNK_TASKS
+
+
+def bytes_per_task(cfg: dict, policy_bytes_per_stream: int) -> int:
+    """Rough peak memory per task of a chunk: its history twice (the record and the arrays handed
+    to the file: float32 states and next states, int64 actions, float32 rewards, bool dones,
+    int8 markers) and its policy's state per stream (a Q table, a posterior)."""
+    history = 2 * steps_per_stream(cfg) * cfg["n_stream"] * (2 * envs.state_dim(cfg) * 4 + 8 + 4 + 1 + 1)
+    return history + cfg["n_stream"] * policy_bytes_per_stream
+
+
 def run_chunk(cfg: dict, chunk: list[int], tasks: list[dict], make_policy, progress=None) -> dict:
     """{index: history} of every task in `chunk`, n_stream streams each; `progress(0, env steps)`
     after every episode, so a bar moves while a chunk of hundreds of tasks runs."""
@@ -51,7 +64,7 @@ def run_chunk(cfg: dict, chunk: list[int], tasks: list[dict], make_policy, progr
 
 def collect(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress, make_policy):
     """Same contract as batched_ppo.collect: `on_done({index: history})` after each chunk."""
-    size = cfg["task_chunk"] or CHUNK_TASKS
+    size = chunk_size(cfg)
     for start in range(0, len(indices), size):
         chunk = indices[start:start + size]
         on_done(run_chunk(cfg, chunk, tasks, make_policy, progress))

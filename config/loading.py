@@ -96,9 +96,24 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def _non_finite(value) -> bool:
+    """Whether a value read from YAML is an infinity or a NaN (.inf, -.inf, .nan, or 'inf' as text)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def _coerce(key: str, value, origin: str):
     spec = SCHEMA[key]
     allowed = spec.type.__name__
+    if spec.type in (int, float) and _non_finite(value):  # .inf, .nan: no setting means an endless or NaN value
+        raise ConfigError(f"{key}={value!r} ({origin}): infinite and NaN values (.inf, .nan) are not allowed; "
+                          f"give a finite {allowed}"
+                          + (f" between {spec.min} and {spec.max}" if spec.min is not None and spec.max is not None
+                             else ""))
     bad = ConfigError(f"{key}={value!r} ({origin}): expected {allowed}" +
                       (f", one of {list(spec.allowed())}" if spec.allowed() else ""))
     if spec.type is bool:

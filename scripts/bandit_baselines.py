@@ -23,7 +23,7 @@ from algorithm.history import dataset_path
 from cli import ArgumentParser, load_config, run_cli
 from errors import UserError
 from files import atomic_write, check_output_path
-from report import load_evaluation
+from report import load_evaluation, percent
 
 BOOTSTRAP_REPS = 2000
 
@@ -126,7 +126,7 @@ def table(rows: list[dict], checkpoints: list[int]) -> str:
     lines = [head, "|---|---|" + "---|" * (len(checkpoints) + 1)]
     for r in rows:
         cells = " | ".join(f"{m:.1f} [{lo:.1f}, {hi:.1f}]" for m, lo, hi in (r["regret"][T] for T in checkpoints))
-        lines.append(f"| {r['label']} | {r['rows']} | {cells} | {100 * r['final_fraction']:.0f}% |")
+        lines.append(f"| {r['label']} | {r['rows']} | {cells} | {percent(r['final_fraction'])} |")
     return "\n".join(lines)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cli import ArgumentParser
+from cli import ArgumentParser, run_cli
+from files import atomic_write, check_output_path, read_text
 
 PAGE = ROOT / "docs" / "configuration.md"
 
@@ -110,19 +111,22 @@ def main():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed page instead of writing it")
     args = parser.parse_args()
+    if not args.check:
+        check_output_path(PAGE, "configuration page")  # before anything is generated
     text = generate()
     if args.check:
-        current = PAGE.read_text(encoding="utf-8") if PAGE.is_file() else ""
+        current = read_text(PAGE, "configuration page") if PAGE.exists() else ""
         if current == text:
             return 0
         diff = difflib.unified_diff(current.splitlines(), text.splitlines(), "committed", "generated", lineterm="", n=0)
         print("\n".join(list(diff)[:40]))
         print(f"error: {PAGE.relative_to(ROOT)} is out of date; run: python scripts/config_docs.py", file=sys.stderr)
         return 1
-    PAGE.write_text(text, encoding="utf-8")
+    with atomic_write(PAGE, "w") as f:
+        f.write(text)
     print(f"wrote {PAGE.relative_to(ROOT)} ({text.count(chr(10))} lines)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(lambda: sys.exit(main()))

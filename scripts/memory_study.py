@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report
 from algorithm.history import steps_per_stream
-from cli import run_path
+from cli import check_training, run_path
 from errors import UserError
 from jobs import run, run_jobs
 
@@ -301,7 +301,9 @@ def plan_trainings(args, setup, train_config, ladders: dict, steps_in_stream: in
                 user = setup.sets + args.set
                 sets = budget_overrides(train_config(configs, user), n, steps_in_stream) + [f"seed={seed}"] + \
                     user + [f"run_dir={base}/ctx{n or 'default'}"]
-                plan[variant, n, seed] = (["train.py", *configs, "--set", *sets], train_config(configs, sets))
+                cfg = train_config(configs, sets)
+                check_training(cfg)  # a budget the data cannot hold stops here, not after the collection
+                plan[variant, n, seed] = (["train.py", *configs, "--set", *sets], cfg)
     return plan
 
 

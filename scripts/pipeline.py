@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report
-from cli import ArgumentParser, load_config, run_cli, run_path
+from cli import ArgumentParser, check_training, load_config, run_cli, run_path
 from config.loading import parse_set
 from errors import UserError
 from files import atomic_write, ensure_writable_dir
@@ -157,9 +157,9 @@ def result_table(rows: list[dict]) -> str:
              "| hardware |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        per_seed = " / ".join(f"{100 * f:.1f}" for f in r["per_seed"])
+        per_seed = " / ".join(report.percent(f, 1).rstrip("%") for f in r["per_seed"])
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['final']:.2f} | {r['optimal']:.2f} | "
-                     f"{100 * r['fraction']:.0f}% | {per_seed} | {r['iqm']} | "
+                     f"{report.percent(r['fraction'])} | {per_seed} | {r['iqm']} | "
                      f"{r['first']:.2f} | {r['episodes_to_80']} | {r['source_episodes_to_80']} | {r['context']} | "
                      f"{r['train_seconds'] / 60:.1f} min | {r['hardware']} |")
     return "\n".join(lines)
@@ -167,8 +167,12 @@ def result_table(rows: list[dict]) -> str:
 
 def table_row(variant: str, run_dirs: list[Path], eval_tag: str = "") -> dict:
     """Mean over seeds of what evaluate.py (its evaluation tagged `eval_tag`, or the untagged
-    one) and train.py wrote into the run folders."""
+    one) and train.py wrote into the run folders; the seeds must have been evaluated on the same tasks."""
     summaries, returns = zip(*(report.load_evaluation(d, eval_tag) for d in run_dirs))
+    for d, s in zip(run_dirs[1:], summaries[1:]):
+        if s.get("task_indices") != summaries[0].get("task_indices"):
+            raise UserError(f"{d} was evaluated on other tasks than {run_dirs[0]}: one row averages the same "
+                            "tasks; evaluate every seed with the same eval_split (rerun the pipeline)")
     trainings = [report.load_training(d) for d in run_dirs]
     mean = lambda k: sum(s[k] for s in summaries) / len(summaries)  # noqa: E731
     optimal = summaries[0]["optimal_return"]
@@ -188,8 +192,38 @@ def train_config(configs: list[str], overrides: list[str]) -> dict:
     return load_config([ROOT / c for c in configs], parse_set(overrides))
 
 
-def write_table_of_finished(args, run_dirs: dict, out_dir: Path, tag: str):
+def checked_config(configs: list[str], overrides: list[str]) -> dict:
+    """A training's config with every check its train.py and evaluate.py calls will make from the
+    config alone: a training or evaluation that would refuse stops the pipeline before the collection."""
+    from evaluate import check_evaluation
+    cfg = train_config(configs, overrides)
+    check_training(cfg)
+    check_evaluation(cfg)
+    return cfg
+
+
+# eval_summary.json entries and the config keys that made them: a run evaluated otherwise is not the setup's
+EVALUATED_WITH = {"temperature": "eval_temperature", "greedy": "eval_greedy", "seed": "eval_seed",
+                  "memory": "eval_memory"}
+
+
+def check_made_with(run_dir: Path, cfg: dict, eval_tag: str):
+    """A finished run tabulated under the setup's name was trained (and, untagged, evaluated) with
+    the setup's settings: a run_dir reused with other settings is refused, not reported."""
+    from train import run_differences
+    diff = run_differences(run_dir, cfg)
+    if not eval_tag:  # a tagged evaluation is another setting on purpose (e.g. temperature 1.0)
+        summary, _ = report.load_evaluation(run_dir)
+        diff += [f"{key}={summary.get(entry)!r} (now {cfg[key]!r})" for entry, key in EVALUATED_WITH.items()
+                 if entry in summary and summary[entry] != cfg[key]]
+    if diff:
+        raise UserError(f"{run_dir} was made with other settings than this setup's ({', '.join(diff[:4])}): "
+                        "give the --env, --size and --set it ran with, or rerun the pipeline to redo it")
+
+
+def write_table_of_finished(args, plan: dict, out_dir: Path, tag: str):
     """--table-only: the table of the evaluated runs, each variant over the seeds it has."""
+    run_dirs = {key: str(run_path(cfg)) for key, (_, cfg) in plan.items()}
     if not out_dir.is_dir():  # a wrong run_dir is not "no evaluation"
         raise UserError(f"run folder not found: {out_dir}; give the run_dir the pipeline ran with (--set run_dir=...)")
     rows, absent = [], []
@@ -197,6 +231,9 @@ def write_table_of_finished(args, run_dirs: dict, out_dir: Path, tag: str):
         done = [ROOT / run_dirs[variant, s] for s in args.seeds
                 if report.evaluation_files(ROOT / run_dirs[variant, s], args.eval_tag)[0].is_file()]
         absent += [f"{variant} seed {s}" for s in args.seeds if ROOT / run_dirs[variant, s] not in done]
+        for s in args.seeds:
+            if ROOT / run_dirs[variant, s] in done:
+                check_made_with(ROOT / run_dirs[variant, s], plan[variant, s][1], args.eval_tag)
         if done:
             rows.append(table_row(variant, done, args.eval_tag))
     if not rows:
@@ -269,7 +306,7 @@ def plan_trainings(args, setup: Setup) -> dict:
     for variant in args.variants:
         for seed in args.seeds:
             sets = training_sets(setup, variant, seed, args.set)
-            plan[variant, seed] = sets, train_config(setup.data + [setup.variants[variant]], sets)
+            plan[variant, seed] = sets, checked_config(setup.data + [setup.variants[variant]], sets)
     run_dirs = [str(run_path(cfg)) for _, cfg in plan.values()]
     if len(set(run_dirs)) < len(run_dirs):
         raise UserError("two variants resolve to the same run directory; give one of them its own folder in SETUPS")
@@ -332,7 +369,7 @@ def main():
         name += "_" + "-".join(args.variants)
     tag = f"{name}_seeds" + "-".join(map(str, args.seeds))
     if args.table_only:
-        return write_table_of_finished(args, {key: str(run_path(cfg)) for key, (_, cfg) in plan.items()}, out_dir, tag)
+        return write_table_of_finished(args, plan, out_dir, tag)
     run_pipeline(args, setup, plan, out_dir, name, tag)
 
 

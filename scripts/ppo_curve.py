@@ -23,14 +23,28 @@ from cli import ArgumentParser, run_cli
 from errors import UserError
 
 
-def fraction_of_optimal(path: Path, split: str) -> np.ndarray:
-    """(tasks, episodes, streams) return / optimal return of the finished tasks of `split`."""
+def finished_tasks(path: Path, split: str) -> tuple[dict, list[int]]:
+    """(header, the finished tasks of `split`), or a UserError where there are none or some are
+    damaged (read before any of them is, so a damaged task is one line, not a traceback)."""
     header = history.read_header(path)
-    cfg = header["collection_config"]
     indices = [i for i in header["done"] if split == "all" or header["split"][i] == split]
     if not indices:
         raise UserError(f"{path} has no finished {split} task")
+    damaged = history.damaged_tasks(path, header, indices)
+    if damaged:
+        raise UserError(f"{path} has damaged tasks ({history.describe(damaged)}): rerun the collect.py command "
+                        "that wrote it to collect them again")
+    return header, indices
+
+
+def fraction_of_optimal(path: Path, split: str) -> np.ndarray:
+    """(tasks, episodes, streams) return / optimal return of the finished tasks of `split`."""
+    header, indices = finished_tasks(path, split)
+    cfg = header["collection_config"]
     horizon, out = cfg["horizon"], []
+    if history.steps_per_stream(cfg) < horizon:  # no whole episode: every mean would be NaN
+        raise UserError(f"{path}: a stream of {history.steps_per_stream(cfg)} steps holds no whole episode of "
+                        f"horizon={horizon}, so there is no curve to show")
     with h5py.File(path, "r") as f:
         for i in indices:
             returns = history.episode_returns(f[str(i)]["rewards"][()], horizon)
@@ -41,8 +55,7 @@ def fraction_of_optimal(path: Path, split: str) -> np.ndarray:
 def first_reward_steps(path: Path, split: str) -> tuple[list[np.ndarray], dict]:
     """Per finished task of `split`: the step of each stream's first nonzero reward (the
     stream's length T if none), shape (n_stream,); and the collection config."""
-    header = history.read_header(path)
-    indices = [i for i in header["done"] if split == "all" or header["split"][i] == split]
+    header, indices = finished_tasks(path, split)
     out = []
     with h5py.File(path, "r") as f:
         for i in indices:

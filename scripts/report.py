@@ -156,6 +156,17 @@ def paired_difference(base: list[np.ndarray], new: list[np.ndarray], seed: int =
             float(low), float(high))
 
 
+def percent(fraction, digits: int = 0) -> str:
+    """A fraction as a table's percentage; 'n/a' where it is not a number (an optimum of 0, no episode)."""
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{100 * value:.{digits}f}%" if np.isfinite(value) else "n/a"
+
+
 def format_iqm(stats: tuple[float, float, float]) -> str:
     point, low, high = stats
+    if not np.all(np.isfinite(stats)):
+        return "n/a"
     return f"{100 * point:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
