@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import env as envs
-from algorithm import history
+from algorithm import history, registry
 from algorithm.history import dataset_path
 from cli import config_arg_parser, load_config, run_cli
 from config.loading import parse_set
@@ -47,30 +47,6 @@ def slice_path(path: Path, indices: list[int]) -> Path:
     return path.with_name(f"{path.stem}.tasks{indices[0]}-{indices[-1] + 1}{path.suffix}")
 
 
-def scripted_source(cfg: dict):
-    """The module that makes the histories where no PPO learner does (algorithm/scripted.py), or None."""
-    from algorithm import noisy_expert, posterior_sampling, q_learning
-    return {"NoisyExpert": noisy_expert, "PosteriorSampling": posterior_sampling,
-            "QLearning": q_learning}.get(cfg["alg"])
-
-
-def backend_name(cfg: dict) -> str:
-    """What made the histories: the PPO backend, or the scripted source's module (written into every task's group)."""
-    source = scripted_source(cfg)
-    return source.__name__.rpartition(".")[2] if source else cfg["backend"]
-
-
-def run_backend(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress):
-    if scripted_source(cfg):
-        scripted_source(cfg).collect(cfg, indices, tasks, on_done, progress)
-    elif cfg["backend"] == "sb3":
-        from algorithm import sb3_ppo
-        sb3_ppo.collect(cfg, indices, tasks, on_done, progress)
-    else:
-        from algorithm import batched_ppo
-        batched_ppo.collect(cfg, indices, tasks, on_done, progress)
-
-
 TORCH_PROCESS_BYTES = 300_000_000  # what a worker process carries before any task (torch itself)
 
 
@@ -92,8 +68,7 @@ def collect(cfg: dict, path: Path, indices: list[int]):
     """Collect the missing (or damaged) tasks among `indices` into `path`."""
     if already_complete(cfg, path, indices):
         return
-    if scripted_source(cfg):
-        scripted_source(cfg).check(cfg)  # a family it cannot play stops here, before any work
+    registry.check(cfg)  # a family the source cannot play stops here, before any work
     check_fits(cfg, len(indices))
     ensure_writable_dir(path.parent, "dataset directory")
     check_writable_file(path, "dataset", "make it writable (chmod u+w) or use another dataset_dir")
@@ -110,7 +85,8 @@ def already_complete(cfg: dict, path: Path, indices: list[int]) -> bool:
     history.check_matches(path, header, cfg)
     if set(indices) - set(header["done"]) or history.damaged_tasks(path, header, indices):
         return False
-    print(f"{path}: {len(indices)} of {len(indices)} tasks already collected, 0 to go (backend={backend_name(cfg)})")
+    print(f"{path}: {len(indices)} of {len(indices)} tasks already collected, 0 to go "
+          f"(backend={registry.backend_name(cfg)})")
     return True
 
 
@@ -129,7 +105,7 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
         done, damaged = set(), {}
     todo = [i for i in indices if i not in done]
     print(f"{path}: {len(indices) - len(todo)} of {len(indices)} tasks already collected, "
-          f"{len(todo)} to go (backend={backend_name(cfg)})")
+          f"{len(todo)} to go (backend={registry.backend_name(cfg)})")
     if not todo:
         return
     state_dim = envs.state_dim(cfg)
@@ -145,7 +121,7 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
     def on_done(results: dict):
         for h in results.values():
             history.check_history(h, cfg, state_dim)
-        history.append_tasks(path, results, tasks, split, backend_name(cfg), replace=damaged)
+        history.append_tasks(path, results, tasks, split, registry.backend_name(cfg), replace=damaged)
 
     def progress(n_tasks: int, n_env_steps: int):
         nonlocal steps, finished
@@ -155,7 +131,7 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
         bar.update(n_env_steps)
 
     try:
-        run_backend(cfg, todo, tasks, on_done, progress)
+        registry.collect(cfg, todo, tasks, on_done, progress)
     finally:
         bar.close()
     elapsed = time.perf_counter() - start

@@ -102,8 +102,8 @@ from algorithm.batched_net import (
     parameters_per_network,
     ppo_loss_gradients,
 )
-from algorithm.history import compress_markers, n_rollouts, steps_per_stream
-from algorithm.sb3_ppo import task_seed
+from algorithm.history import n_rollouts, steps_per_stream
+from algorithm.source import History, task_seed
 from errors import UserError
 from runtime import available_memory, exit_with_parent, pick_device
 
@@ -151,37 +151,6 @@ def observation_encoder(cfg: dict, device):
 
 
 # ----------------------------------------------------------------------------- one chunk
-
-class History:
-    """The recorded arrays of a chunk, laid out (learner, T, stream, ...): a task's learners
-    are consecutive rows, and `task` joins their streams into HistoryLoggerCallback's layout."""
-
-    def __init__(self, n_learners: int, T: int, streams: int, state_dim: int):
-        shape = (n_learners, T, streams)
-        self.states = np.zeros((*shape, state_dim), np.float32)
-        self.next_states = np.zeros((*shape, state_dim), np.float32)
-        self.actions = np.zeros(shape, np.int16)
-        self.rewards = np.zeros(shape, np.float32)
-        self.dones = np.zeros(shape, bool)
-
-    def record(self, t: int, states, actions, rewards, next_states, dones):
-        """One env step; all arguments are (n_learners * streams per learner, ...), learner-major."""
-        n = self.states.shape[0]
-        self.states[:, t] = states.reshape(n, -1, states.shape[-1])
-        self.actions[:, t] = actions.reshape(n, -1)
-        self.rewards[:, t] = rewards.reshape(n, -1)
-        self.next_states[:, t] = next_states.reshape(n, -1, next_states.shape[-1])
-        self.dones[:, t] = dones.reshape(n, -1)
-
-    def task(self, slots: slice, n_steps: int) -> dict:
-        """One task's history: the streams of its learners' `slots`, side by side."""
-        def streams(a):
-            part = a[slots]
-            return part[0] if len(part) == 1 else np.concatenate(list(part), axis=1)
-        out = {k: streams(getattr(self, k)) for k in ("states", "actions", "rewards", "next_states", "dones")}
-        T, S = out["actions"].shape
-        return {**out, "compress_markers": compress_markers(T, n_steps, S)}
-
 
 def _gae(rewards, values, dones, last_values, gamma, lam):
     """SB3's GAE over a rollout; all (n_steps, ...), `dones[t]` ends the episode after step t."""

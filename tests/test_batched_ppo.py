@@ -12,7 +12,7 @@ import env as envs
 from algorithm import batched_net, batched_ppo, history
 from algorithm.batched_net import BatchedActorCritic, BatchedAdam, normalize_advantages, ppo_loss, ppo_loss_gradients
 from algorithm.batched_ppo import ObsEncoder
-from algorithm.sb3_ppo import task_seed
+from algorithm.source import task_seed
 from cli import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -343,7 +343,7 @@ def test_read_only_dataset_is_refused_before_any_task(tmp_path, monkeypatch, cap
     before = path.read_bytes()
     real_access = files.os.access
     monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == path else real_access(p, mode))
-    monkeypatch.setattr(collect, "run_backend", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(collect.registry, "collect", lambda *a: pytest.fail("work started"))
     with pytest.raises(UserError, match="read-only"):
         collect.collect(cfg, path, list(range(3)))
     assert path.read_bytes() == before
