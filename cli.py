@@ -45,7 +45,7 @@ def check_combinations(cfg: dict):
 
 def check_learners(cfg: dict):
     """A PPO learner's rollout is n_steps x its streams; its minibatches must tile it. A
-    scripted source (alg NoisyExpert, PosteriorSampling) has no learner and no minibatches:
+    source other than PPO (alg QLearning, PosteriorSampling, NoisyExpert) has no PPO minibatches:
     PPO's keys mean nothing to it, and learners_per_task, which names the data (a collection
     key), must keep its default there so one dataset never has two names."""
     learners = cfg["learners_per_task"]

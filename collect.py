@@ -1,4 +1,5 @@
-"""Collect PPO learning histories for every task of an environment into one HDF5 file.
+"""Collect the source learner's histories (PPO, QLearning, PosteriorSampling or NoisyExpert)
+for every task of an environment into one HDF5 file.
 
     python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml
     python collect.py config/algorithm/noisy_expert_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
@@ -14,7 +15,7 @@
 The file is datasets/history_{env}_{alg}_alg-seed{alg_seed}.hdf5 (a slice adds
 `.tasksA-B`). Each finished task is on disk at once; rerunning the same command after a
 crash or Ctrl-C collects only what is missing. Both splits are collected: the held-out
-tasks' PPO curves are the baseline that evaluate.py compares against. A task found damaged
+tasks' source curves are the baseline that evaluate.py compares against. A task found damaged
 (a dataset missing or unreadable) is collected again. One collection writes a file at a time.
 """
 import time

@@ -1,6 +1,6 @@
 """What an environment family declares. A family is one module under env/ that subclasses
 `Family` and registers an instance (`register`, below); collection, training, evaluation and
-the PPO learner read every fact about it through the functions of env/__init__.py, so
+the sources read every fact about it through the functions of env/__init__.py, so
 adding a family touches no other file (docs/extending.md; tests/test_extending.py adds one
 from a test file). The config's `env` key names the family.
 """

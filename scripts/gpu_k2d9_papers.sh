@@ -50,7 +50,7 @@ stamp "collect done rc=$rc"
 if [ $rc -ne 0 ]; then kill $SAMPLER; exit 1; fi
 FILE=$(ls datasets/k2d9_papers/*.hdf5)
 ls -l "$FILE" >> "$OUT/timeline.txt"
-$PY scripts/ppo_curve.py "$FILE" --split test > "$OUT/ppo_curve_test.txt" 2>&1 &
+$PY scripts/source_curve.py "$FILE" --split test > "$OUT/source_curve_test.txt" 2>&1 &
 
 TRAIN_END=$(( START + BUDGET - EVAL_RESERVE ))  # the trainings' deadline (epoch seconds)
 chain() {  # train one run, then evaluate it while time is left: test 0.75, val 0.75, test 1.0

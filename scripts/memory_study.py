@@ -5,7 +5,7 @@
 
 For one environment, every variant is trained at a ladder of context budgets (`n_transit`,
 from less than one episode to the whole training stream; two-region AD has one budget, two
-PPO rollouts), each with the same number of step targets per optimiser step. Every run is
+rollouts), each with the same number of step targets per optimiser step. Every run is
 then evaluated on the test tasks four ways (evaluate.py --tag):
 - `keep`: as trained, for 4x the episodes one training stream holds (the length check of
   the goal; the usual 100-episode numbers are read off the same rollouts, which do not
@@ -36,7 +36,7 @@ from cli import run_path
 from errors import UserError
 from jobs import run, run_jobs
 
-# n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts).
+# n_transit ladders; None = the variant's config as it is (two-region: two rollouts).
 # The longest AD window is a whole training stream (darkroom 1,000 steps = 50 episodes,
 # Dark Key-to-Door 5x5 1,000 steps = 40 episodes with the study's 10-stream data).
 LADDERS = {
@@ -229,13 +229,13 @@ def plot_study(path: Path, rows: list[dict], title: str):
         ax1.errorbar(x, on, yerr=on_err, marker="o", color=color, label=variant, capsize=3)
         ax1.plot(x, off, marker="x", linestyle="--", color=color, label=f"{variant}, memory off")
         ax2.plot(x, to80, marker="o", color=color, label=variant)
-    ppo = rows[0]["source_episodes_to_80"]
-    if ppo is not None:
-        ax2.axhline(ppo, color="k", linestyle=":", label="source PPO")
+    source = rows[0]["source_episodes_to_80"]
+    if source is not None:
+        ax2.axhline(source, color="k", linestyle=":", label="source learner")
     if not any_reached:  # nothing to draw on a log axis
         ax2.text(0.5, 0.5, "no budget reached 80% of optimal in every seed", ha="center", transform=ax2.transAxes)
         ax2.set_xlim(min(r["context_tokens"] for r in rows), max(r["context_tokens"] for r in rows))
-    ax2.set_ylim(0, rows[0]["n_episodes"])  # the whole evaluation: "never" sits at the top, PPO in context
+    ax2.set_ylim(0, rows[0]["n_episodes"])  # the whole evaluation: "never" sits at the top, the source in context
     for ax, label in ((ax1, f"% of optimal, episode {rows[0]['n_episodes']}"), (ax2, "episodes to 80% of optimal")):
         ax.set_xscale("log")
         ax.set_xlabel("context tokens attended (log)")

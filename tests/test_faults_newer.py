@@ -197,7 +197,7 @@ def test_collect_refuses_tasks_with_merge(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv", [
     ["scripts/pipeline.py", "--jobs", "x"], ["scripts/pipeline.py", "--env", "nope"], ["scripts/pipeline.py", "--bogus"],
     ["collect.py", "--tasks"], ["collect.py", "--bogus"], ["scripts/compare_runs.py"],
-    ["scripts/ppo_curve.py", "a", "--split", "nope"], ["scripts/key_to_door_outcomes.py", "--episodes", "x"],
+    ["scripts/source_curve.py", "a", "--split", "nope"], ["scripts/key_to_door_outcomes.py", "--episodes", "x"],
     ["scripts/bandit_baselines.py"],
 ], ids=lambda a: "-".join(a).replace("/", "_"))
 def test_argument_errors_are_one_line(argv):

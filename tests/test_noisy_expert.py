@@ -18,7 +18,7 @@ from config.loading import parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import ppo_curve
+import source_curve
 
 K2D = ["config/algorithm/noisy_expert_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"]
 
@@ -88,7 +88,7 @@ def test_collect_writes_noisy_expert_histories(tmp_path, monkeypatch, capsys):
         assert f["0"].attrs["backend"] == "noisy_expert"
     assert h["actions"].shape == (100, 2) and set(np.unique(h["compress_markers"])) == {0, 1, 2}
     # the source-curve script does not speak of learners where there were none
-    ppo_curve.print_first_rewards(path, "all")
+    source_curve.print_first_rewards(path, "all")
     assert "independent streams (alg NoisyExpert)" in capsys.readouterr().out
 
 
