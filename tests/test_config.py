@@ -7,7 +7,7 @@ import pytest
 from cli_in_process import assert_one_line_error
 
 from cli import load_config
-from config.loading import parse_set
+from config.loading import parse_set, resolve_config
 from config.schema import COLLECTION_KEYS, SCHEMA
 from errors import ConfigError, UserError
 
@@ -363,3 +363,14 @@ def test_script_help_lists_config_keys():
     for key in SCHEMA:
         assert f"  {key} (" in proc.stdout, key
     assert "--set" in proc.stdout and "--tasks" in proc.stdout and "--merge" in proc.stdout
+
+
+def test_every_model_config_opens_with_its_variant_and_environment():
+    names = {"AD": "AD", "two-region AD": "AD", "CompressedAD": "CompressedAD"}
+    for path in sorted((ROOT / "config/model").glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        variant = next((v for v in sorted(names, key=len, reverse=True) if first.startswith(f"# {v} on ")), None)
+        assert variant, f"{path.name}: the first line names no variant: {first!r}"
+        text = resolve_config([path])  # the model keys alone, defaults elsewhere (no data to match)
+        assert text["model"] == names[variant], path.name
+        assert text["use_compressed_context"] == (variant == "two-region AD"), path.name
