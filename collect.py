@@ -2,11 +2,11 @@
 for every task of an environment into one HDF5 file.
 
     python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml
-    python collect.py config/algorithm/noisy_expert_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
+    python collect.py config/algorithm/noisy_expert_dark_key_to_door.yaml config/env/dark_key_to_door_9x9_650.yaml
                                                  # an expert with decaying noise instead of PPO (AD-epsilon)
-    python collect.py config/algorithm/posterior_sampling_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
+    python collect.py config/algorithm/posterior_sampling_dark_key_to_door.yaml config/env/dark_key_to_door_9x9_650.yaml
                                                  # a learner that searches by posterior sampling
-    python collect.py config/algorithm/q_learning_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
+    python collect.py config/algorithm/q_learning_dark_key_to_door.yaml config/env/dark_key_to_door_9x9_650.yaml
                                                  # tabular Q-learning, one learner per stream
     python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml --set n_stream=4
     python collect.py ... --tasks 0:40          # a slice, e.g. on another machine

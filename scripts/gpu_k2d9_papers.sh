@@ -32,7 +32,7 @@ mkdir -p "$OUT"
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 stamp() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/timeline.txt"; }
 
-DATA="config/algorithm/ppo_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml"
+DATA="config/algorithm/ppo_dark_key_to_door.yaml config/env/dark_key_to_door_9x9_650.yaml"
 SCALE="max_tasks=$MAX_TASKS n_stream=16 total_source_timesteps=$STEPS dataset_dir=datasets/k2d9_papers device=$DEVICE"
 RUNS=runs/k2d9_papers
 export PYTHONUNBUFFERED=1

@@ -89,19 +89,19 @@ SETUPS: dict[str, dict[str, Setup]] = {
         # histories from tabular Q-learning, one learner per stream that improves only from its own
         # episodes: 64 streams of 20 episodes per task (algorithm/q_learning.py; own run folder)
         # (evaluation at temperature 0.5: chosen on the validation tasks, AD 97.4% against 93.4% at 0.75)
-        "9x9": Setup(["config/algorithm/q_learning_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9.yaml"],
+        "9x9": Setup(["config/algorithm/q_learning_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_650.yaml"],
                      {**K2D9_VARIANTS, "CompressedAD": "config/model/compressed_ad_k2d9_short_streams.yaml"},
                      sets=["eval_temperature=0.5"], train_sets=["run_dir=runs/dark_key_to_door_9x9_q"]),
         # the same 650 tasks from PPO histories: 8 streams x 160 episodes per task, one learner per task
-        "9x9-ppo": Setup(["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9.yaml"],
+        "9x9-ppo": Setup(["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_650.yaml"],
                          K2D9_VARIANTS),
         # the same 650 tasks, histories from posterior sampling instead of PPO: 64 streams of 20
         # episodes per task (algorithm/posterior_sampling.py; its own run folder)
         "9x9-psrl": Setup(["config/algorithm/posterior_sampling_dark_key_to_door.yaml",
-                           "config/env/dark_key_to_door_9x9.yaml"],
+                           "config/env/dark_key_to_door_9x9_650.yaml"],
                           {**K2D9_VARIANTS, "CompressedAD": "config/model/compressed_ad_k2d9_short_streams.yaml"},
                           train_sets=["run_dir=runs/dark_key_to_door_9x9_psrl"]),
-        "full": Setup(["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"],
+        "full": Setup(["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_all.yaml"],
                       K2D5_VARIANTS, train_sets=FULL_MODEL + ["n_transit=200", "compress_interval=100"]),
     },
     "bandit": {

@@ -17,7 +17,7 @@ from cli import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DARKROOM = [ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"]
-KEY_TO_DOOR = [ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door.yaml"]
+KEY_TO_DOOR = [ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door_9x9_all.yaml"]
 
 
 def small_cfg(**overrides):

@@ -53,11 +53,11 @@ def test_shipped_darkroom_configs_load():
 
 
 def test_shipped_key_to_door_configs_load():
-    cfg = load_config([ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door.yaml"])
+    cfg = load_config([ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door_9x9_all.yaml"])
     assert (cfg["env"], cfg["horizon"]) == ("dark_key_to_door", 50)
     assert (cfg["n_steps"], cfg["batch_size"], cfg["total_source_timesteps"]) == (100, 50, 64000)
     assert cfg["n_epochs"] == 20  # from the included base file
-    nine = load_config([ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door_9x9.yaml"])
+    nine = load_config([ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door_9x9_650.yaml"])
     assert (nine["grid_size"], nine["horizon"], nine["max_tasks"]) == (9, 50, 650)
 
 

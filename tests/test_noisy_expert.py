@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import source_curve
 
-K2D = ["config/algorithm/noisy_expert_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"]
+K2D = ["config/algorithm/noisy_expert_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_all.yaml"]
 
 
 def config(files, sets=()):

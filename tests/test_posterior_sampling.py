@@ -17,7 +17,7 @@ from cli import load_config
 from config.loading import parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
-K2D = ["config/algorithm/posterior_sampling_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"]
+K2D = ["config/algorithm/posterior_sampling_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_all.yaml"]
 DARKROOM = ["config/algorithm/ppo_darkroom.yaml", "config/env/darkroom.yaml"]
 
 

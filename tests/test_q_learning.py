@@ -19,7 +19,7 @@ from config.loading import parse_set
 from errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-K2D = ["config/algorithm/q_learning_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"]
+K2D = ["config/algorithm/q_learning_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_all.yaml"]
 
 
 def config(sets=()):
