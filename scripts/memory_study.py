@@ -140,26 +140,24 @@ def group_iqm(run_dirs: list[Path], tag: str, episode: int) -> str:
 
 
 def study_table(rows: list[dict], groups: dict, n_episodes: int) -> str:
-    lines = ["| variant | n_transit | context tokens | context bytes | seeds | % of optimal (mean) | IQM [95% CI] "
-             "| memory off | IQM off | memory of another task | at T=1.0 | episodes to 80% "
-             "| episodes to 80%, memory off "
-             f"| % at episode {rows[0]['long_episodes']} | first episode | train min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["variant, n_transit", "context tokens", "context bytes", "seeds", "% of optimal (mean)", "IQM [95% CI]",
+              "memory off", "IQM off", "memory of another task", "at T=1.0", "episodes to 80%",
+              "episodes to 80%, memory off", f"% at episode {rows[0]['long_episodes']}", "first episode", "train min"]
+    cells = []
     for (variant, n_transit), dirs in groups.items():
         rs = [r for r in rows if r["variant"] == variant and r["n_transit"] == n_transit]
         def mean(k, rs=rs):
-            return 100 * np.mean([r[k] for r in rs])
+            return f"{100 * np.mean([r[k] for r in rs]):.0f}%"
         long_key = f"final_fraction_of_optimal_at_{rs[0]['long_episodes']}_episodes"
-        lines.append(
-            f"| {variant} | {n_transit} | {max(r['context_tokens'] for r in rs)} | "
-            f"{max(r['context_bytes'] for r in rs) / 1024:.1f} KiB | {len(rs)} | "
-            f"{mean('final_fraction_of_optimal'):.0f}% | "
-            f"{group_iqm(dirs, 'keep', n_episodes - 1)} | {mean('final_fraction_of_optimal_memory_off'):.0f}% | "
-            f"{group_iqm(dirs, 'drop', n_episodes - 1)} | {mean('final_fraction_of_optimal_memory_shuffle'):.0f}% | "
-            f"{mean('final_fraction_of_optimal_T1'):.0f}% | {[r['episodes_to_80'] for r in rs]} | "
-            f"{[r['episodes_to_80_memory_off'] for r in rs]} | {mean(long_key):.0f}% | "
-            f"{mean('first_fraction_of_optimal'):.0f}% | {np.mean([r['train_seconds'] for r in rs]) / 60:.1f} |")
-    return "\n".join(lines)
+        cells.append([f"{variant}, {n_transit}", str(max(r["context_tokens"] for r in rs)),
+                      f"{max(r['context_bytes'] for r in rs) / 1024:.1f} KiB", str(len(rs)),
+                      mean("final_fraction_of_optimal"), group_iqm(dirs, "keep", n_episodes - 1),
+                      mean("final_fraction_of_optimal_memory_off"), group_iqm(dirs, "drop", n_episodes - 1),
+                      mean("final_fraction_of_optimal_memory_shuffle"), mean("final_fraction_of_optimal_T1"),
+                      str([r["episodes_to_80"] for r in rs]), str([r["episodes_to_80_memory_off"] for r in rs]),
+                      mean(long_key), mean("first_fraction_of_optimal"),
+                      f"{np.mean([r['train_seconds'] for r in rs]) / 60:.1f}"])
+    return report.markdown_tables(header, cells)
 
 
 # what CompressedAD must show against full-history AD for its compression to be worth it

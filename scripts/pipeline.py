@@ -150,17 +150,14 @@ def with_set(values: list[str]) -> list[str]:
 
 
 def result_table(rows: list[dict]) -> str:
-    lines = ["| variant | seeds | final return | optimal | % of optimal | per seed | IQM [95% CI] "
-             "| first-episode return | episodes to 80% | source episodes to 80% | context tokens | train time / run "
-             "| hardware |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        per_seed = " / ".join(f"{100 * f:.1f}" for f in r["per_seed"])
-        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final']:.2f} | {r['optimal']:.2f} | "
-                     f"{100 * r['fraction']:.0f}% | {per_seed} | {r['iqm']} | "
-                     f"{r['first']:.2f} | {r['episodes_to_80']} | {r['source_episodes_to_80']} | {r['context']} | "
-                     f"{r['train_seconds'] / 60:.1f} min | {r['hardware']} |")
-    return "\n".join(lines)
+    header = ["variant", "seeds", "% of optimal", "per seed", "IQM [95% CI]", "first-episode return",
+              "episodes to 80%", "final return", "optimal", "source episodes to 80%", "context tokens",
+              "train time / run", "hardware"]
+    cells = [[r["variant"], str(r["seeds"]), f"{100 * r['fraction']:.0f}%",
+              " / ".join(f"{100 * f:.1f}" for f in r["per_seed"]), r["iqm"], f"{r['first']:.2f}",
+              str(r["episodes_to_80"]), f"{r['final']:.2f}", f"{r['optimal']:.2f}", str(r["source_episodes_to_80"]),
+              str(r["context"]), f"{r['train_seconds'] / 60:.1f} min", r["hardware"]] for r in rows]
+    return report.markdown_tables(header, cells)
 
 
 def table_row(variant: str, run_dirs: list[Path], eval_tag: str = "") -> dict:
