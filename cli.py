@@ -48,7 +48,7 @@ def check_combinations(cfg: dict):
 def check_source_keys(cfg: dict):
     """A key of one source set for another is refused, naming the source it belongs to: it would
     be ignored, and a key that names the data must keep its default so one dataset never has two
-    names. PPO's minibatch and optimiser keys are the exception: the scripted sources' configs
+    names. PPO's minibatch and optimiser keys are the exception: the other sources' configs
     include a PPO config for its env settings, and those keys are no part of their data."""
     for key, sources in SOURCE_KEYS.items():
         ppo_setting = sources == ("PPO",) and key != "learners_per_task"
@@ -60,8 +60,8 @@ def check_source_keys(cfg: dict):
 
 def check_learners(cfg: dict):
     """A PPO learner's rollout is n_steps x its streams; its minibatches must tile it. A
-    scripted source (alg NoisyExpert, PosteriorSampling, QLearning) has no PPO learner and no
-    minibatches (check_source_keys)."""
+    source other than PPO (alg QLearning, PosteriorSampling, NoisyExpert) has no PPO minibatches
+    (check_source_keys)."""
     check_source_keys(cfg)
     learners = cfg["learners_per_task"]
     if cfg["alg"] != "PPO":

@@ -1,11 +1,12 @@
-"""Collect PPO learning histories for every task of an environment into one HDF5 file.
+"""Collect the source learner's histories (PPO, QLearning, PosteriorSampling or NoisyExpert)
+for every task of an environment into one HDF5 file.
 
     python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml
-    python collect.py config/algorithm/noisy_expert_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
+    python collect.py config/algorithm/noisy_expert_dark_key_to_door.yaml config/env/dark_key_to_door_9x9_650.yaml
                                                  # an expert with decaying noise instead of PPO (AD-epsilon)
-    python collect.py config/algorithm/posterior_sampling_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
+    python collect.py config/algorithm/posterior_sampling_dark_key_to_door.yaml config/env/dark_key_to_door_9x9_650.yaml
                                                  # a learner that searches by posterior sampling
-    python collect.py config/algorithm/q_learning_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml
+    python collect.py config/algorithm/q_learning_dark_key_to_door.yaml config/env/dark_key_to_door_9x9_650.yaml
                                                  # tabular Q-learning, one learner per stream
     python collect.py config/algorithm/ppo_darkroom.yaml config/env/darkroom.yaml --set n_stream=4
     python collect.py ... --tasks 0:40          # a slice, e.g. on another machine
@@ -14,7 +15,7 @@
 The file is datasets/history_{env}_{alg}_alg-seed{alg_seed}.hdf5 (a slice adds
 `.tasksA-B`). Each finished task is on disk at once; rerunning the same command after a
 crash or Ctrl-C collects only what is missing. Both splits are collected: the held-out
-tasks' PPO curves are the baseline that evaluate.py compares against. A task found damaged
+tasks' source curves are the baseline that evaluate.py compares against. A task found damaged
 (a dataset missing or unreadable) is collected again. One collection writes a file at a time.
 """
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import env as envs
-from algorithm import history
+from algorithm import history, policy_loop, registry
 from algorithm.history import dataset_path
 from cli import config_arg_parser, load_config, run_cli
 from config.loading import parse_set
@@ -48,47 +49,22 @@ def slice_path(path: Path, indices: list[int]) -> Path:
     return path.with_name(f"{path.stem}.tasks{indices[0]}-{indices[-1] + 1}{path.suffix}")
 
 
-def scripted_source(cfg: dict):
-    """The module that makes the histories where no PPO learner does (algorithm/scripted.py), or None."""
-    from algorithm import noisy_expert, posterior_sampling, q_learning
-    return {"NoisyExpert": noisy_expert, "PosteriorSampling": posterior_sampling,
-            "QLearning": q_learning}.get(cfg["alg"])
-
-
-def backend_name(cfg: dict) -> str:
-    """What made the histories: the PPO backend, or the scripted source's module (written into every task's group)."""
-    source = scripted_source(cfg)
-    return source.__name__.rpartition(".")[2] if source else cfg["backend"]
-
-
-def run_backend(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress):
-    if scripted_source(cfg):
-        scripted_source(cfg).collect(cfg, indices, tasks, on_done, progress)
-    elif cfg["backend"] == "sb3":
-        from algorithm import sb3_ppo
-        sb3_ppo.collect(cfg, indices, tasks, on_done, progress)
-    else:
-        from algorithm import batched_ppo
-        batched_ppo.collect(cfg, indices, tasks, on_done, progress)
-
-
 TORCH_PROCESS_BYTES = 300_000_000  # what a worker process carries before any task (torch itself)
 
 
 def check_fits(cfg: dict, n_tasks: int):
     """Refuse sizes that cannot fit in memory: one task in each worker process (the batched
-    backend cuts chunks of tasks to what fits, but never below one task per worker); a scripted
+    backend cuts chunks of tasks to what fits, but never below one task per worker); a source other than PPO
     source holds a chunk of tasks at once, with its policy's state (a Q table per stream)."""
     from algorithm.batched_ppo import bytes_per_task, observation_encoder
     device = pick_device(cfg["device"])
-    source = scripted_source(cfg)
-    if source:
-        from algorithm import scripted
-        tasks = min(scripted.chunk_size(cfg), n_tasks)
-        policy = getattr(source, "policy_bytes_per_stream", lambda cfg: 0)(cfg)
-        state = f" with the state of alg={cfg['alg']} per stream" if policy else ""
+    policy = registry.POLICIES.get(cfg["alg"])
+    if policy:
+        tasks = min(policy_loop.chunk_size(cfg), n_tasks)
+        per_stream = getattr(policy, "bytes_per_stream", lambda cfg: 0)(cfg)
+        state = f" with the state of alg={cfg['alg']} per stream" if per_stream else ""
         check_memory("collection", {f"{tasks} task(s) of {cfg['n_stream']} streams x {history.steps_per_stream(cfg)} "
-                                    f"steps{state}": tasks * scripted.bytes_per_task(cfg, policy)}, device,
+                                    f"steps{state}": tasks * policy_loop.bytes_per_task(cfg, per_stream)}, device,
                      ("use a smaller task_chunk (tasks held at once; the data stays the same), or " if tasks > 1
                       else "use ") + "a smaller n_stream, total_source_timesteps or grid_size")
         return
@@ -105,8 +81,7 @@ def collect(cfg: dict, path: Path, indices: list[int]):
     """Collect the missing (or damaged) tasks among `indices` into `path`."""
     if already_complete(cfg, path, indices):
         return
-    if scripted_source(cfg):
-        scripted_source(cfg).check(cfg)  # a family it cannot play stops here, before any work
+    registry.check(cfg)  # a family the source cannot play stops here, before any work
     check_fits(cfg, len(indices))
     ensure_writable_dir(path.parent, "dataset directory")
     check_writable_file(path, "dataset", "make it writable (chmod u+w) or use another dataset_dir")
@@ -138,7 +113,8 @@ def already_complete(cfg: dict, path: Path, indices: list[int]) -> bool:
     history.check_matches(path, header, cfg)
     if set(indices) - set(header["done"]) or history.damaged_tasks(path, header, indices):
         return False
-    print(f"{path}: {len(indices)} of {len(indices)} tasks already collected, 0 to go (backend={backend_name(cfg)})")
+    print(f"{path}: {len(indices)} of {len(indices)} tasks already collected, 0 to go "
+          f"(backend={registry.backend_name(cfg)})")
     return True
 
 
@@ -161,7 +137,7 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
         done, damaged = set(), {}
     todo = [i for i in indices if i not in done]
     print(f"{path}: {len(indices) - len(todo)} of {len(indices)} tasks already collected, "
-          f"{len(todo)} to go (backend={backend_name(cfg)})")
+          f"{len(todo)} to go (backend={registry.backend_name(cfg)})")
     if not todo:
         return
     state_dim = envs.state_dim(cfg)
@@ -177,7 +153,7 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
     def on_done(results: dict):
         for h in results.values():
             history.check_history(h, cfg, state_dim)
-        history.append_tasks(path, results, tasks, split, backend_name(cfg), replace=damaged)
+        history.append_tasks(path, results, tasks, split, registry.backend_name(cfg), replace=damaged)
 
     def progress(n_tasks: int, n_env_steps: int):
         nonlocal steps, finished
@@ -187,7 +163,7 @@ def _collect(cfg: dict, path: Path, indices: list[int]):
         bar.update(n_env_steps)
 
     try:
-        run_backend(cfg, todo, tasks, on_done, progress)
+        registry.collect(cfg, todo, tasks, on_done, progress)
     except BaseException:
         bar.leave = False  # the error's line is the last word, not a bar stopped half-way
         raise

@@ -4,7 +4,7 @@
 model/ad.py for the token fields):
 - standard mode: `n_transit` consecutive steps;
 - compressed mode (`use_compressed_context`): [<compress>, region k-1, </compress>,
-  <compress>, region k, </compress>], i.e. the previous full PPO rollout region and the
+  <compress>, region k, </compress>], i.e. the previous full rollout region and the
   current one. With causal attention each step token of region k sees exactly what the
   two-region evaluation shows the model at that step, so one sample supervises every
   query position of the region (and region k-1's tokens play the "no previous region yet"

@@ -155,7 +155,7 @@ def mean_interval(returns: np.ndarray, seed: int = 0, reps: int = 1000) -> tuple
     return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
 
 
-def plot_curves(path: Path, curves: dict, optimal: float, source_returns, title: str, source: str = "PPO"):
+def plot_curves(path: Path, curves: dict, optimal: float, source_returns, title: str, source: str):
     """Mean return per episode of each run with its 95% bootstrap interval over tasks x rollouts,
     and the learner that made the data (`source`: the history file's alg) on the same tasks."""
     import matplotlib

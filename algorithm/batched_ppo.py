@@ -14,76 +14,13 @@ once, so one PPO minibatch update for 81 tasks is a few dozen large tensor ops i
 normalisation, losses, gradient-norm clipping and Adam are all per learner, so no
 information passes between learners.
 
-What follows SB3 PPO (2.x) exactly:
-- observations: each MultiDiscrete dimension one-hot encoded and concatenated
-  (the family's MultiDiscrete space: darkroom [g, g], key-to-door [g, g, 2]), or a Box
-  observation as its floats, unscaled (the point robot), as `preprocess_obs` does;
-- network: separate policy and value MLPs, 64-64 tanh each, a linear action head
-  (logits of a categorical) and a linear value head; orthogonal init with gain sqrt(2)
-  for hidden layers, 0.01 for the action head, 1 for the value head, zero biases;
-- rollout: `n_steps` per stream, values and log-probabilities from the policy that
-  acts; at a timeout (our episodes only ever end by truncation at the horizon)
-  gamma * V(true last state) is added to the reward, as SB3 does for
-  `TimeLimit.truncated`; GAE(gamma, lambda) with the same recursion and
-  returns = advantages + values;
-- update: `n_epochs` passes over a fresh random permutation of the rollout, minibatches
-  of `batch_size`, advantages normalised per minibatch (mean, unbiased std, +1e-8;
-  skipped for a minibatch of one), clipped surrogate, value loss MSE(returns, values)
-  with no value clipping, entropy bonus `-ent_coef * mean(entropy)`, loss weights
-  `vf_coef`, gradient norm clipped to `max_grad_norm` as `clip_grad_norm_` does
-  (coefficient max_norm / (norm + 1e-6), capped at 1), Adam(eps=1e-5) at the constant
-  `source_lr`;
-- recorded history: the same arrays as `HistoryLoggerCallback` (states the action was
-  taken in, actions, raw rewards before bootstrapping, the true next state also on the
-  last step of an episode, dones, compress_markers), with the dtypes of the file.
-
-Differences from SB3 (none changes what PPO computes, only how):
-- gradients are computed by hand (the network and loss are fixed, so the backward pass
-  is a few batched matmuls), not by autograd; `tests/test_batched_ppo.py` checks them
-  against autograd through SB3's own policy.
-- on CPU, tanh is evaluated as 2 * sigmoid(2x) - 1 (within 2e-7 of torch.tanh): torch's
-  CPU tanh is ~3x slower than its sigmoid, and tanh is a large share of an update.
-  CUDA uses torch.tanh.
-- random numbers: each task draws from its own `torch.Generator` seeded with
-  `task_seed(alg_seed, index)` (SB3 seeds its global torch/numpy streams with the same
-  number): init, then per rollout one uniform per (step, stream) for the actions
-  (sampled by inverse CDF instead of `torch.multinomial`), then per epoch one `randperm`
-  (SB3: `np.random.permutation`). Same distributions, other draws: a history is not
-  bit-identical to SB3's with the same seed, only statistically equivalent
-  (`test_batched_follows_sb3_on_darkroom`, marked slow).
-- Adam is torch's fused kernel over the batched tensors (elementwise, so one Adam per
-  task up to floating-point rounding).
-- no update after the last rollout: it could not change the recorded history (SB3 runs
-  it and throws the model away).
-- no per-update logging (losses, KL, clip fraction) and no `target_kl` early stopping
-  (off in SB3 by default, and not a config key here).
+Every difference from Stable-Baselines3 PPO (none changes what PPO computes, only how), why
+a task's history does not depend on its chunk, and what memory a chunk takes are listed on
+docs/collection.md ("The batched backend against SB3").
 
 Parallelism: on CPU a chunk of tasks is split over `n_process` worker processes, each
 single-threaded (see `train_chunk` for why not threads); on CUDA one process runs the
 chunk on the GPU.
-
-Chunk independence: a task's history does not depend on which other tasks share its
-chunk or its worker, because every random draw comes from the task's own generator
-and every reduction runs over that task's slice only. Bit-for-bit equality also needs
-the batched kernels to compute each matrix of a batch the same way whatever the batch
-size; that holds for the CPU kernels here (`test_task_history_independent_of_chunk`,
-`test_worker_processes_give_the_same_histories`), but torch does not promise it (cuBLAS
-may pick other kernels for other batch sizes), so on CUDA a task's history can differ
-in rounding, and after that in sampled actions, between chunk compositions. It is
-always deterministic for a given chunk on CPU.
-
-Memory: peak memory grows linearly with tasks x streams (x steps for the history). Per
-task, the recorded history holds T x n_stream steps of 2 x state_dim x 4 + 8 bytes
-(darkroom: 1040 x 100 x 24 B = 2.5 MB) and the rollout buffers n_steps x n_stream
-samples of about 2 x ((state_dim + 1) x 8 + 24) bytes, the rollout and its shuffled copy
-(darkroom: 8000 x 96 B = 0.8 MB); the network, Adam state and activations add ~0.3 MB,
-and each further learner of a task (learners_per_task) its own ~0.2 MB.
-With worker processes the histories of a chunk exist twice while they are sent back,
-and each process carries ~0.3 GB of torch itself: the full darkroom run (81 tasks, 100
-streams, 2 workers) peaked at 1.2 GB summed over all processes. `task_chunk` bounds how many tasks
-are held at once; with task_chunk=0 (auto) a chunk is at most AUTO_CHUNK_TASKS tasks, and
-cut to what fits in half of the available memory (the results do not depend on it, see
-above), with a note on stderr.
 """
 import multiprocessing as mp
 import sys
@@ -102,8 +39,8 @@ from algorithm.batched_net import (
     parameters_per_network,
     ppo_loss_gradients,
 )
-from algorithm.history import compress_markers, n_rollouts, steps_per_stream
-from algorithm.sb3_ppo import task_seed
+from algorithm.history import n_rollouts, steps_per_stream
+from algorithm.source import History, task_seed
 from errors import UserError
 from runtime import available_memory, exit_with_parent, pick_device
 
@@ -151,37 +88,6 @@ def observation_encoder(cfg: dict, device):
 
 
 # ----------------------------------------------------------------------------- one chunk
-
-class History:
-    """The recorded arrays of a chunk, laid out (learner, T, stream, ...): a task's learners
-    are consecutive rows, and `task` joins their streams into HistoryLoggerCallback's layout."""
-
-    def __init__(self, n_learners: int, T: int, streams: int, state_dim: int):
-        shape = (n_learners, T, streams)
-        self.states = np.zeros((*shape, state_dim), np.float32)
-        self.next_states = np.zeros((*shape, state_dim), np.float32)
-        self.actions = np.zeros(shape, np.int16)
-        self.rewards = np.zeros(shape, np.float32)
-        self.dones = np.zeros(shape, bool)
-
-    def record(self, t: int, states, actions, rewards, next_states, dones):
-        """One env step; all arguments are (n_learners * streams per learner, ...), learner-major."""
-        n = self.states.shape[0]
-        self.states[:, t] = states.reshape(n, -1, states.shape[-1])
-        self.actions[:, t] = actions.reshape(n, -1)
-        self.rewards[:, t] = rewards.reshape(n, -1)
-        self.next_states[:, t] = next_states.reshape(n, -1, next_states.shape[-1])
-        self.dones[:, t] = dones.reshape(n, -1)
-
-    def task(self, slots: slice, n_steps: int) -> dict:
-        """One task's history: the streams of its learners' `slots`, side by side."""
-        def streams(a):
-            part = a[slots]
-            return part[0] if len(part) == 1 else np.concatenate(list(part), axis=1)
-        out = {k: streams(getattr(self, k)) for k in ("states", "actions", "rewards", "next_states", "dones")}
-        T, S = out["actions"].shape
-        return {**out, "compress_markers": compress_markers(T, n_steps, S)}
-
 
 def _gae(rewards, values, dones, last_values, gamma, lam):
     """SB3's GAE over a rollout; all (n_steps, ...), `dones[t]` ends the episode after step t."""

@@ -41,7 +41,7 @@ def dataset_path(cfg: dict) -> Path:
 
 
 def n_rollouts(cfg: dict) -> int:
-    """PPO rollouts per task: total_source_timesteps rounded up to whole rollouts."""
+    """Rollouts (n_steps per stream) per task: total_source_timesteps rounded up to whole rollouts."""
     per_rollout = cfg["n_steps"] * cfg["n_stream"]
     return -(-cfg["total_source_timesteps"] // per_rollout)
 
@@ -277,7 +277,7 @@ def describe(damaged: dict, n: int = 3) -> str:
 
 def config_differences(stored: dict, wanted: dict) -> list[str]:
     """'key=stored (asked wanted)' for the data-defining keys that differ; a key that means
-    nothing to one side's family or source (e.g. PPO's batch_size, which files of a scripted
+    nothing to one side's family or source (e.g. PPO's batch_size, which files of another
     source collected before SOURCE_KEYS still record) is not compared."""
     keys = sorted(k for k in set(stored) | set(wanted)
                   if k not in SCHEMA or "env" not in stored or (applies(k, stored) and applies(k, wanted)))

@@ -10,12 +10,11 @@ otherwise the expert's. Epsilon falls from 1 to 0 over a stream's episodes, so e
 Here epsilon falls linearly over the first `noise_decay_episodes` episodes of a stream:
 episode e (from 0) is played with epsilon = max(0, 1 - e / noise_decay_episodes). The
 streams of a task differ only in their random draws, from the task's own generator
-(algorithm/scripted.py runs the streams and writes PPO's file layout).
+(algorithm/policy_loop.py runs the streams and writes the file's layout).
 """
 import numpy as np
 
 import env as envs
-from algorithm import scripted
 from errors import ConfigError
 
 
@@ -41,16 +40,8 @@ class NoisyExpert:
     def observe(self, next_states, rewards):
         pass
 
-
-def check(cfg: dict):
-    """Stop before any work where the family has no expert policy."""
-    if envs.expert(cfg, []) is None:
-        raise ConfigError(f"alg=NoisyExpert needs an expert policy, and env={cfg['env']} has none; use alg=PPO")
-
-
-def run_chunk(cfg: dict, chunk: list[int], tasks: list[dict]) -> dict:
-    return scripted.run_chunk(cfg, chunk, tasks, NoisyExpert)
-
-
-def collect(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress=None):
-    scripted.collect(cfg, indices, tasks, on_done, progress, NoisyExpert)
+    @staticmethod
+    def check(cfg: dict):
+        """Stop before any work where the family has no expert policy."""
+        if envs.expert(cfg, []) is None:
+            raise ConfigError(f"alg=NoisyExpert needs an expert policy, and env={cfg['env']} has none; use alg=PPO")

@@ -14,14 +14,12 @@ cell down, for every later episode of the stream. In each episode it samples a c
 for the cell it looks for next, walks there along a shortest path (`step_toward`), and
 samples again whenever the candidate is ruled out (on the way or on arrival); once every
 cell has been found in the episode it stays put. Its draws come from the task's own
-generator (algorithm/scripted.py), so streams differ and a task's history does not depend
+generator (algorithm/policy_loop.py), so streams differ and a task's history does not depend
 on its chunk.
 """
 import numpy as np
 
 import env as envs
-from algorithm import scripted
-from env.darkroom import step_toward
 from errors import ConfigError
 
 
@@ -31,10 +29,13 @@ def policy_bytes_per_stream(cfg: dict) -> int:
 
 
 class PosteriorSampler:
+    bytes_per_stream = staticmethod(policy_bytes_per_stream)  # what collect.py budgets per stream
+
     def __init__(self, cfg: dict, copies: list[dict], generators: list):
         self.generators, self.n_stream = generators, cfg["n_stream"]
         self.grid = cfg["grid_size"]
-        self.n_hidden = envs.family(cfg).hidden_cells
+        family = envs.family(cfg)
+        self.n_hidden, self.step_toward = family.hidden_cells, family.step_toward
         n = len(copies)
         # candidates[i, h, c]: cell c may still hold hidden cell h of copy i
         self.candidates = np.ones((n, self.n_hidden, self.grid * self.grid), dtype=bool)
@@ -68,7 +69,7 @@ class PosteriorSampler:
         self._resample(looking, u[:, 0])
         pos = states[:, :2].astype(np.int64)
         goal = np.stack([self.target // self.grid, self.target % self.grid], axis=1)
-        return np.where(looking, step_toward(pos, goal), 0)
+        return np.where(looking, self.step_toward(pos, goal), 0)
 
     def observe(self, next_states, rewards):
         """Pin down the hidden cells a reward announced, and rule the cell just visited out for
@@ -88,17 +89,9 @@ class PosteriorSampler:
             raise RuntimeError("posterior sampling ruled out every cell: the env's reward rules "
                                "differ from the ones this learner assumes")
 
-
-def check(cfg: dict):
-    """Stop before any work where the family is not a grid with hidden reward cells."""
-    if not getattr(envs.family(cfg), "hidden_cells", 0):
-        raise ConfigError(f"alg=PosteriorSampling searches grid cells, and env={cfg['env']} has none "
-                          "to search; use alg=PPO")
-
-
-def run_chunk(cfg: dict, chunk: list[int], tasks: list[dict]) -> dict:
-    return scripted.run_chunk(cfg, chunk, tasks, PosteriorSampler)
-
-
-def collect(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress=None):
-    scripted.collect(cfg, indices, tasks, on_done, progress, PosteriorSampler)
+    @staticmethod
+    def check(cfg: dict):
+        """Stop before any work where the family is not a grid with hidden reward cells."""
+        if not getattr(envs.family(cfg), "hidden_cells", 0):
+            raise ConfigError(f"alg=PosteriorSampling searches grid cells, and env={cfg['env']} has none "
+                              "to search; use alg=PPO")

@@ -17,7 +17,7 @@ Key-to-Door 0, 1, 2: the reward history the AD model also sees in its context).
   (experience replay, still Q-learning), so a reward found at step 16 reaches the start
   state in one episode instead of 16.
 
-Every random draw comes from the task's own generator (algorithm/scripted.py), task by task
+Every random draw comes from the task's own generator (algorithm/policy_loop.py), task by task
 in a fixed order, so streams differ and a task's history does not depend on its chunk.
 Runs grid families whose observation starts with the cell (x, y) and whose rewards come from
 hidden cells (darkroom, Dark Key-to-Door); others are refused.
@@ -25,7 +25,6 @@ hidden cells (darkroom, Dark Key-to-Door); others are refused.
 import numpy as np
 
 import env as envs
-from algorithm import scripted
 from errors import ConfigError
 
 
@@ -45,6 +44,8 @@ def policy_bytes_per_stream(cfg: dict) -> int:
 
 
 class QLearner:
+    bytes_per_stream = staticmethod(policy_bytes_per_stream)  # what collect.py budgets per stream
+
     def __init__(self, cfg: dict, copies: list[dict], generators: list):
         self.generators, self.n_stream = generators, cfg["n_stream"]
         self.alpha, self.gamma, self.epsilon = cfg["q_alpha"], cfg["q_gamma"], cfg["q_epsilon"]
@@ -91,17 +92,9 @@ class QLearner:
             self.episode.append(transition)
         self.stage = next_stage
 
-
-def check(cfg: dict):
-    """Stop before any work where the family is not a grid whose cell the observation gives."""
-    if not getattr(envs.family(cfg), "hidden_cells", 0):
-        raise ConfigError(f"alg=QLearning keeps a table over grid cells, and env={cfg['env']} is no grid "
-                          "with hidden reward cells; use alg=PPO")
-
-
-def run_chunk(cfg: dict, chunk: list[int], tasks: list[dict]) -> dict:
-    return scripted.run_chunk(cfg, chunk, tasks, QLearner)
-
-
-def collect(cfg: dict, indices: list[int], tasks: list[dict], on_done, progress=None):
-    scripted.collect(cfg, indices, tasks, on_done, progress, QLearner)
+    @staticmethod
+    def check(cfg: dict):
+        """Stop before any work where the family is not a grid whose cell the observation gives."""
+        if not getattr(envs.family(cfg), "hidden_cells", 0):
+            raise ConfigError(f"alg=QLearning keeps a table over grid cells, and env={cfg['env']} is no grid "
+                              "with hidden reward cells; use alg=PPO")

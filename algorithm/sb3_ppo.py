@@ -2,14 +2,9 @@
 import multiprocessing as mp
 import time
 
-import numpy as np
-
 from algorithm.history import n_rollouts
+from algorithm.source import task_seed
 from runtime import exit_with_parent
-
-
-def task_seed(alg_seed: int, task_index: int) -> int:
-    return int(np.random.SeedSequence([alg_seed, task_index]).generate_state(1)[0])
 
 
 def collect_one_task(cfg: dict, task_index: int, task: dict) -> dict:
@@ -18,7 +13,7 @@ def collect_one_task(cfg: dict, task_index: int, task: dict) -> dict:
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     import env as envs
-    from algorithm.utils import HistoryLoggerCallback
+    from algorithm.sb3_callback import HistoryLoggerCallback
 
     torch.set_num_threads(1)  # many tiny learners: threads only add overhead
     vec = DummyVecEnv([lambda: envs.make_gym_env(cfg, task)] * cfg["n_stream"])

@@ -51,7 +51,7 @@ from runtime import pick_device
 
 CONFIGS = {"darkroom": [ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"],
            "dark_key_to_door": [ROOT / "config/algorithm/ppo_dark_key_to_door.yaml",
-                                ROOT / "config/env/dark_key_to_door.yaml"]}
+                                ROOT / "config/env/dark_key_to_door_9x9_all.yaml"]}
 
 
 def config(env: str, rollouts: int | None, overrides: dict) -> dict:

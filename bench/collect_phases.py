@@ -35,7 +35,8 @@ from algorithm import batched_ppo
 from cli import load_config
 
 CONFIGS = {"darkroom": ["config/algorithm/ppo_darkroom.yaml", "config/env/darkroom.yaml"],
-           "dark_key_to_door": ["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9.yaml"]}
+           "dark_key_to_door": ["config/algorithm/ppo_dark_key_to_door.yaml",
+                                "config/env/dark_key_to_door_9x9_650.yaml"]}
 
 
 class PhaseTimer:

@@ -78,7 +78,7 @@ SCHEMA: dict[str, Key] = {
         backend=(str, "batched", "PPO implementation: 'batched' trains all tasks at once in one "
                  "process (fast); 'sb3' runs one Stable-Baselines3 learner per task (reference)",
                  {"choices": ("batched", "sb3")}),
-        n_steps=(int, 80, "PPO rollout length per stream (= one compression region)", {"min": 1}),
+        n_steps=(int, 80, "rollout length per stream: one compression region (PPO: steps between updates)", {"min": 1}),
         batch_size=(int, 40, "PPO minibatch size", {"min": 1}),
         n_epochs=(int, 20, "PPO epochs per rollout", {"min": 1}),
         source_lr=(float, 3e-4, "PPO learning rate (Adam)", {"min": 0.0}),
@@ -176,11 +176,11 @@ SCHEMA: dict[str, Key] = {
         eval_tasks=(str, "", "comma-separated task indices (overrides eval_split)"),
         eval_greedy=(bool, False, "take the most likely action instead of sampling"),
         eval_temperature=(float, 0.5, "sample actions from softmax(logits / temperature); below 1 sharpens "
-                          "the imitated PPO policy (chosen on the validation goals: 93% of optimal at 0.5, 92% at 0.3, "
-                          "46% at 1.0)", {"min": 0.01}),
+                          "the imitated source policy (chosen on the validation goals: 93% of optimal at 0.5, "
+                          "92% at 0.3, 46% at 1.0)", {"min": 0.01}),
         eval_markers=(str, "model", "two-region mode: where regions end: 'model' (each rollout where its "
                       "token-type head predicts </compress>, or forced at n_transit // 2 steps) or 'interval' "
-                      "(every compress_interval steps, as in the data: a region is one PPO rollout)",
+                      "(every compress_interval steps, as in the data: a region is one rollout of n_steps)",
                       {"choices": ("model", "interval")}),
         eval_seed=(int, 0, "seed of the evaluation rollouts", SEED),
         eval_memory=(str, "keep", "memory ablation: 'keep' (normal); 'drop': no memory of earlier episodes "
@@ -214,8 +214,8 @@ def add_keys(section: str, family: str = "", **entries):
         COLLECTION_KEYS.extend(entries)  # in place: other modules hold this list
 
 
-# Keys that mean something to some sources only: PPO's learner settings are ignored by the
-# scripted sources (they have no learner), the noise schedule by everything but NoisyExpert.
+# Keys that mean something to some sources only: PPO's settings are ignored by the other
+# sources, the Q-learning keys by everything but QLearning, the noise schedule by everything but NoisyExpert.
 # A key that does not apply is no part of a dataset's identity (collection_keys).
 PPO_KEYS = ("batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda", "clip_range", "ent_coef", "vf_coef",
             "max_grad_norm", "learners_per_task")

@@ -1,6 +1,6 @@
 """Environment families (one module each, registered by name) and the facts the rest of the
 toolkit reads about the one a config names: its task list, the train/val/test split,
-optimal returns, actions, states and what the PPO learner and the model make of them.
+optimal returns, actions, states and what the source learners and the model make of them.
 
 Everything here is a pure function of the config, so collection, training and evaluation
 agree on which task index is which goal and which tasks are held out. Nothing outside

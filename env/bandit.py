@@ -14,8 +14,8 @@ a few hundred pulls (the regret scale of UCB1 is about sum over arms of log(T) /
 
 Rewards are random, so the batched env takes a seed (`seed(s)`): each copy draws from its own
 generator, seeded by (s, the task's means, how many copies of the same task come before it),
-so a copy's rewards do not depend on which other tasks share the batch (the batched PPO
-learner's chunk independence) and a rerun gives the same numbers.
+so a copy's rewards do not depend on which other tasks share the batch (the sources'
+chunk independence) and a rerun gives the same numbers.
 """
 import math
 

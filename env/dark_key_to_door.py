@@ -3,7 +3,7 @@
 +1 the first time the agent stands on the key, +1 the first time it stands on the door
 while holding the key (both can happen on one step when key and door share a cell).
 Same moves and start as darkroom. The observation is (x, y, has_key): with the key flag
-the source PPO learner's problem is Markov; the key and door positions stay hidden.
+the source learner's problem is Markov; the key and door positions stay hidden.
 """
 import gymnasium as gym
 import numpy as np

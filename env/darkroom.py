@@ -109,6 +109,8 @@ class Darkroom(Family):
     def gym_kwargs(self, cfg):
         return {"grid_size": cfg["grid_size"], "horizon": cfg["horizon"]}
 
+    step_toward = staticmethod(step_toward)  # how alg PosteriorSampling walks to a candidate cell
+
     def expert(self, cfg, tasks):
         goals = np.array([t["goal"] for t in tasks], dtype=np.int64)
         return lambda states: step_toward(states[:, :2].astype(np.int64), goals)

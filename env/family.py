@@ -1,6 +1,6 @@
 """What an environment family declares. A family is one module under env/ that subclasses
 `Family` and registers an instance (`register`, below); collection, training, evaluation and
-the PPO learner read every fact about it through the functions of env/__init__.py, so
+the sources read every fact about it through the functions of env/__init__.py, so
 adding a family touches no other file (docs/extending.md; tests/test_extending.py adds one
 from a test file). The config's `env` key names the family.
 """
@@ -23,10 +23,11 @@ class Family:
     name = ""         # the config's `env` value
     gym_id = None     # gymnasium id of the one-task env (sb3 backend, tests), registered on `register`
     gym_class = None  # its class: gym_class(**gym_kwargs(cfg), **task)
-    # What a scripted source needs, for the families that offer it: `expert` (alg NoisyExpert)
+    # What a source other than PPO needs, for the families that offer it: `expert` (alg NoisyExpert)
     # below, and a class attribute `hidden_cells` (alg PosteriorSampling: the number of grid
-    # cells that hide the reward, found in order; see env/darkroom.py) and, for alg QLearning, whether
-    # the family pays once per hidden cell (`pays_once_per_hidden_cell`, Dark Key-to-Door).
+    # cells that hide the reward, found in order, and `step_toward(pos, target)`, the shortest-path
+    # action; see env/darkroom.py) and, for alg QLearning, whether the family pays once per hidden
+    # cell (`pays_once_per_hidden_cell`, Dark Key-to-Door).
     size_keys: tuple = ()  # the config keys that set how many tasks the family has (named in messages)
 
     def check(self, cfg: dict):

@@ -5,7 +5,7 @@ the state s_t, the previous action a_{t-1}, the previous reward r_{t-1} and whet
 starts a new episode. The token's output predicts a_t, so every step of a window is an
 action target (dense supervision) and no action is ever visible to its own prediction.
 In two-region mode learned `<compress>` / `</compress>` marker tokens open and
-close each PPO rollout region, a token-type embedding tells the three kinds apart, and a
+close each rollout region of the source, a token-type embedding tells the three kinds apart, and a
 token-type head predicts the kind of the *next* token (so it learns when a region ends).
 
 Positions. Rotary embeddings (RoPE) on queries and keys: attention depends only on the
@@ -275,7 +275,7 @@ def build_model(cfg: dict, inputs: dict) -> AD:
 
 class ADVariant(Variant):
     """`model: AD`: a sliding window of n_transit steps; with `use_compressed_context` the
-    two-region context (markers around each PPO rollout region, a token-type head)."""
+    two-region context (markers around each rollout region, a token-type head)."""
     name = "AD"
 
     def check_config(self, cfg: dict):
@@ -283,7 +283,7 @@ class ADVariant(Variant):
             return
         if cfg["episode_stride"] > 1:
             raise ConfigError(f"episode_stride={cfg['episode_stride']} does not work with use_compressed_context=true: "
-                              "a two-region sample is two consecutive PPO rollouts; use episode_stride=1")
+                              "a two-region sample is two consecutive rollouts; use episode_stride=1")
         if cfg["n_transit"] < 2 * cfg["compress_interval"]:
             raise ConfigError(
                 f"n_transit={cfg['n_transit']} is smaller than two regions "
@@ -292,7 +292,7 @@ class ADVariant(Variant):
         if cfg["compress_interval"] != cfg["n_steps"]:
             raise ConfigError(
                 f"compress_interval={cfg['compress_interval']} differs from n_steps={cfg['n_steps']}: "
-                "a region is one PPO rollout, so set compress_interval to the collection's n_steps")
+                "a region is one rollout of the source, so set compress_interval to the collection's n_steps")
 
     def unused_keys(self, cfg: dict) -> tuple:
         return () if cfg["use_compressed_context"] else ("region_end_weight",)  # a two-region loss weight

@@ -32,7 +32,7 @@ mkdir -p "$OUT"
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 stamp() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/timeline.txt"; }
 
-DATA="config/algorithm/ppo_dark_key_to_door.yaml config/env/dark_key_to_door_9x9.yaml"
+DATA="config/algorithm/ppo_dark_key_to_door.yaml config/env/dark_key_to_door_9x9_650.yaml"
 SCALE="max_tasks=$MAX_TASKS n_stream=16 total_source_timesteps=$STEPS dataset_dir=datasets/k2d9_papers device=$DEVICE"
 RUNS=runs/k2d9_papers
 export PYTHONUNBUFFERED=1
@@ -50,7 +50,7 @@ stamp "collect done rc=$rc"
 if [ $rc -ne 0 ]; then kill $SAMPLER; exit 1; fi
 FILE=$(ls datasets/k2d9_papers/*.hdf5)
 ls -l "$FILE" >> "$OUT/timeline.txt"
-$PY scripts/ppo_curve.py "$FILE" --split test > "$OUT/ppo_curve_test.txt" 2>&1 &
+$PY scripts/source_curve.py "$FILE" --split test > "$OUT/source_curve_test.txt" 2>&1 &
 
 TRAIN_END=$(( START + BUDGET - EVAL_RESERVE ))  # the trainings' deadline (epoch seconds)
 chain() {  # train one run, then evaluate it while time is left: test 0.75, val 0.75, test 1.0

@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from ppo_curve import fraction_of_optimal
+from source_curve import fraction_of_optimal
 
 from algorithm.history import dataset_path
 from cli import ArgumentParser, load_config, run_cli

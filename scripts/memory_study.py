@@ -5,7 +5,7 @@
 
 For one environment, every variant is trained at a ladder of context budgets (`n_transit`,
 from less than one episode to the whole training stream; two-region AD has one budget, two
-PPO rollouts), each with the same number of step targets per optimiser step. Every run is
+rollouts), each with the same number of step targets per optimiser step. Every run is
 then evaluated on the test tasks four ways (evaluate.py --tag):
 - `keep`: as trained, for 4x the episodes one training stream holds (the length check of
   the goal; the usual 100-episode numbers are read off the same rollouts, which do not
@@ -37,7 +37,7 @@ from cli import check_training, run_path
 from errors import UserError
 from jobs import run, run_jobs
 
-# n_transit ladders; None = the variant's config as it is (two-region: two PPO rollouts).
+# n_transit ladders; None = the variant's config as it is (two-region: two rollouts).
 # SummaryAD reads a budget as the most tokens it attends to (its write pass, see
 # model/summary.py summary_budget): 49 is its model config, 25 one summary segment.
 # The longest AD window is a whole training stream (darkroom 1,000 steps = 50 episodes,
@@ -144,26 +144,24 @@ def group_iqm(run_dirs: list[Path], tag: str, episode: int) -> str:
 
 
 def study_table(rows: list[dict], groups: dict, n_episodes: int) -> str:
-    lines = ["| variant | n_transit | context tokens | context bytes | seeds | % of optimal (mean) | IQM [95% CI] "
-             "| memory off | IQM off | memory of another task | at T=1.0 | episodes to 80% "
-             "| episodes to 80%, memory off "
-             f"| % at episode {rows[0]['long_episodes']} | first episode | train min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["variant, n_transit", "context tokens", "context bytes", "seeds", "% of optimal (mean)", "IQM [95% CI]",
+              "memory off", "IQM off", "memory of another task", "at T=1.0", "episodes to 80%",
+              "episodes to 80%, memory off", f"% at episode {rows[0]['long_episodes']}", "first episode", "train min"]
+    cells = []
     for (variant, n_transit), dirs in groups.items():
         rs = [r for r in rows if r["variant"] == variant and r["n_transit"] == n_transit]
         def mean(k, rs=rs):
-            return 100 * np.mean([r[k] for r in rs])
+            return f"{100 * np.mean([r[k] for r in rs]):.0f}%"
         long_key = f"final_fraction_of_optimal_at_{rs[0]['long_episodes']}_episodes"
-        lines.append(
-            f"| {variant} | {n_transit} | {max(r['context_tokens'] for r in rs)} | "
-            f"{max(r['context_bytes'] for r in rs) / 1024:.1f} KiB | {len(rs)} | "
-            f"{mean('final_fraction_of_optimal'):.0f}% | "
-            f"{group_iqm(dirs, 'keep', n_episodes - 1)} | {mean('final_fraction_of_optimal_memory_off'):.0f}% | "
-            f"{group_iqm(dirs, 'drop', n_episodes - 1)} | {mean('final_fraction_of_optimal_memory_shuffle'):.0f}% | "
-            f"{mean('final_fraction_of_optimal_T1'):.0f}% | {[r['episodes_to_80'] for r in rs]} | "
-            f"{[r['episodes_to_80_memory_off'] for r in rs]} | {mean(long_key):.0f}% | "
-            f"{mean('first_fraction_of_optimal'):.0f}% | {np.mean([r['train_seconds'] for r in rs]) / 60:.1f} |")
-    return "\n".join(lines)
+        cells.append([f"{variant}, {n_transit}", str(max(r["context_tokens"] for r in rs)),
+                      f"{max(r['context_bytes'] for r in rs) / 1024:.1f} KiB", str(len(rs)),
+                      mean("final_fraction_of_optimal"), group_iqm(dirs, "keep", n_episodes - 1),
+                      mean("final_fraction_of_optimal_memory_off"), group_iqm(dirs, "drop", n_episodes - 1),
+                      mean("final_fraction_of_optimal_memory_shuffle"), mean("final_fraction_of_optimal_T1"),
+                      str([r["episodes_to_80"] for r in rs]), str([r["episodes_to_80_memory_off"] for r in rs]),
+                      mean(long_key), mean("first_fraction_of_optimal"),
+                      f"{np.mean([r['train_seconds'] for r in rs]) / 60:.1f}"])
+    return report.markdown_tables(header, cells)
 
 
 # what CompressedAD must show against full-history AD for its compression to be worth it
@@ -233,13 +231,13 @@ def plot_study(path: Path, rows: list[dict], title: str):
         ax1.errorbar(x, on, yerr=on_err, marker="o", color=color, label=variant, capsize=3)
         ax1.plot(x, off, marker="x", linestyle="--", color=color, label=f"{variant}, memory off")
         ax2.plot(x, to80, marker="o", color=color, label=variant)
-    ppo = rows[0]["source_episodes_to_80"]
-    if ppo is not None:
-        ax2.axhline(ppo, color="k", linestyle=":", label="source PPO")
+    source = rows[0]["source_episodes_to_80"]
+    if source is not None:
+        ax2.axhline(source, color="k", linestyle=":", label="source learner")
     if not any_reached:  # nothing to draw on a log axis
         ax2.text(0.5, 0.5, "no budget reached 80% of optimal in every seed", ha="center", transform=ax2.transAxes)
         ax2.set_xlim(min(r["context_tokens"] for r in rows), max(r["context_tokens"] for r in rows))
-    ax2.set_ylim(0, rows[0]["n_episodes"])  # the whole evaluation: "never" sits at the top, PPO in context
+    ax2.set_ylim(0, rows[0]["n_episodes"])  # the whole evaluation: "never" sits at the top, the source in context
     for ax, label in ((ax1, f"% of optimal, episode {rows[0]['n_episodes']}"), (ax2, "episodes to 80% of optimal")):
         ax.set_xscale("log")
         ax.set_xlabel("context tokens attended (log)")

@@ -91,19 +91,19 @@ SETUPS: dict[str, dict[str, Setup]] = {
         # histories from tabular Q-learning, one learner per stream that improves only from its own
         # episodes: 64 streams of 20 episodes per task (algorithm/q_learning.py; own run folder)
         # (evaluation at temperature 0.5: chosen on the validation tasks, AD 97.4% against 93.4% at 0.75)
-        "9x9": Setup(["config/algorithm/q_learning_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9.yaml"],
+        "9x9": Setup(["config/algorithm/q_learning_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_650.yaml"],
                      {**K2D9_VARIANTS, "CompressedAD": "config/model/compressed_ad_k2d9_short_streams.yaml"},
                      sets=["eval_temperature=0.5"], train_sets=["run_dir=runs/dark_key_to_door_9x9_q"]),
         # the same 650 tasks from PPO histories: 8 streams x 160 episodes per task, one learner per task
-        "9x9-ppo": Setup(["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9.yaml"],
+        "9x9-ppo": Setup(["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_650.yaml"],
                          K2D9_VARIANTS),
         # the same 650 tasks, histories from posterior sampling instead of PPO: 64 streams of 20
         # episodes per task (algorithm/posterior_sampling.py; its own run folder)
         "9x9-psrl": Setup(["config/algorithm/posterior_sampling_dark_key_to_door.yaml",
-                           "config/env/dark_key_to_door_9x9.yaml"],
+                           "config/env/dark_key_to_door_9x9_650.yaml"],
                           {**K2D9_VARIANTS, "CompressedAD": "config/model/compressed_ad_k2d9_short_streams.yaml"},
                           train_sets=["run_dir=runs/dark_key_to_door_9x9_psrl"]),
-        "full": Setup(["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"],
+        "full": Setup(["config/algorithm/ppo_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_all.yaml"],
                       K2D5_VARIANTS, train_sets=FULL_MODEL + ["n_transit=200", "compress_interval=100"]),
     },
     "bandit": {
@@ -152,17 +152,14 @@ def with_set(values: list[str]) -> list[str]:
 
 
 def result_table(rows: list[dict]) -> str:
-    lines = ["| variant | seeds | final return | optimal | % of optimal | per seed | IQM [95% CI] "
-             "| first-episode return | episodes to 80% | source episodes to 80% | context tokens | train time / run "
-             "| hardware |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        per_seed = " / ".join(report.percent(f, 1).rstrip("%") for f in r["per_seed"])
-        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final']:.2f} | {r['optimal']:.2f} | "
-                     f"{report.percent(r['fraction'])} | {per_seed} | {r['iqm']} | "
-                     f"{r['first']:.2f} | {r['episodes_to_80']} | {r['source_episodes_to_80']} | {r['context']} | "
-                     f"{r['train_seconds'] / 60:.1f} min | {r['hardware']} |")
-    return "\n".join(lines)
+    header = ["variant", "seeds", "% of optimal", "per seed", "IQM [95% CI]", "first-episode return",
+              "episodes to 80%", "final return", "optimal", "source episodes to 80%", "context tokens",
+              "train time / run", "hardware"]
+    cells = [[r["variant"], str(r["seeds"]), report.percent(r['fraction']),
+              " / ".join(report.percent(f, 1).rstrip("%") for f in r["per_seed"]), r["iqm"], f"{r['first']:.2f}",
+              str(r["episodes_to_80"]), f"{r['final']:.2f}", f"{r['optimal']:.2f}", str(r["source_episodes_to_80"]),
+              str(r["context"]), f"{r['train_seconds'] / 60:.1f} min", r["hardware"]] for r in rows]
+    return report.markdown_tables(header, cells)
 
 
 def table_row(variant: str, run_dirs: list[Path], eval_tag: str = "") -> dict:

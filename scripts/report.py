@@ -170,3 +170,15 @@ def format_iqm(stats: tuple[float, float, float]) -> str:
     if not np.all(np.isfinite(stats)):
         return "n/a"
     return f"{100 * point:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def markdown_tables(header: list[str], rows: list[list[str]], width: int = 7) -> str:
+    """Markdown tables of at most `width` columns that fit a documentation page: the first
+    column (what a row is) heads each, the other columns follow in order, a table at a time."""
+    tables = []
+    for start in range(1, len(header), width - 1):
+        cols = [0, *range(start, min(start + width - 1, len(header)))]
+        lines = ["| " + " | ".join(header[c] for c in cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(row[c] for c in cols) + " |" for row in rows]
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)

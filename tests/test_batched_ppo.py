@@ -12,12 +12,12 @@ import env as envs
 from algorithm import batched_net, batched_ppo, history
 from algorithm.batched_net import BatchedActorCritic, BatchedAdam, normalize_advantages, ppo_loss, ppo_loss_gradients
 from algorithm.batched_ppo import ObsEncoder
-from algorithm.sb3_ppo import task_seed
+from algorithm.source import task_seed
 from cli import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DARKROOM = [ROOT / "config/algorithm/ppo_darkroom.yaml", ROOT / "config/env/darkroom.yaml"]
-KEY_TO_DOOR = [ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door.yaml"]
+KEY_TO_DOOR = [ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door_9x9_all.yaml"]
 
 
 def small_cfg(**overrides):

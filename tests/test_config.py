@@ -7,7 +7,7 @@ import pytest
 from cli_in_process import assert_one_line_error
 
 from cli import load_config
-from config.loading import parse_set
+from config.loading import parse_set, resolve_config
 from config.schema import COLLECTION_KEYS, SCHEMA
 from errors import ConfigError, UserError
 
@@ -53,11 +53,11 @@ def test_shipped_darkroom_configs_load():
 
 
 def test_shipped_key_to_door_configs_load():
-    cfg = load_config([ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door.yaml"])
+    cfg = load_config([ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door_9x9_all.yaml"])
     assert (cfg["env"], cfg["horizon"]) == ("dark_key_to_door", 50)
     assert (cfg["n_steps"], cfg["batch_size"], cfg["total_source_timesteps"]) == (100, 50, 64000)
     assert cfg["n_epochs"] == 20  # from the included base file
-    nine = load_config([ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door_9x9.yaml"])
+    nine = load_config([ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door_9x9_650.yaml"])
     assert (nine["grid_size"], nine["horizon"], nine["max_tasks"]) == (9, 50, 650)
 
 
@@ -363,3 +363,14 @@ def test_script_help_lists_config_keys():
     for key in SCHEMA:
         assert f"  {key} (" in proc.stdout, key
     assert "--set" in proc.stdout and "--tasks" in proc.stdout and "--merge" in proc.stdout
+
+
+def test_every_model_config_opens_with_its_variant_and_environment():
+    names = {"AD": "AD", "two-region AD": "AD", "CompressedAD": "CompressedAD", "SummaryAD": "SummaryAD"}
+    for path in sorted((ROOT / "config/model").glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        variant = next((v for v in sorted(names, key=len, reverse=True) if first.startswith(f"# {v} on ")), None)
+        assert variant, f"{path.name}: the first line names no variant: {first!r}"
+        text = resolve_config([path])  # the model keys alone, defaults elsewhere (no data to match)
+        assert text["model"] == names[variant], path.name
+        assert text["use_compressed_context"] == (variant == "two-region AD"), path.name

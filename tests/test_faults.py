@@ -682,7 +682,7 @@ def test_collection_progress_counts_env_steps(tmp_path, monkeypatch, capsys):
         progress(len(indices), 0)
 
     monkeypatch.setattr(collect, "tqdm", Recorder)
-    monkeypatch.setattr(collect, "run_backend", backend)
+    monkeypatch.setattr(collect.registry, "collect", backend)
     collect.collect(cfg, path, todo)
     bar = bars[0]
     assert bar.total == len(todo) * per_task and bar.n == bar.total

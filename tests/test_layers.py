@@ -17,7 +17,7 @@ LAYERS = [
     ("config", ["config"]),
     ("environment families", ["env"]),
     ("data", ["algorithm.history", "algorithm.journal", "tokens", "dataset"]),
-    ("source learners", ["algorithm"]),  # every other module of algorithm/ is a source of learning histories
+    ("sources", ["algorithm"]),  # every other module of algorithm/ is part of a source of learning histories
     ("model", ["model"]),
     ("commands", ["cli", "collect", "train", "evaluate", "scripts", "bench"]),
 ]

@@ -11,16 +11,16 @@ from cli_in_process import run_in_process
 
 import collect
 import env as envs
-from algorithm import noisy_expert
+from algorithm import noisy_expert, policy_loop
 from algorithm.history import read_header, read_task
 from cli import load_config
 from config.loading import parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import ppo_curve
+import source_curve
 
-K2D = ["config/algorithm/noisy_expert_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"]
+K2D = ["config/algorithm/noisy_expert_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_all.yaml"]
 
 
 def config(files, sets=()):
@@ -51,7 +51,7 @@ def test_epsilon_falls_linearly_to_zero_and_then_the_expert_alone_acts():
     assert [noisy_expert.epsilon(cfg, e) for e in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
     tasks = envs.task_list(cfg)
     chunk = list(range(12))
-    histories = noisy_expert.run_chunk(cfg, chunk, tasks)
+    histories = policy_loop.run_chunk(cfg, chunk, tasks, noisy_expert.NoisyExpert)
     agree = []
     for index in chunk:
         h = histories[index]
@@ -68,8 +68,8 @@ def test_epsilon_falls_linearly_to_zero_and_then_the_expert_alone_acts():
 def test_a_tasks_history_does_not_depend_on_its_chunk():
     cfg = tiny()
     tasks = envs.task_list(cfg)
-    together = noisy_expert.run_chunk(cfg, [3, 7, 9], tasks)
-    alone = noisy_expert.run_chunk(cfg, [7], tasks)
+    together = policy_loop.run_chunk(cfg, [3, 7, 9], tasks, noisy_expert.NoisyExpert)
+    alone = policy_loop.run_chunk(cfg, [7], tasks, noisy_expert.NoisyExpert)
     for k in alone[7]:
         np.testing.assert_array_equal(together[7][k], alone[7][k])
     assert not np.array_equal(together[3]["actions"], together[9]["actions"])
@@ -88,7 +88,7 @@ def test_collect_writes_noisy_expert_histories(tmp_path, monkeypatch, capsys):
         assert f["0"].attrs["backend"] == "noisy_expert"
     assert h["actions"].shape == (100, 2) and set(np.unique(h["compress_markers"])) == {0, 1, 2}
     # the source-curve script does not speak of learners where there were none
-    ppo_curve.print_first_rewards(path, "all")
+    source_curve.print_first_rewards(path, "all")
     assert "independent streams (alg NoisyExpert)" in capsys.readouterr().out
 
 

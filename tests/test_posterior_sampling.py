@@ -11,13 +11,13 @@ from cli_in_process import run_in_process
 
 import collect
 import env as envs
-from algorithm import posterior_sampling
+from algorithm import policy_loop, posterior_sampling, registry
 from algorithm.history import read_header, read_task
 from cli import load_config
 from config.loading import parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
-K2D = ["config/algorithm/posterior_sampling_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"]
+K2D = ["config/algorithm/posterior_sampling_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_all.yaml"]
 DARKROOM = ["config/algorithm/ppo_darkroom.yaml", "config/env/darkroom.yaml"]
 
 
@@ -38,7 +38,7 @@ def test_every_stream_improves_monotonically_to_the_optimal_return(files, horizo
     cfg = config(files, ["alg=PosteriorSampling", "grid_size=5", f"horizon={horizon}", "n_stream=2",
                          f"n_steps={2 * horizon}", f"total_source_timesteps={2 * 10 * horizon}"])
     tasks = envs.task_list(cfg)
-    histories = posterior_sampling.run_chunk(cfg, list(range(len(tasks))), tasks)
+    histories = policy_loop.run_chunk(cfg, list(range(len(tasks))), tasks, posterior_sampling.PosteriorSampler)
     returns = np.stack([episode_returns(cfg, histories[i]) for i in range(len(tasks))])  # (task, ep, stream)
     optimal = np.array([envs.optimal_return(cfg, t) for t in tasks])[:, None, None]
     assert (np.diff(returns, axis=1) >= 0).all()
@@ -49,8 +49,8 @@ def test_every_stream_improves_monotonically_to_the_optimal_return(files, horizo
 def test_the_streams_of_a_task_search_independently_and_a_history_does_not_depend_on_its_chunk():
     cfg = config(K2D, ["grid_size=5", "horizon=25", "n_stream=4", "n_steps=50", "total_source_timesteps=800"])
     tasks = envs.task_list(cfg)
-    together = posterior_sampling.run_chunk(cfg, [3, 7, 9], tasks)
-    alone = posterior_sampling.run_chunk(cfg, [7], tasks)
+    together = policy_loop.run_chunk(cfg, [3, 7, 9], tasks, posterior_sampling.PosteriorSampler)
+    alone = policy_loop.run_chunk(cfg, [7], tasks, posterior_sampling.PosteriorSampler)
     for k in alone[7]:
         np.testing.assert_array_equal(together[7][k], alone[7][k])
     first_episode = together[7]["actions"][:25]
@@ -78,13 +78,13 @@ def test_a_family_without_hidden_cells_is_refused_before_any_work(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_progress_of_a_scripted_source_moves_every_episode():
+def test_the_progress_of_a_policy_source_moves_every_episode():
     """A chunk of hundreds of tasks takes minutes: the bar moves per episode, not per chunk."""
     cfg = config(K2D, ["grid_size=5", "horizon=25", "n_stream=2", "n_steps=50", "total_source_timesteps=200"])
     tasks = envs.task_list(cfg)
     calls = []
-    posterior_sampling.collect(cfg, list(range(6)), tasks, lambda results: None,
-                               lambda n_tasks, n_steps: calls.append((n_tasks, n_steps)))
+    registry.collect(cfg, list(range(6)), tasks, lambda results: None,
+                     lambda n_tasks, n_steps: calls.append((n_tasks, n_steps)))
     steps = [s for _, s in calls if s]
     assert len(steps) == 4  # 100 steps per stream: one call per 25-step episode
     assert sum(steps) == 6 * 2 * 100 and sum(n for n, _ in calls) == 6

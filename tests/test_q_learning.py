@@ -12,14 +12,14 @@ from cli_in_process import run_in_process
 
 import collect
 import env as envs
-from algorithm import q_learning
+from algorithm import policy_loop, q_learning
 from algorithm.history import read_header, read_task
 from cli import load_config
 from config.loading import parse_set
 from errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-K2D = ["config/algorithm/q_learning_dark_key_to_door.yaml", "config/env/dark_key_to_door.yaml"]
+K2D = ["config/algorithm/q_learning_dark_key_to_door.yaml", "config/env/dark_key_to_door_9x9_all.yaml"]
 
 
 def config(sets=()):
@@ -31,7 +31,7 @@ def fractions(episodes: int, sets=()) -> np.ndarray:
     cfg = config(["grid_size=5", "horizon=25", "n_stream=2", "n_steps=50",
                   f"total_source_timesteps={2 * episodes * 25}", *sets])
     tasks = envs.task_list(cfg)
-    histories = q_learning.run_chunk(cfg, list(range(len(tasks))), tasks)
+    histories = policy_loop.run_chunk(cfg, list(range(len(tasks))), tasks, q_learning.QLearner)
     returns = np.stack([histories[i]["rewards"].reshape(-1, 25, 2).sum(1) for i in range(len(tasks))])
     return returns / np.array([envs.optimal_return(cfg, t) for t in tasks])[:, None, None]
 
@@ -53,8 +53,8 @@ def test_the_streams_of_a_task_learn_independently_and_a_history_does_not_depend
     cfg = config(["grid_size=5", "horizon=25", "n_stream=4", "n_steps=50", "total_source_timesteps=800",
                   "q_epsilon=0.1"])
     tasks = envs.task_list(cfg)
-    together = q_learning.run_chunk(cfg, [3, 7, 9], tasks)
-    alone = q_learning.run_chunk(cfg, [7], tasks)
+    together = policy_loop.run_chunk(cfg, [3, 7, 9], tasks, q_learning.QLearner)
+    alone = policy_loop.run_chunk(cfg, [7], tasks, q_learning.QLearner)
     for k in alone[7]:
         np.testing.assert_array_equal(together[7][k], alone[7][k])
     first_episode = together[7]["actions"][:25]
@@ -84,4 +84,4 @@ def test_a_family_that_is_no_grid_is_refused_before_any_work(tmp_path, monkeypat
     assert code == 2 and "alg=QLearning keeps a table over grid cells" in err, err
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ConfigError):
-        q_learning.check(load_config(files, parse_set(["alg=QLearning"])))
+        q_learning.QLearner.check(load_config(files, parse_set(["alg=QLearning"])))

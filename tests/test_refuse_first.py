@@ -5,7 +5,7 @@ that do not belong together.
 1. refusals before the run folder exists (train.py) and before the collection (pipeline.py);
 2. the collection's memory estimate holds a scripted source's state (the Q tables), and a file
    with no finished task does not block a rerun with other sizes;
-3. a full disk, a damaged task in ppo_curve.py, an unwritable page for config_docs.py: one line;
+3. a full disk, a damaged task in source_curve.py, an unwritable page for config_docs.py: one line;
 4. a source curve from data re-collected with other settings, a comparison plot of runs of other
    data, a table of runs made with other settings: refused or left out, never drawn;
 5. messages: non-finite floats, --plot with one run, a source's keys set for another source.
@@ -29,7 +29,7 @@ from config.loading import parse_set
 from errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-Q_K2D = [ROOT / "config/algorithm/q_learning_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door.yaml"]
+Q_K2D = [ROOT / "config/algorithm/q_learning_dark_key_to_door.yaml", ROOT / "config/env/dark_key_to_door_9x9_all.yaml"]
 Q_TINY = ["grid_size=3", "horizon=10", "n_stream=2", "n_steps=10", "total_source_timesteps=80", "task_chunk=4",
           "n_process=1", "device=cpu"]
 
@@ -94,7 +94,7 @@ def test_collection_memory_estimate_counts_the_q_tables(tmp_path, monkeypatch, c
     with task_chunk (which leaves the data as it is) named first."""
     sets = ["grid_size=17", "n_stream=20000", "n_steps=50", "total_source_timesteps=1000000", "max_tasks=300",
             f"dataset_dir={tmp_path}"]
-    monkeypatch.setattr(collect, "run_backend", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(collect.registry, "collect", lambda *a: pytest.fail("work started"))
     code, err = run_in_process(monkeypatch, capsys, "collect.py", collect.main, [*Q_K2D, "--set", *sets])
     assert_one_line_error(code, err, "QLearning", "task_chunk")
     assert tree(tmp_path) == {}
@@ -156,11 +156,11 @@ def test_full_disk_during_collection_is_one_line_and_the_rerun_finishes_the_same
 
 def test_source_curve_script_refuses_a_damaged_task_in_one_line(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
-    import ppo_curve
+    import source_curve
     path = build_history_file(make_cfg(tmp_path))
     with h5py.File(path, "r+") as f:
         del f["3"]["rewards"]
-    code, err = run_in_process(monkeypatch, capsys, "ppo_curve.py", ppo_curve.main, [path])
+    code, err = run_in_process(monkeypatch, capsys, "source_curve.py", source_curve.main, [path])
     assert_one_line_error(code, err, "damaged", "task 3", "collect.py")
 
 

@@ -1,5 +1,5 @@
-"""Bad inputs and faults of the newer features (scripted sources, bandits, point robot,
-max_tasks, the memory study, the report scripts): each ends in one line and exit code 2,
+"""Bad inputs and faults of the sources other than PPO, the bandit and point-robot families,
+max_tasks, the memory study and the report scripts: each ends in one line and exit code 2,
 before any long work, with nothing on disk changed. One section per class of fault."""
 import json
 import subprocess
@@ -113,20 +113,20 @@ def test_bandit_task_list_is_the_one_datasets_were_made_with():
     assert bandit.draw_tasks(20, 5, 0.1) == old
 
 
-# ----------------------------------------------------------------------------- 9. PPO's rules and scripted sources
+# ----------------------------------------------------------------------------- 9. PPO's rules and the other sources
 
 SCRIPTED = [ROOT / "config/algorithm/noisy_expert_dark_key_to_door.yaml",
             ROOT / "config/algorithm/posterior_sampling_dark_key_to_door.yaml"]
 
 
 @pytest.mark.parametrize("alg", SCRIPTED, ids=lambda p: p.stem)
-def test_scripted_sources_skip_ppo_minibatch_checks(alg):
+def test_other_sources_skip_ppo_minibatch_checks(alg):
     cfg = load_config([alg, ROOT / "config/env/dark_key_to_door_5x5.yaml"], {"batch_size": 7, "n_stream": 5})
     assert cfg["batch_size"] == 7
 
 
 @pytest.mark.parametrize("alg", SCRIPTED, ids=lambda p: p.stem)
-def test_scripted_sources_refuse_learners_per_task(alg):
+def test_other_sources_refuse_learners_per_task(alg):
     with pytest.raises(ConfigError, match="learners_per_task=2 applies to alg=PPO only"):
         load_config([alg, ROOT / "config/env/dark_key_to_door_5x5.yaml"], {"learners_per_task": 2})
 
@@ -147,7 +147,7 @@ def test_data_identity_holds_only_keys_that_change_the_data():
     assert "noise_decay_episodes" in expert and "noise_decay_episodes" not in psrl | ppo
 
 
-def test_scripted_dataset_recorded_with_ppo_keys_still_matches(tmp_path):
+def test_other_source_dataset_recorded_with_ppo_keys_still_matches(tmp_path):
     """A file collected when the PPO keys were part of every identity is the same data."""
     from algorithm import history
     from config.loading import collection_config
@@ -197,7 +197,7 @@ def test_collect_refuses_tasks_with_merge(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv", [
     ["scripts/pipeline.py", "--jobs", "x"], ["scripts/pipeline.py", "--env", "nope"], ["scripts/pipeline.py", "--bogus"],
     ["collect.py", "--tasks"], ["collect.py", "--bogus"], ["scripts/compare_runs.py"],
-    ["scripts/ppo_curve.py", "a", "--split", "nope"], ["scripts/key_to_door_outcomes.py", "--episodes", "x"],
+    ["scripts/source_curve.py", "a", "--split", "nope"], ["scripts/key_to_door_outcomes.py", "--episodes", "x"],
     ["scripts/bandit_baselines.py"],
 ], ids=lambda a: "-".join(a).replace("/", "_"))
 def test_argument_errors_are_one_line(argv):
@@ -343,7 +343,7 @@ def test_read_only_dataset_is_refused_before_any_task(tmp_path, monkeypatch, cap
     before = path.read_bytes()
     real_access = files.os.access
     monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == path else real_access(p, mode))
-    monkeypatch.setattr(collect, "run_backend", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(collect.registry, "collect", lambda *a: pytest.fail("work started"))
     with pytest.raises(UserError, match="read-only"):
         collect.collect(cfg, path, list(range(3)))
     assert path.read_bytes() == before

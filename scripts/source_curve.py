@@ -1,14 +1,15 @@
-"""The source PPO's own learning curve in a history file: mean % of optimal per episode over
-tasks and streams, and the share of streams at optimal; the first thing to measure before
-distilling a new setting (are the streams long enough for PPO to solve most tasks?).
+"""The source learner's own learning curve in a history file (PPO, QLearning, PosteriorSampling
+or NoisyExpert): mean % of optimal per episode over tasks and streams, and the share of streams
+at optimal; the first thing to measure before distilling a new setting (are the streams long
+enough for the source to solve most tasks?).
 
 It also says how much of a stream's learning its own history explains. Streams that share
 one learner (`learners_per_task` below `n_stream`) share a policy: a stream whose first
 reward comes after the learner was updated on another stream's first reward may have been
 led there by what it never saw, which a model reading that one stream cannot predict.
 
-    python scripts/ppo_curve.py datasets/dark_key_to_door_9x9/history_dark_key_to_door_PPO_alg-seed42.hdf5
-    python scripts/ppo_curve.py FILE --split test        # only the held-out test tasks
+    python scripts/source_curve.py datasets/dark_key_to_door_9x9/history_dark_key_to_door_PPO_alg-seed42.hdf5
+    python scripts/source_curve.py FILE --split test        # only the held-out test tasks
 """
 import sys
 from pathlib import Path
@@ -89,7 +90,7 @@ def print_first_rewards(path: Path, split: str):
     per = cfg["n_stream"] // learners
     median = (f"median episode {np.median(first[found]) // cfg['horizon'] + 1:.0f}" if found.any()
               else "no stream got one")
-    if cfg.get("alg", "PPO") != "PPO":  # no learner: the streams of a noisy expert never share anything
+    if cfg.get("alg", "PPO") != "PPO":  # one learner (or policy) per stream: streams never share anything
         print(f"first reward of a stream: {median} ({100 * found.mean():.0f}% of streams get one); "
               f"independent streams (alg {cfg['alg']})")
         return

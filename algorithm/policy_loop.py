@@ -1,22 +1,21 @@
-"""Learning histories from a scripted policy instead of PPO learners: the loop that `alg:
-NoisyExpert` (algorithm/noisy_expert.py) and `alg: PosteriorSampling`
-(algorithm/posterior_sampling.py) share.
+"""The loop of the sources that play a numpy policy step by step instead of learning with
+torch: QLearning (algorithm/q_learning.py), PosteriorSampling (algorithm/posterior_sampling.py)
+and NoisyExpert (algorithm/noisy_expert.py).
 
 A policy plays `n_stream` copies of each task of a chunk in one batched env. It is built per
-chunk by `make_policy(cfg, copies, generators)`, where `generators[k]` is the k-th task's
+chunk by `Policy(cfg, copies, generators)`, where `generators[k]` is the k-th task's
 own random generator: drawing a task's randomness from it, in the same order whatever the
 chunk, makes a task's history independent of which other tasks share its chunk. A policy
 has `act(states, episode) -> actions` and `observe(next_states, rewards)`; episodes start
 together (the batched env's shared clock), and `new_episode()` is called at each start.
-The file layout is PPO's (compress markers every `n_steps`), so every model variant trains
-on it unchanged.
+The file layout is the same as PPO's (compress markers every `n_steps`), so every model
+variant trains on it unchanged.
 """
 import numpy as np
 
 import env as envs
-from algorithm.batched_ppo import History
 from algorithm.history import steps_per_stream
-from algorithm.sb3_ppo import task_seed
+from algorithm.source import History, task_seed
 
 CHUNK_TASKS = 256  # tasks stepped together: numpy work per step is shared; memory stays small
 
