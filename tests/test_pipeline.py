@@ -185,3 +185,17 @@ def test_an_unfinished_or_missing_run_is_named_as_such_in_a_table(tmp_path):
     (tmp_path / "train_summary.json").write_text("{")
     with pytest.raises(UserError, match="is damaged"):
         report.load_training(tmp_path)
+
+
+def test_9x9_compressed_variants_read_at_most_a_quarter_of_ads_context():
+    """The compressed recipes of the Q-learning 9x9 setup attend to at most a quarter of AD's tokens."""
+    from model import variant_of
+    setup = pipeline.SETUPS["dark_key_to_door"]["9x9-q"]
+
+    def tokens(variant):
+        cfg = pipeline.train_config(setup.data + [setup.variants[variant]], pipeline.training_sets(setup, variant, 0, []))
+        return variant_of(cfg).transformer_runs(cfg, training=False)[0][1]
+
+    assert pipeline.SETUPS["dark_key_to_door"]["9x9"] is setup
+    for variant in ("CompressedAD", "SummaryAD"):
+        assert 4 * tokens(variant) <= tokens("AD") - 4, variant  # AD's count includes 4 two-region markers
