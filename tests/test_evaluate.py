@@ -3,6 +3,7 @@ uncached reference, the two-region context bound, and evaluate.py end to end on 
 trained runs (outputs per docs/file-formats.md, comparison plot, one-line errors)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -432,3 +433,28 @@ def test_the_set_example_of_evaluate_help_is_one_evaluate_accepts(capsys):
     text = " ".join(capsys.readouterr().out.split())
     example = text.split("override config keys, e.g. --set ")[1].split("--plot")[0].split()
     assert example and all(SCHEMA[item.split("=")[0]].section == "evaluation" for item in example)
+
+
+def test_plot_runs_draws_saved_evaluations_without_a_rollout(trained, evaluated, tmp_path, monkeypatch):
+    """scripts/plot_runs.py redraws the comparison from the saved outputs; no rollout runs."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plot_runs
+    monkeypatch.setattr(evaluate, "rollout", lambda *a, **k: pytest.fail("a rollout ran"))
+    out = tmp_path / "plot.png"
+    plot_runs.main([str(trained["AD"]), str(trained["two_region"]), "--out", str(out), "--labels", "AD", "two"])
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_plot_runs_refuses_evaluations_of_other_tasks(trained, evaluated, tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plot_runs
+    other = tmp_path / trained["two_region"].name
+    shutil.copytree(trained["two_region"], other)
+    summary = json.loads((other / "eval_summary.json").read_text())
+    summary["task_indices"] = summary["task_indices"][::-1]
+    (other / "eval_summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(sys, "argv", ["plot_runs.py", str(trained["AD"]), str(other), "--out", str(tmp_path / "p.png")])
+    with pytest.raises(SystemExit) as e:
+        run_cli(plot_runs.main)
+    assert e.value.code == 2 and "other tasks" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
