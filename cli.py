@@ -49,9 +49,10 @@ def check_source_keys(cfg: dict):
     """A key of one source set for another is refused, naming the source it belongs to: it would
     be ignored, and a key that names the data must keep its default so one dataset never has two
     names. PPO's minibatch and optimiser keys are the exception: the other sources' configs
-    include a PPO config for its env settings, and those keys are no part of their data."""
+    include a PPO config for its env settings, and those keys are no part of their data. No such
+    config sets learners_per_task or count_bonus, so those are refused like any other source's key."""
     for key, sources in SOURCE_KEYS.items():
-        ppo_setting = sources == ("PPO",) and key != "learners_per_task"
+        ppo_setting = sources == ("PPO",) and key not in ("learners_per_task", "count_bonus")
         if cfg["alg"] in sources or ppo_setting or cfg[key] == SCHEMA[key].default:
             continue
         raise ConfigError(f"{key}={cfg[key]!r} applies to alg={' or alg='.join(sources)} only (alg={cfg['alg']} "
@@ -80,6 +81,20 @@ def check_learners(cfg: dict):
     if cfg["n_steps"] * streams % cfg["batch_size"]:
         raise ConfigError(f"batch_size={cfg['batch_size']} must divide a rollout ({rollout}) so every "
                           "minibatch has the same size")
+    check_count_bonus(cfg)
+
+
+def check_count_bonus(cfg: dict):
+    """The count bonus counts discrete observations, in the batched backend only."""
+    bonus = cfg["count_bonus"]
+    if not bonus:
+        return
+    if cfg["backend"] != "batched":
+        raise ConfigError(f"count_bonus={bonus} needs backend=batched (the sb3 backend learns from the env's "
+                          "reward only); set backend=batched or count_bonus=0")
+    if env.state_cardinalities(cfg) is None:
+        raise ConfigError(f"count_bonus={bonus} counts visits to discrete observations, and env={cfg['env']} "
+                          "has a continuous (Box) state; set count_bonus=0")
 
 
 def check_split(cfg: dict):

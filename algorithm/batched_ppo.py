@@ -87,6 +87,27 @@ def observation_encoder(cfg: dict, device):
     return BoxEncoder(envs.state_dim(cfg)) if nvec is None else ObsEncoder(nvec, device)
 
 
+class VisitCounts:
+    """Count-based exploration bonus (`count_bonus` c): c / sqrt(N(s')), N(s') the learner's own
+    visits so far to the discrete observation s' it arrives at, this visit included.
+
+    Each learner counts only what its own streams saw (nothing passes between learners, as in
+    the rest of the backend), and a whole observation is one cell of the count (every
+    MultiDiscrete coordinate, e.g. position and has-key), so the bonus knows nothing of the task.
+    Counts run over the learner's whole history, not per episode or rollout."""
+
+    def __init__(self, nvec, n_learners: int, streams: int, coef: float):
+        self.nvec, self.S, self.coef = [int(n) for n in nvec], streams, coef
+        self.counts = np.zeros((n_learners, int(np.prod(self.nvec))), dtype=np.int64)
+        self.rows = np.repeat(np.arange(n_learners), streams)
+
+    def bonus(self, next_obs: np.ndarray) -> np.ndarray:
+        """Count the arrivals next_obs (B * S, len(nvec)) and return their bonus, (B * S,) float32."""
+        cells = np.ravel_multi_index(tuple(next_obs.astype(np.int64).T), self.nvec)
+        np.add.at(self.counts, (self.rows, cells), 1)  # two streams arriving at one cell count twice
+        return (self.coef / np.sqrt(self.counts[self.rows, cells])).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- one chunk
 
 def _gae(rewards, values, dones, last_values, gamma, lam):
@@ -140,6 +161,9 @@ class ChunkLearner:
             self.net.init_task(slot, g)
         self.adam = BatchedAdam(self.net.parameters(), cfg["source_lr"])
         self.history = History(self.B, steps_per_stream(cfg), self.S, envs.state_dim(cfg))
+        # off: the rollout is then exactly what it was before the bonus existed
+        self.counts = (VisitCounts(envs.state_cardinalities(cfg), self.B, self.S, cfg["count_bonus"])
+                       if cfg["count_bonus"] else None)
 
     def _per_learner(self, draw) -> torch.Tensor:
         """Stack one draw per learner from the learner's own generator (chunk-independent)."""
@@ -164,6 +188,8 @@ class ChunkLearner:
             actions_np = actions.cpu().numpy().reshape(-1)
             next_obs, rewards, dones = self.env.step(actions_np)
             self.history.record(t0 + t, obs, actions_np, rewards, next_obs, dones)
+            if self.counts is not None:  # PPO learns from the bonus; the history keeps the env's reward
+                rewards = rewards + self.counts.bonus(next_obs)
             rewards_t = torch.as_tensor(rewards, device=self.device).view(B, S)
             if dones.any():
                 # every copy shares one clock, so all episodes end together, by truncation:

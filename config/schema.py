@@ -88,6 +88,10 @@ SCHEMA: dict[str, Key] = {
         ent_coef=(float, 0.0, "PPO entropy bonus coefficient", {"min": 0.0}),
         vf_coef=(float, 0.5, "PPO value loss coefficient", {"min": 0.0}),
         max_grad_norm=(float, 0.5, "PPO gradient-norm clip", {"min": 0.0}),
+        count_bonus=(float, 0.0, "batched PPO: exploration bonus c / sqrt(N(s')) added to the reward PPO learns "
+                     "from, N(s') the learner's own visits so far to the observation it arrives at (each "
+                     "discrete observation counted apart; nothing of the task); the recorded rewards stay the "
+                     "env's. 0 = off", {"min": 0.0}),
         total_source_timesteps=(int, 100_000, "env steps per task, summed over streams "
                                 "(rounded up to whole rollouts)", {"min": 1}),
         n_stream=(int, 100, "parallel copies of each task (independent histories)", {"min": 1}),
@@ -218,7 +222,7 @@ def add_keys(section: str, family: str = "", **entries):
 # sources, the Q-learning keys by everything but QLearning, the noise schedule by everything but NoisyExpert.
 # A key that does not apply is no part of a dataset's identity (collection_keys).
 PPO_KEYS = ("batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda", "clip_range", "ent_coef", "vf_coef",
-            "max_grad_norm", "learners_per_task")
+            "max_grad_norm", "learners_per_task", "count_bonus")
 Q_KEYS = ("q_alpha", "q_gamma", "q_init", "q_epsilon", "q_replay")
 SOURCE_KEYS = {**{k: ("PPO",) for k in PPO_KEYS}, "noise_decay_episodes": ("NoisyExpert",),
                **{k: ("QLearning",) for k in Q_KEYS}}
@@ -236,12 +240,12 @@ def applies(key: str, cfg: dict) -> bool:
 COLLECTION_KEYS = [  # a list: add_keys(..., family=...) extends it in place
     "env", "grid_size", "horizon", "max_tasks", "env_split_seed", "train_env_ratio", "val_env_ratio",
     "alg", "n_steps", "batch_size", "n_epochs", "source_lr", "gamma", "gae_lambda",
-    "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "total_source_timesteps",
+    "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "count_bonus", "total_source_timesteps",
     "n_stream", "learners_per_task", "alg_seed", "noise_decay_episodes",
     "q_alpha", "q_gamma", "q_init", "q_epsilon", "q_replay",
 ]
 
 # keys added after datasets and runs were saved: the value those were made with
 KEYS_ADDED_LATER = {"region_end_weight": 1.0, "max_tasks": 0, "episode_stride": 1, "learners_per_task": 1,
-                    "noise_decay_episodes": 40}
+                    "noise_decay_episodes": 40, "count_bonus": 0.0}
 COLLECTION_KEYS_ADDED_LATER = {k: v for k, v in KEYS_ADDED_LATER.items() if k in COLLECTION_KEYS}

@@ -338,6 +338,39 @@ def test_learners_per_task_split_a_task_into_independent_learners():
     assert len({batched_ppo.learner_seed(42, 3, j) for j in range(8)} | {task_seed(42, 4)}) == 9
 
 
+def test_visit_counts_are_per_learner_and_per_observation():
+    counts = batched_ppo.VisitCounts([3, 3, 2], n_learners=2, streams=2, coef=0.5)
+    # learner 0's two streams arrive at one cell together; learner 1's at two others
+    first = counts.bonus(np.array([[1, 2, 0], [1, 2, 0], [1, 2, 0], [1, 2, 1]]))
+    np.testing.assert_allclose(first, [0.5 / np.sqrt(2)] * 2 + [0.5, 0.5])
+    again = counts.bonus(np.array([[1, 2, 1], [1, 2, 0], [1, 2, 0], [0, 0, 0]]))
+    np.testing.assert_allclose(again, [0.5, 0.5 / np.sqrt(3), 0.5 / np.sqrt(2), 0.5])
+
+
+def test_count_bonus_0_leaves_the_histories_as_they_were(monkeypatch):
+    """Off, no count is made: the rollout is the code path the data was collected with."""
+    default = run_collect(small_cfg(learners_per_task=2, batch_size=10), [3])
+    monkeypatch.setattr(batched_ppo, "VisitCounts", None)  # any use would fail
+    off = run_collect(small_cfg(learners_per_task=2, batch_size=10, count_bonus=0.0), [3])
+    for f in history.FIELDS:
+        np.testing.assert_array_equal(default[3][f], off[3][f], err_msg=f)
+
+
+def test_count_bonus_changes_the_learner_not_the_recorded_rewards():
+    """The bonus only reaches PPO's update: the first rollout (before any update) is the same,
+    later ones differ, and the file's rewards are still the env's (1 at the goal, else 0)."""
+    # lr 3e-3: at 3e-4 two updates move the policy too little to change a sampled action
+    cfg = small_cfg(learners_per_task=2, batch_size=10, source_lr=3e-3)
+    off = run_collect(cfg, [3])[3]
+    on = run_collect(small_cfg(learners_per_task=2, batch_size=10, source_lr=3e-3, count_bonus=1.0), [3])[3]
+    n = cfg["n_steps"]
+    for f in history.FIELDS:
+        np.testing.assert_array_equal(off[f][:n], on[f][:n], err_msg=f)
+    assert not np.array_equal(off["actions"][n:], on["actions"][n:])
+    goal = np.array(envs.task_list(cfg)[3]["goal"])
+    np.testing.assert_array_equal(on["rewards"], (on["next_states"] == goal).all(-1).astype(np.float32))
+
+
 def test_memory_estimate_counts_every_learner():
     """Each learner of a task has its own network, gradients, Adam state and minibatch."""
     one = batched_ppo.bytes_per_task(small_cfg(), 10)

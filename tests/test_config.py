@@ -277,6 +277,22 @@ def test_learners_per_task_must_divide_n_stream_and_fit_the_backend():
     assert load_config([], {"n_stream": 4, "learners_per_task": 4, "batch_size": 16, "n_steps": 16})
 
 
+def test_count_bonus_is_a_batched_ppo_key_of_the_data():
+    """count_bonus names PPO data; other sources, the sb3 backend and continuous states refuse it."""
+    from config.loading import collection_config
+    k2d = ROOT / "config/env/dark_key_to_door_5x5.yaml"
+    q = ROOT / "config/algorithm/q_learning_dark_key_to_door.yaml"
+    raises_naming(["count_bonus=0.3", "alg=PPO"], load_config, [q, k2d], {"count_bonus": 0.3})
+    assert "count_bonus" not in collection_config(load_config([q, k2d]))
+    ppo = load_config([ROOT / "config/algorithm/ppo_dark_key_to_door.yaml", k2d], {"count_bonus": 0.3})
+    assert collection_config(ppo)["count_bonus"] == 0.3
+    raises_naming(["count_bonus=0.3", "backend=batched"], load_config, [], {"count_bonus": 0.3, "backend": "sb3"})
+    raises_naming(["count_bonus=0.3", "point_robot"], load_config,
+                  [ROOT / "config/algorithm/ppo_point_robot.yaml", ROOT / "config/env/point_robot.yaml"],
+                  {"count_bonus": 0.3})
+    raises_naming(["count_bonus"], load_config, [], {"count_bonus": -1.0})
+
+
 def test_compress_interval_must_equal_n_steps():
     raises_naming(["compress_interval", "n_steps"], load_config, [],
                   _compressed(compress_interval=40, n_transit=400))
