@@ -28,6 +28,7 @@ import torch.nn as nn
 from dataset import BucketBatches, BucketSampler, CompressedADDataset, collate_compressed_batch, stage_len
 from errors import ConfigError
 from model.ad import AD, Block, KVCache, ModelConfig, _accuracy, _cross_entropy, split_targets
+from model.rollout import ablated_memory, cat_steps
 from model.variant import Variant, register
 
 
@@ -196,29 +197,17 @@ class LatentMemory:
         self.cache = model.new_cache(batch, capacity, device) if use_cache else None
         self.depth, self.max_tokens, self.batch = 0, 0, batch
 
-    def _cat(self, tokens: list[dict]) -> dict:
-        return {k: torch.cat([t[k] for t in tokens], 1) for k in tokens[0]}
-
     @torch.no_grad()
     def _compress(self):
         stage, self.recent = self.recent[: self.stage_len], self.recent[self.stage_len:]
         mask = torch.ones(self.batch, len(stage), dtype=torch.bool, device=self.device)
-        self.latents = self.model.compress(self.latents, self._cat(stage), mask)
+        self.latents = self.model.compress(self.latents, cat_steps(stage), mask)
         self.sets = (self.sets + [self.latents])[-self.model.latent_sets:]
-        self.visible = self._ablated(torch.cat(self.sets, 1))
+        self.visible = ablated_memory(torch.cat(self.sets, 1), self.memory, self.perm)
         self.depth += 1
         if self.use_cache:  # re-encode latents + kept steps
             self.cache.length = 0
-            self.model.decode(self.visible, self._cat(self.recent), self.cache)
-
-    def _ablated(self, latents):
-        if self.memory == "drop":
-            return None
-        if self.memory == "zero":
-            return torch.zeros_like(latents)
-        if self.memory == "shuffle":
-            return latents[self.perm.to(latents.device)]
-        return latents
+            self.model.decode(self.visible, cat_steps(self.recent), self.cache)
 
     def start_episode(self) -> bool:
         """Nothing to do: the ablation acts at each compression, not at episode starts."""
@@ -236,9 +225,9 @@ class LatentMemory:
         self.max_tokens = max(self.max_tokens, K + len(self.recent))
         if self.use_cache:
             if self.cache.length == 0 and self.visible is not None:  # cache was never built
-                return self.model.decode(self.visible, self._cat(self.recent), self.cache)[:, -1]
+                return self.model.decode(self.visible, cat_steps(self.recent), self.cache)[:, -1]
             return self.model.decode(None, token, self.cache)[:, -1]
-        return self.model.decode(self.visible, self._cat(self.recent))[:, -1]
+        return self.model.decode(self.visible, cat_steps(self.recent))[:, -1]
 
 
 register(CompressedADVariant())

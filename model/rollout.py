@@ -210,6 +210,23 @@ def _marker(ctx: Context, kind: int, batch: int) -> dict:
     return t
 
 
+def cat_steps(tokens: list[dict]) -> dict:
+    """One (B, L) token dict of L one-step (B, 1) token dicts, oldest first."""
+    return {k: torch.cat([t[k] for t in tokens], 1) for k in tokens[0]}
+
+
+def ablated_memory(memory_tokens: torch.Tensor, memory: str, perm):
+    """What a decoder reads of a variant's memory tokens (B, M, E) under the memory ablation:
+    the tokens ('keep'), none ('drop'), zeros ('zero') or another task's rollout's, row perm[r] ('shuffle')."""
+    if memory == "drop":
+        return None
+    if memory == "zero":
+        return torch.zeros_like(memory_tokens)
+    if memory == "shuffle":
+        return memory_tokens[perm.to(memory_tokens.device)]
+    return memory_tokens
+
+
 def other_task_rows(batch: int, n_rollouts: int) -> torch.Tensor:
     """For each row (task-major), a row of the next task (of another rollout when there is one task)."""
     shift = n_rollouts if batch > n_rollouts else 1

@@ -35,6 +35,7 @@ from torch.utils.data import default_collate
 from dataset import ADDataset, StepBatches
 from errors import ConfigError
 from model.ad import AD, KVCache, ModelConfig, _accuracy, _cross_entropy, split_targets
+from model.rollout import ablated_memory, cat_steps
 from model.variant import Variant, register
 from tokens import IGNORE, window_tokens
 
@@ -148,18 +149,6 @@ class SummaryMemory:
         self.cache = model.new_cache(batch, model.max_tokens, device) if use_cache else None
         self.written, self.max_tokens = 0, 0
 
-    def _cat(self, tokens: list[dict]) -> dict:
-        return {k: torch.cat([t[k] for t in tokens], 1) for k in tokens[0]}
-
-    def _ablated(self, summaries):
-        if self.memory == "drop":
-            return None
-        if self.memory == "zero":
-            return torch.zeros_like(summaries)
-        if self.memory == "shuffle":
-            return summaries[self.perm.to(summaries.device)]
-        return summaries
-
     @torch.no_grad()
     def _write(self):
         """End of a segment: write its summaries and push them into the memory."""
@@ -167,10 +156,10 @@ class SummaryMemory:
         if self.use_cache and self.memory == "keep":  # the cache holds [summaries, segment]
             _, new = self.model.segment(None, None, True, self.cache, self.batch)
         else:
-            _, new = self.model.segment(self.summaries, self._cat(self.steps), True)
+            _, new = self.model.segment(self.summaries, cat_steps(self.steps), True)
         self.max_tokens = max(self.max_tokens, held + len(self.steps) + self.model.n_summary)
         self.summaries = self.model.push(self.summaries, new)
-        self.visible = self._ablated(self.summaries)
+        self.visible = ablated_memory(self.summaries, self.memory, self.perm)
         self.steps, self.written = [], self.written + 1
 
     def start_episode(self) -> bool:
@@ -188,7 +177,7 @@ class SummaryMemory:
         held = 0 if self.visible is None else self.visible.shape[1]
         self.max_tokens = max(self.max_tokens, held + len(self.steps))
         if not self.use_cache:
-            return self.model.segment(self.visible, self._cat(self.steps), False)[0][:, -1]
+            return self.model.segment(self.visible, cat_steps(self.steps), False)[0][:, -1]
         first = len(self.steps) == 1
         if first:  # a new segment: re-encode the memory (see model/ad.py on why not slice the cache)
             self.cache.length = 0
