@@ -32,7 +32,7 @@ from model import build
 from model import rollout as rollout_mod
 from model.ad import KVCache, _cross_entropy
 from model.compressed import LatentMemory, split_compressed_batch
-from model.rollout import rollout, sample_actions
+from model.rollout import cat_steps, rollout, sample_actions
 
 # ----------------------------------------------------------------------------- the model
 
@@ -219,11 +219,8 @@ def test_cached_latent_memory_rollout_equals_uncached(data, monkeypatch):
     assert not torch.allclose(l1[0], l1[cfg["horizon"]])
 
 
-def test_rollout_latents_are_the_training_fold_of_the_oldest_stages(data, monkeypatch):
-    """What LatentMemory holds after a rollout is what training computes for the same steps:
-    latents_of(stages of stage_len oldest steps, oldest first), then decode(latents, recent)."""
-    _, cfg, _, _ = data
-    model = sensitive_compressed_model(cfg)
+def rollout_with_its_tokens(monkeypatch, model, cfg, n_episodes: int):
+    """recorded_rollout of one rollout per task, plus the step tokens LatentMemory received."""
     tokens = []
     real_step = LatentMemory.step
 
@@ -232,18 +229,31 @@ def test_rollout_latents_are_the_training_fold_of_the_oldest_stages(data, monkey
         return real_step(self, token)
 
     monkeypatch.setattr(LatentMemory, "step", step)
-    _, stats, logits, _, mem = recorded_rollout(monkeypatch, model, cfg, True, n_episodes=9, n_rollouts=1)
-    steps = 9 * cfg["horizon"]  # 90 steps: stages 0..19, 20..39, 40..59; recent 60..89
-    assert stats["compression_depth_reached"] == mem.depth == 3
-    cat = lambda ts: {k: torch.cat([t[k] for t in ts], 1) for k in ts[0]}  # noqa: E731
+    return tokens, recorded_rollout(monkeypatch, model, cfg, True, n_episodes=n_episodes, n_rollouts=1)
+
+
+def stages_of(tokens: list[dict], depth: int) -> list[dict]:
+    """The first `depth` stages of STAGE one-step tokens each, as training batches them (no padding)."""
     stages = []
-    for i in range(3):
-        st = cat(tokens[i * STAGE:(i + 1) * STAGE])
+    for i in range(depth):
+        st = cat_steps(tokens[i * STAGE:(i + 1) * STAGE])
         st["mask"] = torch.ones_like(st["state"], dtype=torch.bool)
         stages.append(st)
+    return stages
+
+
+def test_rollout_latents_are_the_training_fold_of_the_oldest_stages(data, monkeypatch):
+    """What LatentMemory holds after a rollout is what training computes for the same steps:
+    latents_of(stages of stage_len oldest steps, oldest first), then decode(latents, recent)."""
+    _, cfg, _, _ = data
+    model = sensitive_compressed_model(cfg)
+    tokens, (_, stats, logits, _, mem) = rollout_with_its_tokens(monkeypatch, model, cfg, n_episodes=9)
+    steps = 9 * cfg["horizon"]  # 90 steps: stages 0..19, 20..39, 40..59; recent 60..89
+    assert stats["compression_depth_reached"] == mem.depth == 3
+    stages = stages_of(tokens, 3)
     with torch.no_grad():
         latents = model.latents_of(stages)
-        last = model.decode(latents, cat(tokens[3 * STAGE:steps]))[:, -1]
+        last = model.decode(latents, cat_steps(tokens[3 * STAGE:steps]))[:, -1]
     torch.testing.assert_close(mem.latents, latents, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[-1], last, atol=1e-4, rtol=1e-4)
 
@@ -294,27 +304,14 @@ def test_accumulated_latent_sets_are_the_training_fold_and_bound_the_context(dat
     _, cfg, _, _ = data
     model = sensitive_compressed_model(cfg)
     model.latent_sets, model.encoder_reads_latents = 3, reads_latents
-    tokens = []
-    real_step = LatentMemory.step
-
-    def step(self, token):
-        tokens.append({k: v.clone() for k, v in token.items()})
-        return real_step(self, token)
-
-    monkeypatch.setattr(LatentMemory, "step", step)
-    _, stats, logits, _, mem = recorded_rollout(monkeypatch, model, cfg, True, n_episodes=12, n_rollouts=1)
+    tokens, (_, stats, logits, _, mem) = rollout_with_its_tokens(monkeypatch, model, cfg, n_episodes=12)
     depth = depth_after(12 * cfg["horizon"])  # 4 compressions: one set more than the decoder reads
     assert stats["compression_depth_reached"] == mem.depth == depth == 4
     assert stats["max_context_tokens"] == 3 * N_LATENT + N_TRANSIT and mem.visible.shape[1] == 3 * N_LATENT
-    cat = lambda ts: {k: torch.cat([t[k] for t in ts], 1) for k in ts[0]}  # noqa: E731
-    stages = []
-    for i in range(depth):
-        st = cat(tokens[i * STAGE:(i + 1) * STAGE])
-        st["mask"] = torch.ones_like(st["state"], dtype=torch.bool)
-        stages.append(st)
+    stages = stages_of(tokens, depth)
     with torch.no_grad():
         latents = model.latents_of(stages)
-        last = model.decode(latents, cat(tokens[depth * STAGE:]))[:, -1]
+        last = model.decode(latents, cat_steps(tokens[depth * STAGE:]))[:, -1]
         alone = model.encoder(None, model.embed(stages[-1]), stages[-1]["mask"])
     torch.testing.assert_close(mem.visible, latents, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[-1], last, atol=1e-4, rtol=1e-4)
