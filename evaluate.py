@@ -256,19 +256,20 @@ def evaluate_run(run_dir: Path, overrides: dict, tag: str = "",
     return summary, returns, source_returns
 
 
-def check_comparable(runs: list[Path], cfgs: list[dict]):
+def check_comparable(runs: list[Path], cfgs: list[dict], tasks: list[list[int]], fix: str):
     """One comparison plot draws one optimum and one source curve: its runs must come from the same
-    data (the collection keys of their configs) and be evaluated on the same tasks."""
-    first, want = collection_config(cfgs[0]), eval_task_indices(cfgs[0])
-    for run, cfg in zip(runs[1:], cfgs[1:]):
+    data (the collection keys of their configs) and be evaluated on the same `tasks` (one list per
+    run); `fix` ends the refusal."""
+    first = collection_config(cfgs[0])
+    for run, cfg, run_tasks in zip(runs[1:], cfgs[1:], tasks[1:]):
         other = collection_config(cfg)
         diff = [f"{k}={first.get(k)!r} vs {other.get(k)!r}" for k in sorted(set(first) | set(other))
                 if first.get(k) != other.get(k)]
-        if not diff and eval_task_indices(cfg) != want:
-            diff = ["other evaluation tasks"]
+        if not diff and run_tasks != tasks[0]:
+            diff = ["evaluated on other tasks"]
         if diff:
             raise UserError(f"{runs[0]} and {run} cannot share one comparison plot: they come from other data or tasks "
-                            f"({', '.join(diff[:4])}); evaluate them in separate evaluate.py calls")
+                            f"({', '.join(diff[:4])}); {fix}")
 
 
 def main():
@@ -296,7 +297,9 @@ def main():
             held.enter_context(claim_run_dir(run, create=False, job=f"evaluation {args.tag}".strip()))
         compare = len(runs) > 1 or args.plot is not None  # a --plot asked for is drawn, also of one run
         if compare:
-            check_comparable(runs, [cfg for cfg, _, _ in loaded])
+            cfgs = [cfg for cfg, _, _ in loaded]
+            check_comparable(runs, cfgs, [eval_task_indices(cfg) for cfg in cfgs],
+                             "evaluate them in separate evaluate.py calls")
             check_plot_path(plot)
         results = {}
         for run, run_loaded in zip(runs, loaded):

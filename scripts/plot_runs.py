@@ -18,25 +18,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import report
 from cli import ArgumentParser, load_config, run_cli
-from config.loading import collection_config
-from errors import UserError
-from evaluate import check_plot_path, plot_curves, source_curve
+from evaluate import check_comparable, check_plot_path, plot_curves, source_curve
 
 
 def curve_labels(runs: list[Path]) -> list[str]:
     """Each run's folder name, or parent/name where two runs share a name (seeds of two studies)."""
     names = [run.name for run in runs]
     return [f"{run.parent.name}/{run.name}" if names.count(run.name) > 1 else run.name for run in runs]
-
-
-def check_same_data_and_tasks(runs: list[Path], cfgs: list[dict], summaries: list[dict]):
-    """One plot draws one optimum and one source curve: its runs share the data and the tasks."""
-    for run, cfg, summary in zip(runs[1:], cfgs[1:], summaries[1:]):
-        if collection_config(cfg) != collection_config(cfgs[0]):
-            raise UserError(f"{runs[0]} and {run} come from other data; plot them separately")
-        if summary["task_indices"] != summaries[0]["task_indices"]:
-            raise UserError(f"{runs[0]} and {run} were evaluated on other tasks; plot evaluations of the same "
-                            "tasks (the same eval_split or eval_tasks)")
 
 
 def main(argv=None):
@@ -53,7 +41,8 @@ def main(argv=None):
     evaluations = [report.load_evaluation(run, args.tag) for run in args.runs]
     summaries = [summary for summary, _ in evaluations]
     cfgs = [load_config([run / "config.yaml"], {}) for run in args.runs]
-    check_same_data_and_tasks(args.runs, cfgs, summaries)
+    check_comparable(args.runs, cfgs, [summary["task_indices"] for summary in summaries],
+                     "plot evaluations of the same data and tasks (the same eval_split or eval_tasks) together")
     source = source_curve(cfgs[0], summaries[0]["task_indices"])
     curves = dict(zip(args.labels or curve_labels(args.runs), (returns for _, returns in evaluations)))
     plot_curves(args.out, curves, float(np.mean(summaries[0]["optimal_return"])), source, args.title,
