@@ -54,8 +54,8 @@ TORCH_PROCESS_BYTES = 300_000_000  # what a worker process carries before any ta
 
 def check_fits(cfg: dict, n_tasks: int):
     """Refuse sizes that cannot fit in memory: one task in each worker process (the batched
-    backend cuts chunks of tasks to what fits, but never below one task per worker); a source other than PPO
-    source holds a chunk of tasks at once, with its policy's state (a Q table per stream)."""
+    backend cuts chunks of tasks to what fits, but never below one task per worker); a source other
+    than PPO holds a chunk of tasks at once, with its policy's state (a Q table per stream)."""
     from algorithm.batched_ppo import bytes_per_task, observation_encoder
     device = pick_device(cfg["device"])
     policy = registry.POLICIES.get(cfg["alg"])
@@ -121,12 +121,13 @@ def already_complete(cfg: dict, path: Path, indices: list[int]) -> bool:
 def _collect(cfg: dict, path: Path, indices: list[int]):
     tasks, split = envs.task_list(cfg), envs.task_split(cfg)
     history.recover(path)  # finish or undo the append of a run killed while writing
-    if path.exists() and not history.read_header(path)["done"]:
+    header = history.read_header(path) if path.exists() else None
+    if header is not None and not header["done"]:
         # a collection stopped before its first task (e.g. out of memory) left only the header:
         # nothing to keep, so a rerun with other (smaller) settings starts the file again
         path.unlink()
-    if path.exists():
-        header = history.read_header(path)
+        header = None
+    if header is not None:
         history.check_matches(path, header, cfg)
         damaged = history.damaged_tasks(path, header, [i for i in indices if i in header["done"]])
         if damaged:
