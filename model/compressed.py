@@ -190,19 +190,22 @@ class LatentMemory:
         self.memory, self.perm = memory, perm
         self.stage_len = stage_len(n_transit)
         self.recent: list[dict] = []  # one (B, 1) token dict per step
-        self.latents = None  # the newest latents the encoder folded
-        self.sets: list = []  # the newest latent_sets of them, oldest first
+        self.sets: list = []  # the newest latent_sets latent sets the encoder folded, oldest first
         self.visible = None  # what the decoder reads: the latents, or their ablation
         capacity = model.latent_sets * model.n_latent + n_transit
         self.cache = model.new_cache(batch, capacity, device) if use_cache else None
         self.depth, self.max_tokens, self.batch = 0, 0, batch
 
+    @property
+    def latents(self):
+        """The newest latents the encoder folded (None before the first compression)."""
+        return self.sets[-1] if self.sets else None
+
     @torch.no_grad()
     def _compress(self):
         stage, self.recent = self.recent[: self.stage_len], self.recent[self.stage_len:]
         mask = torch.ones(self.batch, len(stage), dtype=torch.bool, device=self.device)
-        self.latents = self.model.compress(self.latents, cat_steps(stage), mask)
-        self.sets = (self.sets + [self.latents])[-self.model.latent_sets:]
+        self.sets = (self.sets + [self.model.compress(self.latents, cat_steps(stage), mask)])[-self.model.latent_sets:]
         self.visible = ablated_memory(torch.cat(self.sets, 1), self.memory, self.perm)
         self.depth += 1
         if self.use_cache:  # re-encode latents + kept steps
