@@ -49,6 +49,11 @@ def slice_path(path: Path, indices: list[int]) -> Path:
     return path.with_name(f"{path.stem}.tasks{indices[0]}-{indices[-1] + 1}{path.suffix}")
 
 
+def split_path(path: Path, split: str) -> Path:
+    """A file of one split's tasks only, beside (never inside) the full dataset."""
+    return path.with_name(f"{path.stem}.{split}{path.suffix}")
+
+
 TORCH_PROCESS_BYTES = 300_000_000  # what a worker process carries before any task (torch itself)
 
 
@@ -179,12 +184,17 @@ def main():
     parser = config_arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", metavar="START:STOP", help="collect only this slice of the task list "
                         "(written to a .tasksSTART-STOP file for --merge)")
+    parser.add_argument("--split", choices=("train", "val", "test"), help="collect only this split's tasks "
+                        "(written to a .SPLIT file, e.g. to try a source's settings on the validation tasks with "
+                        "scripts/source_curve.py FILE --split val before a full collection)")
     parser.add_argument("--merge", nargs="+", metavar="FILE", help="merge these slice files into the "
                         "full dataset file instead of collecting; refuses files collected with other settings")
     args = parser.parse_args()
-    if args.merge and args.tasks:  # a merge combines whole slice files: a slice of it means nothing
-        parser.error("--tasks selects what to collect, and --merge collects nothing: drop --tasks (the merge "
-                     "takes every task of the files given)")
+    if args.tasks and args.split:
+        parser.error("--tasks and --split both choose the tasks to collect: give one of them")
+    if args.merge and (args.tasks or args.split):  # a merge combines whole slice files: a slice of it means nothing
+        parser.error("--tasks and --split select what to collect, and --merge collects nothing: drop them "
+                     "(the merge takes every task of the files given)")
     cfg = load_config(args.configs, parse_set(args.set))
     path = dataset_path(cfg)
     if args.merge:
@@ -200,6 +210,9 @@ def main():
     indices = parse_slice(args.tasks, n_tasks) if args.tasks else list(range(n_tasks))
     if args.tasks:
         path = slice_path(path, indices)
+    if args.split:
+        indices = envs.tasks_of_split(cfg, args.split)
+        path = split_path(path, args.split)
     collect(cfg, path, indices)
 
 

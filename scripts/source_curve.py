@@ -10,6 +10,8 @@ led there by what it never saw, which a model reading that one stream cannot pre
 
     python scripts/source_curve.py datasets/dark_key_to_door_9x9/history_dark_key_to_door_PPO_alg-seed42.hdf5
     python scripts/source_curve.py FILE --split test        # only the held-out test tasks
+    python collect.py ALG.yaml ENV.yaml --split val --set ...  # try settings on the validation tasks only
+    python scripts/source_curve.py FILE.val.hdf5 --split val
 """
 import sys
 from pathlib import Path
@@ -118,7 +120,7 @@ def main():
     curve = frac.mean((0, 2))
     print(f"{frac.shape[0]} {args.split} tasks x {frac.shape[2]} streams x {frac.shape[1]} episodes")
     print("| episode | % of optimal | streams at optimal |\n|---|---|---|")
-    for ep in sorted({1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, frac.shape[1]}):
+    for ep in sorted({1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 400, frac.shape[1]}):
         if ep <= frac.shape[1]:
             print(f"| {ep} | {100 * curve[ep - 1]:.1f}% | {100 * np.mean(frac[:, ep - 1] >= 0.99):.0f}% |")
     print(f"episodes to 80% of optimal: {first_episode_reaching(curve, 0.8)}, "

@@ -282,6 +282,23 @@ def test_slices_and_merge(tmp_path):
     assert snapshot(full) == before
 
 
+def test_split_collects_only_that_splits_tasks_beside_the_full_file(tmp_path):
+    sets = SMALL_SET + ["n_epochs=2"]
+    cfg = cfg_of(tmp_path, sets)
+    val = envs.tasks_of_split(cfg, "val")
+    assert 0 < len(val) < len(envs.task_list(cfg))
+    proc = run(cmd(tmp_path, sets, "--split", "val"))
+    assert_ok(proc)
+    full = dataset_path(cfg)
+    part = full.with_name(f"{full.stem}.val{full.suffix}")
+    assert read_header(part)["done"] == val and not full.exists()
+    curve = run([sys.executable, str(ROOT / "scripts/source_curve.py"), str(part), "--split", "val"])
+    assert_ok(curve)
+    assert f"{len(val)} val tasks x 4 streams" in curve.stdout
+    refused = run(cmd(tmp_path, sets, "--split", "val", "--tasks", "0:2"))
+    assert_refused(refused, "--tasks", "--split")
+
+
 def test_merge_refuses_slice_with_other_settings(e2e, tmp_path):
     # the e2e slice was collected on a 5x5 grid; these settings say 3x3
     sets = SMALL_SET + ["n_epochs=2"]
