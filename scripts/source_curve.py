@@ -3,8 +3,10 @@ or NoisyExpert): mean % of optimal per episode over tasks and streams, and the s
 at optimal; the first thing to measure before distilling a new setting (are the streams long
 enough for the source to solve most tasks?).
 
-It also says how much of a stream's learning its own history explains. Streams that share
-one learner (`learners_per_task` below `n_stream`) share a policy: a stream whose first
+It also says how much of a stream's learning its own history explains: whether a stream keeps
+what it found (after its first optimal episode, are the next ones optimal too? a model reading the
+stream learns to go back only where the source did), and whether it was led by other streams.
+Streams that share one learner (`learners_per_task` below `n_stream`) share a policy: a stream whose first
 reward comes after the learner was updated on another stream's first reward may have been
 led there by what it never saw, which a model reading that one stream cannot predict.
 
@@ -106,6 +108,21 @@ def print_first_rewards(path: Path, split: str):
           "stream's first reward")
 
 
+def kept_after_first_optimal(frac: np.ndarray, after: int = 4) -> tuple[float, int]:
+    """How well a stream keeps what it found, from its own episodes: over the streams whose first
+    optimal episode has `after` episodes behind it, the share of those episodes that are optimal
+    too (a learner that exploits what it found: near 1). Returns (share, streams counted)."""
+    optimal = frac >= 0.99  # (tasks, episodes, streams)
+    n_episodes = optimal.shape[1]
+    shares = []
+    for task in optimal:
+        for stream in task.T:
+            hits = np.flatnonzero(stream)
+            if len(hits) and hits[0] + after < n_episodes:
+                shares.append(stream[hits[0] + 1:hits[0] + 1 + after].mean())
+    return (float(np.mean(shares)) if shares else float("nan")), len(shares)
+
+
 def first_episode_reaching(curve: np.ndarray, level: float):
     hit = np.flatnonzero(curve >= level)
     return int(hit[0]) + 1 if len(hit) else None
@@ -125,6 +142,10 @@ def main():
             print(f"| {ep} | {100 * curve[ep - 1]:.1f}% | {100 * np.mean(frac[:, ep - 1] >= 0.99):.0f}% |")
     print(f"episodes to 80% of optimal: {first_episode_reaching(curve, 0.8)}, "
           f"to 90%: {first_episode_reaching(curve, 0.9)}")
+    kept, counted = kept_after_first_optimal(frac)
+    if counted:
+        print(f"after a stream's first optimal episode, {100 * kept:.0f}% of its next 4 episodes are optimal too "
+              f"({counted} streams)")
     print_first_rewards(args.file, args.split)
 
 

@@ -67,3 +67,16 @@ def test_first_reward_steps_read_each_streams_first_nonzero_reward(tmp_path):
         hits = np.flatnonzero(rewards[:, s])
         assert firsts[0][s] == (hits[0] if len(hits) else rewards.shape[0])
     assert collection["n_stream"] == cfg["n_stream"]
+
+
+def test_kept_after_first_optimal_is_the_share_of_optimal_episodes_right_after_the_first():
+    # one task, two streams, 7 episodes (fractions of optimal)
+    frac = np.array([[[0.0, 0.0], [1.0, 0.5], [1.0, 1.0], [0.5, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    # stream 0: first optimal at episode 1, next four 1, .5, 1, 1 -> 3/4; stream 1: first at
+    # episode 2, next four 0, 0, 0, 1 -> 1/4
+    share, counted = source_curve.kept_after_first_optimal(frac)
+    assert counted == 2 and share == (0.75 + 0.25) / 2
+    # a stream whose first optimal episode has fewer than 4 episodes behind it is not counted
+    assert source_curve.kept_after_first_optimal(frac[:, :6]) == (0.75, 1)
+    share, counted = source_curve.kept_after_first_optimal(np.zeros((1, 5, 2)))
+    assert counted == 0 and np.isnan(share)
