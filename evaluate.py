@@ -262,9 +262,7 @@ def check_comparable(runs: list[Path], cfgs: list[dict], tasks: list[list[int]],
     run); `fix` ends the refusal."""
     first = collection_config(cfgs[0])
     for run, cfg, run_tasks in zip(runs[1:], cfgs[1:], tasks[1:]):
-        other = collection_config(cfg)
-        diff = [f"{k}={first.get(k)!r} vs {other.get(k)!r}" for k in sorted(set(first) | set(other))
-                if first.get(k) != other.get(k)]
+        diff = history.config_differences(first, collection_config(cfg), asked="vs")
         if not diff and run_tasks != tasks[0]:
             diff = ["evaluated on other tasks"]
         if diff:

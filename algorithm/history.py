@@ -275,13 +275,13 @@ def describe(damaged: dict, n: int = 3) -> str:
     return text + (f"; {len(damaged) - n} more" if len(damaged) > n else "")
 
 
-def config_differences(stored: dict, wanted: dict) -> list[str]:
-    """'key=stored (asked wanted)' for the data-defining keys that differ; a key that means
-    nothing to one side's family or source (e.g. PPO's batch_size, which files of another
-    source collected before SOURCE_KEYS still record) is not compared."""
+def config_differences(stored: dict, wanted: dict, asked: str = "asked") -> list[str]:
+    """'key=stored (asked wanted)' for the data-defining keys that differ (`asked` names the second
+    side); a key that means nothing to one side's family or source (e.g. PPO's batch_size, which
+    files of another source collected before SOURCE_KEYS still record) is not compared."""
     keys = sorted(k for k in set(stored) | set(wanted)
                   if k not in SCHEMA or "env" not in stored or (applies(k, stored) and applies(k, wanted)))
-    return [f"{k}={stored.get(k)!r} (asked {wanted.get(k)!r})" for k in keys if stored.get(k) != wanted.get(k)]
+    return [f"{k}={stored.get(k)!r} ({asked} {wanted.get(k)!r})" for k in keys if stored.get(k) != wanted.get(k)]
 
 
 def check_matches(path: Path, header: dict, cfg: dict):
