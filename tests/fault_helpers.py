@@ -1,11 +1,11 @@
 """What the fault tests share: the tiny darkroom configs, the commands run in this process, a
-folder's snapshot, and a small dataset with a finished 4-step run to copy and damage (module
-fixtures: a test module imports them by name)."""
+folder's snapshot, and a finished 4-step run on the shared `data_dir` dataset (tests/conftest.py)
+to copy and damage (a module fixture: a test module imports it by name)."""
 from pathlib import Path
 
 import pytest
 from cli_in_process import run_in_process
-from fixtures_history import build_history_file, cli_sets, config_files, make_cfg
+from fixtures_history import cli_sets, config_files, make_cfg
 
 import collect
 import evaluate
@@ -32,13 +32,6 @@ def collect_cli(monkeypatch, capsys, *args):
 def snapshot(folder: Path) -> dict:
     """Every file under `folder` with its bytes: what must not change when a command is refused."""
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults_data")
-    build_history_file(make_cfg(d))
-    return d
 
 
 @pytest.fixture(scope="module")

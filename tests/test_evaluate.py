@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from cli_in_process import assert_one_line_error, run_in_process
-from fixtures_history import HORIZON, N_STEPS, build_history_file, make_cfg
+from fixtures_history import HORIZON, N_STEPS, make_cfg
 from model_helpers import sensitive_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,13 +27,6 @@ from tokens import KIND_END, KIND_START, KIND_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("eval_data")
-    build_history_file(make_cfg(d))
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 from cli_in_process import assert_one_line_error, run_in_process
-from fault_helpers import (  # noqa: F401 (data_dir, trained: fixtures)
+from fault_helpers import (  # noqa: F401 (trained: a fixture)
     ALG,
     ENV,
     EVAL_SET,
     ROOT,
     TINY_RUN,
     collect_cli,
-    data_dir,
     evaluate_cli,
     resume_sets,
     snapshot,

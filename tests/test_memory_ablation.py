@@ -13,7 +13,7 @@
 import numpy as np
 import pytest
 import torch
-from fixtures_history import build_history_file, make_cfg
+from fixtures_history import make_cfg
 
 import env as envs
 import model.rollout as rollout_mod
@@ -25,13 +25,6 @@ N_EPISODES, N_ROLLOUTS = 4, 2
 COMPRESSED_SETS = ["model=CompressedAD", "n_transit=20", "n_latent=3", "enc_n_layer=1", "max_compression_depth=2"]
 VARIANTS = {"AD": {}, "two-region": {"compressed": True, "extra": ["eval_markers=interval"]},
             "CompressedAD": {"extra": COMPRESSED_SETS}}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ablation_data")
-    build_history_file(make_cfg(d))
-    return d
 
 
 def cfg_of(data_dir, variant: str, memory: str) -> dict:

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 from cli_in_process import assert_one_line_error
-from fault_helpers import (  # noqa: F401 (data_dir, trained: fixtures)
+from fault_helpers import (  # noqa: F401 (trained: a fixture)
     ALG,
     ENV,
     EVAL_SET,
     ROOT,
     collect_cli,
-    data_dir,
     evaluate_cli,
     resume_sets,
     snapshot,

@@ -27,13 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # train_timesteps of the tiny run (fixtures_history.MODEL_SETS)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train_data")
-    build_history_file(make_cfg(d))
-    return d
-
-
 def scalars(run_dir: Path) -> dict:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
