@@ -7,7 +7,9 @@ file) and for evaluated runs (their rollouts, pooled over the runs given), this 
 - how often the next episode repeats what this one reached (exploitation: is the key, or the
   door, remembered once found?) and how often an episode without the key is followed by one
   with it, or one that reached the key only by one that reached the door too (exploration: how
-  well does it search?).
+  well does it search?). A model trained with `episode_stride` k learns from windows of every
+  k-th episode, so for it the source gets a second row: from episode i to episode i + k, over all
+  of its episodes.
 
     python scripts/key_to_door_outcomes.py runs/dark_key_to_door_9x9/AD-dark_key_to_door-seed*
     python scripts/key_to_door_outcomes.py RUN... --tag val_T075      # eval_result_val_T075.npy
@@ -42,16 +44,22 @@ def run_outcomes(run_dir: Path, tag: str) -> tuple[np.ndarray, dict]:
     return np.rint(returns), summary
 
 
-def source_outcomes(run_dirs: list[Path], split: str) -> tuple[str, np.ndarray]:
-    """(row name, (tasks x streams, episodes) outcomes) of the learner that made the runs'
-    data (PPO, or another `alg`) on the runs' evaluation split."""
+def source_outcomes(run_dirs: list[Path], split: str) -> tuple[str, np.ndarray, int]:
+    """(row name, (tasks x streams, episodes) outcomes, episode stride) of the learner that made
+    the runs' data (PPO, or another `alg`) on the runs' evaluation split; the stride is the runs'
+    `episode_stride`, the gap between episodes their training windows showed."""
     configs = [load_config([d / "config.yaml"]) for d in run_dirs]
     datasets = {dataset_path(cfg) for cfg in configs}
     if len(datasets) > 1:
         raise UserError(f"the runs were trained on different datasets ({', '.join(map(str, sorted(datasets)))}); "
                         "compare runs of one dataset, or pass --no-source")
+    strides = {cfg.get("episode_stride", 1) for cfg in configs}
+    if len(strides) > 1:
+        raise UserError(f"the runs were trained with different episode_stride ({sorted(strides)}); compare runs of "
+                        "one stride, or pass --no-source")
     frac = fraction_of_optimal(datasets.pop(), split)  # (tasks, episodes, streams)
-    return f"source {configs[0]['alg']}", np.rint(2 * frac).transpose(0, 2, 1).reshape(-1, frac.shape[1])
+    outcomes = np.rint(2 * frac).transpose(0, 2, 1).reshape(-1, frac.shape[1])
+    return f"source {configs[0]['alg']}", outcomes, strides.pop()
 
 
 def shares(outcomes: np.ndarray, episodes: slice) -> str:
@@ -59,10 +67,10 @@ def shares(outcomes: np.ndarray, episodes: slice) -> str:
     return " / ".join(f"{100 * np.mean(x == k):.0f}" for k in (0, 1, 2)) if x.size else "-"
 
 
-def transitions(outcomes: np.ndarray) -> list[str]:
+def transitions(outcomes: np.ndarray, gap: int = 1) -> list[str]:
     """P(key next | key now), P(door next | door now), P(key next | no key now),
-    P(door next | key only now), each with its count."""
-    now, then = outcomes[:, :-1], outcomes[:, 1:]
+    P(door next | key only now), each with its count; "next" is `gap` episodes on."""
+    now, then = outcomes[:, :-gap], outcomes[:, gap:]
 
     def conditional(given, event):
         return f"{100 * event[given].mean():.0f}% ({given.sum()})" if given.any() else "-"
@@ -98,9 +106,13 @@ def main():
         raise UserError(f"--episodes {args.episodes}: the evaluations ran {ran} episodes; use --episodes {ran} or "
                         "fewer, or evaluate longer (eval_episodes)")
     episodes = args.episodes or ran
+    strided_source = {}  # the source as a strided model's training windows show it, over all its episodes
     if not args.no_source:
-        source, outcomes = source_outcomes(args.runs, splits.pop())
+        source, outcomes, stride = source_outcomes(args.runs, splits.pop())
         rows = {source: outcomes} | rows
+        if 1 < stride < outcomes.shape[1]:
+            name = f"{source}, episode i to i + {stride} (episodes 1-{outcomes.shape[1]})"
+            strided_source[name] = transitions(outcomes, stride)
     rows = {name: r[:, :episodes] for name, r in rows.items()}  # every row over the same episodes
     points = {k: s for k, s in POINTS.items() if s.start < episodes}  # only episodes that were run
     points = {(k if s.stop <= episodes else f"{s.start + 1}-{episodes}" if s.start + 1 < episodes else str(episodes)): s
@@ -112,8 +124,11 @@ def main():
     print(f"\nnext episode given this one, over episodes 1-{episodes} (count of this-episode cases)\n")
     print("| who | key again after the key | door again after the door | key after no key | door after the key only |"
           "\n|---|---|---|---|---|")
-    for name, outcomes in rows.items():
-        print(f"| {name} | " + " | ".join(transitions(outcomes)) + " |")
+    rates = {name: transitions(outcomes) for name, outcomes in rows.items()}
+    if strided_source:  # right below the source's own row
+        rates = {source: rates.pop(source)} | strided_source | rates
+    for name, row in rates.items():
+        print(f"| {name} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

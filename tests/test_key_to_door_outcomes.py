@@ -24,6 +24,15 @@ def test_transitions_count_what_the_next_episode_reaches():
     assert outcomes.shares(runs, slice(0, 2)) == "75 / 25 / 0"
 
 
+def test_transitions_with_a_gap_compare_episodes_that_far_apart():
+    # as a model trained with episode_stride 2 sees this stream: episodes 1, 3, 5 and 2, 4
+    runs = np.array([[0, 0, 1, 1, 2]])
+    key_again, door_again, key_after_none, door_after_key = outcomes.transitions(runs, gap=2)
+    assert key_after_none == "100% (2)"  # episode 1 -> 3 and 2 -> 4 both reach the key
+    assert door_after_key == "100% (1)"  # episode 3 -> 5
+    assert key_again == "100% (1)" and door_again == "-"
+
+
 def fake_run(path: Path, returns: np.ndarray, optimal: float = 2.0) -> Path:
     path.mkdir()
     np.save(path / "eval_result.npy", returns)
@@ -67,13 +76,19 @@ def test_source_streams_become_rows_and_one_dataset_is_required(monkeypatch, tmp
     frac = np.zeros((2, 3, 2))  # (tasks, episodes, streams) fractions of optimal
     frac[1, :, 0] = [0.5, 1.0, 1.0]  # task 1, stream 0: key, then key and door twice
     monkeypatch.setattr(outcomes, "fraction_of_optimal", lambda path, split: frac)
-    monkeypatch.setattr(outcomes, "load_config", lambda paths: {"data": Path(paths[0]).parent.name,
-                                                                "alg": "PosteriorSampling"})
+    def config(paths):  # run "a4" was trained with episode_stride 4; the others predate the key
+        name = Path(paths[0]).parent.name
+        return {"data": name, "alg": "PosteriorSampling"} | ({"episode_stride": 4} if name == "a4" else {})
+    monkeypatch.setattr(outcomes, "load_config", config)
     monkeypatch.setattr(outcomes, "dataset_path", lambda cfg: Path("datasets") / cfg["data"][:1])
-    name, rows = outcomes.source_outcomes([tmp_path / "a1", tmp_path / "a2"], "test")
+    name, rows, stride = outcomes.source_outcomes([tmp_path / "a1", tmp_path / "a2"], "test")
     assert name == "source PosteriorSampling"  # the row names the learner that made the data
+    assert stride == 1  # configs without episode_stride trained on consecutive episodes
     assert rows.shape == (4, 3)  # task-major: task 0 streams 0, 1, then task 1 streams 0, 1
     np.testing.assert_array_equal(rows[2], [1, 2, 2])
     assert not rows[[0, 1, 3]].any()
     with pytest.raises(outcomes.UserError, match="different datasets"):
         outcomes.source_outcomes([tmp_path / "a1", tmp_path / "b1"], "test")
+    assert outcomes.source_outcomes([tmp_path / "a4"], "test")[2] == 4
+    with pytest.raises(outcomes.UserError, match="different episode_stride"):
+        outcomes.source_outcomes([tmp_path / "a1", tmp_path / "a4"], "test")
