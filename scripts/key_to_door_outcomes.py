@@ -53,7 +53,7 @@ def source_outcomes(run_dirs: list[Path], split: str) -> tuple[str, np.ndarray, 
     if len(datasets) > 1:
         raise UserError(f"the runs were trained on different datasets ({', '.join(map(str, sorted(datasets)))}); "
                         "compare runs of one dataset, or pass --no-source")
-    strides = {cfg.get("episode_stride", 1) for cfg in configs}
+    strides = {cfg["episode_stride"] for cfg in configs}
     if len(strides) > 1:
         raise UserError(f"the runs were trained with different episode_stride ({sorted(strides)}); compare runs of "
                         "one stride, or pass --no-source")

@@ -76,14 +76,14 @@ def test_source_streams_become_rows_and_one_dataset_is_required(monkeypatch, tmp
     frac = np.zeros((2, 3, 2))  # (tasks, episodes, streams) fractions of optimal
     frac[1, :, 0] = [0.5, 1.0, 1.0]  # task 1, stream 0: key, then key and door twice
     monkeypatch.setattr(outcomes, "fraction_of_optimal", lambda path, split: frac)
-    def config(paths):  # run "a4" was trained with episode_stride 4; the others predate the key
+    def config(paths):  # run "a4" was trained with episode_stride 4, the others on consecutive episodes
         name = Path(paths[0]).parent.name
-        return {"data": name, "alg": "PosteriorSampling"} | ({"episode_stride": 4} if name == "a4" else {})
+        return {"data": name, "alg": "PosteriorSampling", "episode_stride": 4 if name == "a4" else 1}
     monkeypatch.setattr(outcomes, "load_config", config)
     monkeypatch.setattr(outcomes, "dataset_path", lambda cfg: Path("datasets") / cfg["data"][:1])
     name, rows, stride = outcomes.source_outcomes([tmp_path / "a1", tmp_path / "a2"], "test")
     assert name == "source PosteriorSampling"  # the row names the learner that made the data
-    assert stride == 1  # configs without episode_stride trained on consecutive episodes
+    assert stride == 1  # runs a1 and a2 trained on consecutive episodes
     assert rows.shape == (4, 3)  # task-major: task 0 streams 0, 1, then task 1 streams 0, 1
     np.testing.assert_array_equal(rows[2], [1, 2, 2])
     assert not rows[[0, 1, 3]].any()
