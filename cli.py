@@ -15,6 +15,7 @@ import model
 from algorithm.history import n_rollouts, steps_per_stream
 from config.loading import config_help, resolve_config
 from config.schema import SCHEMA, SOURCE_KEYS
+from dataset import region_gap
 from errors import ConfigError, UserError, disk_full, first_line
 
 
@@ -169,10 +170,12 @@ def check_window(cfg: dict):
     """A training window must fit in one stream of the data (after episode_stride's subsampling)."""
     length, note = steps_per_stream(cfg), ""
     if cfg["use_compressed_context"]:
-        if n_rollouts(cfg) < 2:
-            raise ConfigError(f"use_compressed_context=true trains on two regions (PPO rollouts) of a stream, and a "
-                              f"stream holds {n_rollouts(cfg)}; raise total_source_timesteps (at least "
-                              f"{2 * cfg['n_steps'] * cfg['n_stream']}) or use use_compressed_context=false")
+        gap = region_gap(cfg["episode_stride"], cfg["horizon"], cfg["compress_interval"])
+        if n_rollouts(cfg) < gap + 1:
+            apart = f" {gap} rollouts apart (episode_stride={cfg['episode_stride']})" if gap > 1 else ""
+            raise ConfigError(f"use_compressed_context=true trains on two regions (PPO rollouts) of a stream{apart}, "
+                              f"and a stream holds {n_rollouts(cfg)}; raise total_source_timesteps (at least "
+                              f"{(gap + 1) * cfg['n_steps'] * cfg['n_stream']}) or use use_compressed_context=false")
         return
     if cfg["episode_stride"] > 1 and length % cfg["horizon"] == 0:
         length = length // cfg["horizon"] // cfg["episode_stride"] * cfg["horizon"]

@@ -8,7 +8,9 @@ model/ad.py for the token fields):
   current one. With causal attention each step token of region k sees exactly what the
   two-region evaluation shows the model at that step, so one sample supervises every
   query position of the region (and region k-1's tokens play the "no previous region yet"
-  case of the first rollout).
+  case of the first rollout). With `episode_stride` k the earlier region is the rollout that
+  started k episodes before region k's (region k-g, g = k episodes / rollout length), so the
+  pair spans as much of the source's improvement as a strided AD window.
 
 Memory is bounded by the model, not the dataset: windows are read from the file on
 demand (with DataLoader workers or without), through a handful of open tasks (`_Tasks`,
@@ -17,6 +19,7 @@ read only when a test batch needs them; and `BucketSampler` computes each batch 
 lazy permutation instead of holding an epoch's indices. The file is opened lazily in the
 process that reads it, so DataLoader workers each get their own handle.
 """
+import math
 import os
 import warnings
 from collections import OrderedDict
@@ -95,25 +98,32 @@ class ADDataset:
             markers = first["compress_markers"][:, 0] if has_markers else None
             dones = first["dones"][:, self.streams[0]]
         self.stride = cfg["episode_stride"]
-        if self.stride > 1:
-            self.episode_len, self.T = subsampled_length(self.path, dones, self.stride)
-            self.streams = [(s, o) for s in self.streams for o in range(self.stride)]
         self.two_region = cfg["use_compressed_context"] if two_region is None else two_region
         if self.two_region and not has_markers:
             warnings.warn(f"{self.path} has no compress_markers: FALLING BACK TO STANDARD AD WINDOWS "
                           "(use_compressed_context is ignored for this data)", stacklevel=2)
             self.two_region = False
+        self.region_gap = 1  # a two-region sample is region k - region_gap and region k
+        if self.stride > 1:
+            self.episode_len, subsampled_T = subsampled_length(self.path, dones, self.stride)
+            if self.two_region:
+                self.region_gap = region_gap(self.stride, self.episode_len, cfg["compress_interval"])
+            else:
+                self.T = subsampled_T
+                self.streams = [(s, o) for s in self.streams for o in range(self.stride)]
         if self.two_region:
             self.region_starts = np.flatnonzero(markers == history.MARK_START)
             self.region_ends = np.flatnonzero(markers == history.MARK_END) + 1
-            self.per_stream = len(self.region_starts) - 1  # sample = region k-1 and k, k >= 1
+            self.per_stream = len(self.region_starts) - self.region_gap
         else:
             if cfg["n_transit"] > self.T:
                 raise ConfigError(f"n_transit={cfg['n_transit']} is longer than a stream ({self.T} steps"
                                   f"{self.stride_note()})")
             self.per_stream = self.T - cfg["n_transit"] + 1
         if self.per_stream < 1:
-            raise UserError(f"{self.path}: streams of {self.T} steps are too short for a sample")
+            gap = (f" (two regions {self.region_gap} rollouts apart for episode_stride={self.stride})"
+                   if self.region_gap > 1 else "")
+            raise UserError(f"{self.path}: streams of {self.T} steps are too short for a sample{gap}")
         self.in_memory = in_memory  # every task read at once: only for small files (tests)
         self._data, self._pid = None, None
 
@@ -160,8 +170,9 @@ class ADDataset:
         return _SubsampledView(arrays, *stream, self.stride, self.episode_len)
 
     def locate(self, index: int) -> tuple[int, int, int]:
-        """index -> (task, stream, position): window start, or region k in two-region mode;
-        with episode_stride the stream is (stream, offset), see stream_view."""
+        """index -> (task, stream, position): window start, or the earlier region's index in
+        two-region mode; with episode_stride (standard mode) the stream is (stream, offset),
+        see stream_view."""
         per_task = len(self.streams) * self.per_stream
         task, rest = divmod(index, per_task)
         stream, pos = divmod(rest, self.per_stream)
@@ -169,11 +180,11 @@ class ADDataset:
 
     def __getitem__(self, index: int) -> dict:
         task, stream, pos = self.locate(int(index))
-        one = self.stream_view(task, stream)
         if not self.two_region:
-            return window_tokens(self.cfg, one, pos, pos + self.cfg["n_transit"])
-        k = pos + 1
-        parts = (region_tokens(self.cfg, one, self.region_starts[k - 1], self.region_ends[k - 1])
+            return window_tokens(self.cfg, self.stream_view(task, stream), pos, pos + self.cfg["n_transit"])
+        one = _StreamView(self._load()[task], stream)  # regions are read from the real stream
+        k = pos + self.region_gap
+        parts = (region_tokens(self.cfg, one, self.region_starts[pos], self.region_ends[pos])
                  + region_tokens(self.cfg, one, self.region_starts[k], self.region_ends[k]))
         return concat_tokens(parts)
 
@@ -243,6 +254,20 @@ def subsampled_length(path: Path, dones: np.ndarray, stride: int) -> tuple[int, 
     if n_episodes < stride:
         raise ConfigError(f"episode_stride={stride} is more than the {n_episodes} episodes of a stream in {path}")
     return length, (n_episodes // stride) * length
+
+
+def region_gap(stride: int, episode_len: int, interval: int) -> int:
+    """Rollout regions between the two regions of a two-region sample whose rollouts start
+    `stride` episodes apart (1 for stride 1: consecutive rollouts); the stride must be a whole
+    number of rollouts."""
+    if stride == 1:
+        return 1
+    if stride * episode_len % interval:
+        raise ConfigError(f"episode_stride={stride} with use_compressed_context=true needs {stride} episodes "
+                          f"({stride * episode_len} steps) to be a whole number of rollouts of "
+                          f"compress_interval={interval} steps; pick a stride that is a multiple of "
+                          f"{interval // math.gcd(episode_len, interval)} or use episode_stride=1")
+    return stride * episode_len // interval
 
 
 class _SubsampledView:

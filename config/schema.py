@@ -121,7 +121,8 @@ SCHEMA: dict[str, Key] = {
                            "held-out streams; at 10 and 80 recall 1.0)", {"min": 0.0}),
         episode_stride=(int, 1, "training windows show every k-th episode of a learning history (the AD paper's "
                         "subsampling: a window spans k times as much of the source's improvement); 1 = consecutive "
-                        "episodes. Needs episodes of one length; standard AD and CompressedAD only", {"min": 1}),
+                        "episodes. Needs episodes of one length; with use_compressed_context the two regions are the "
+                        "rollouts that start k episodes apart (k episodes must be whole rollouts)", {"min": 1}),
         state_embedding=(str, "factored", "'factored': sum of per-coordinate embeddings (generalises to "
                          "held-out goal cells); 'cell': one learned vector per grid cell",
                          {"choices": ("factored", "cell")}),

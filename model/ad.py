@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from dataset import ADDataset, StepBatches
+from dataset import ADDataset, StepBatches, region_gap
 from errors import ConfigError
 from model.rollout import Context, SlidingWindow, TwoRegions
 from model.variant import Variant, register
@@ -281,9 +281,6 @@ class ADVariant(Variant):
     def check_config(self, cfg: dict):
         if not cfg["use_compressed_context"]:
             return
-        if cfg["episode_stride"] > 1:
-            raise ConfigError(f"episode_stride={cfg['episode_stride']} does not work with use_compressed_context=true: "
-                              "a two-region sample is two consecutive rollouts; use episode_stride=1")
         if cfg["n_transit"] < 2 * cfg["compress_interval"]:
             raise ConfigError(
                 f"n_transit={cfg['n_transit']} is smaller than two regions "
@@ -293,6 +290,8 @@ class ADVariant(Variant):
             raise ConfigError(
                 f"compress_interval={cfg['compress_interval']} differs from n_steps={cfg['n_steps']}: "
                 "a region is one rollout of the source, so set compress_interval to the collection's n_steps")
+        if cfg["episode_stride"] > 1:  # the data's own episode length is checked again when it is read
+            region_gap(cfg["episode_stride"], cfg["horizon"], cfg["compress_interval"])
 
     def unused_keys(self, cfg: dict) -> tuple:
         return () if cfg["use_compressed_context"] else ("region_end_weight",)  # a two-region loss weight

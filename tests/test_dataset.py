@@ -298,10 +298,30 @@ def test_episode_stride_covers_every_offset_and_only_train_streams(data):
     np.testing.assert_array_equal(test[len(test) - 1]["action"], want["action"])
 
 
+@pytest.mark.parametrize("stride, gap", [(2, 1), (4, 2), (8, 4)])
+def test_two_region_with_episode_stride_pairs_rollouts_that_start_stride_episodes_apart(data, stride, gap):
+    """Rollouts are 2 episodes: with episode_stride k a sample is region j and region j + k/2 of
+    the real stream (stride 2 is consecutive rollouts), every step's tokens as in the file."""
+    d, _, _, path = data
+    ccfg = make_cfg(d, d / "runs", compressed=True, extra=[f"episode_stride={stride}"])
+    ds = ADDataset(path, ccfg)
+    assert ds.two_region and ds.region_gap == gap and ds.per_stream == T // N_STEPS - gap
+    assert ds.streams == [1, 2, 3]  # real streams: no episode offsets in two-region mode
+    I = N_STEPS
+    for index in (0, 7, len(ds) - 1):
+        task, stream, j = ds.locate(index)
+        raw, s = read_stream(path, task, stream), ds[index]
+        earlier, later = expected_window(ccfg, raw, j * I, I), expected_window(ccfg, raw, (j + gap) * I, I)
+        for f in ("state", "prev_action", "prev_reward", "new_episode", "action"):
+            np.testing.assert_array_equal(s[f][1:1 + I], earlier[f], err_msg=f)
+            np.testing.assert_array_equal(s[f][I + 3:2 * I + 3], later[f], err_msg=f)
+
+
 def test_episode_stride_refusals(data, tmp_path):
     d, _, _, path = data
-    with pytest.raises(ConfigError, match="episode_stride=2 does not work with use_compressed_context"):
-        make_cfg(d, d / "runs", compressed=True, extra=["episode_stride=2"])
+    with pytest.raises(ConfigError, match=r"episode_stride=3 .* 3 episodes \(30 steps\) to be a whole number of "
+                                          r"rollouts of compress_interval=20 steps; pick a stride that is a multiple of 2"):
+        make_cfg(d, d / "runs", compressed=True, extra=["episode_stride=3"])
     with pytest.raises(ConfigError, match="episode_stride=21 is more than the 20 episodes"):
         ADDataset(path, make_cfg(d, d / "runs", extra=["episode_stride=21"]))
     with pytest.raises(ConfigError, match=r"n_transit=41 is longer than a stream \(40 steps after episode_stride=5\)"):

@@ -234,11 +234,16 @@ def test_tiny_run_on_subsampled_histories(data_dir, tmp_path):
     assert [s for s, _ in scalars(run_dir)["test/loss_action"]] == [6, 12]
 
 
-def test_episode_stride_with_two_region_context_exits_2(data_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stride, words", [(3, "whole number of rollouts"), (20, "10 rollouts apart")])
+def test_two_region_stride_that_is_not_whole_rollouts_or_too_long_exits_2(data_dir, tmp_path, monkeypatch, capsys,
+                                                                         stride, words):
+    """Two-region regions k episodes apart: 3 episodes of 10 steps are not whole rollouts of 20 steps,
+    and 20 episodes put the regions 10 rollouts apart in a stream of 10."""
     runs = tmp_path / "runs"
     code, err = run_main_in_process(monkeypatch, capsys, [*config_files(True), "--set",
-                                                          *cli_sets(data_dir, runs, True, extra=["episode_stride=2"])])
-    assert_one_line_error(code, err, "episode_stride=2", "use_compressed_context")
+                                                          *cli_sets(data_dir, runs, True,
+                                                                    extra=[f"episode_stride={stride}"])])
+    assert_one_line_error(code, err, f"episode_stride={stride}", words)
     assert not runs.exists()
 
 
