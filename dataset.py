@@ -8,9 +8,9 @@ model/ad.py for the token fields):
   current one. With causal attention each step token of region k sees exactly what the
   two-region evaluation shows the model at that step, so one sample supervises every
   query position of the region (and region k-1's tokens play the "no previous region yet"
-  case of the first rollout). With `episode_stride` k the earlier region is the rollout that
-  started k episodes before region k's (region k-g, g = k episodes / rollout length), so the
-  pair spans as much of the source's improvement as a strided AD window.
+  case of the first rollout). With `episode_stride` k the earlier region is instead the
+  rollout that started k episodes before the current one (`region_gap` rollouts earlier), so
+  the pair spans as much of the source's learning as a strided AD window.
 
 Memory is bounded by the model, not the dataset: windows are read from the file on
 demand (with DataLoader workers or without), through a handful of open tasks (`_Tasks`,
